@@ -1,0 +1,19 @@
+"""minivae: a from-scratch variational autoencoder with hand-written backward passes.
+
+    from minivae import VAE, Adam
+    model = VAE(backend="numpy")              # 784-400-20, ReLU, Bernoulli
+    opt = Adam(model.params, lr=1e-3)
+    r = model.loss_and_grads(x)               # x: (B, 784) floats in [0, 1]
+    opt.step()                                # uses model.params.grad
+"""
+__version__ = "0.1.0"
+
+from .backend import Backend, BackendUnavailable, get_backend  # noqa: E402
+from .models import VAE, Autoencoder, LossResult, build_model  # noqa: E402
+from .optim import SGD, Adagrad, Adam, make_optimizer  # noqa: E402
+from .params import Layout, Params  # noqa: E402
+
+__all__ = [
+    "Backend", "BackendUnavailable", "get_backend", "VAE", "Autoencoder", "LossResult",
+    "build_model", "SGD", "Adam", "Adagrad", "make_optimizer", "Layout", "Params",
+]

@@ -1,0 +1,237 @@
+"""Which array library the maths runs on, and where its random numbers come from.
+
+A :class:`Backend` bundles
+
+- ``xp``: an array-API namespace (``array_api_compat.numpy``, ``array_api_compat.cupy``
+  or ``array_api_strict``). Layer code is written against it and nothing else.
+- a seeded :class:`RNG` that draws standard normals / uniforms *on that backend*.
+- host <-> device helpers (:meth:`Backend.asarray`, :meth:`Backend.to_host`).
+
+Names:
+
+``"numpy"``   CPU through NumPy.
+``"cupy"``    NVIDIA GPU through CuPy. Raises :class:`BackendUnavailable` saying whether CuPy
+              is missing or CuPy is present but no CUDA device/driver works.
+``"strict"``  CPU through ``array_api_strict``: any NumPy call or non-standard function leaks
+              out as an error, which proves the layer code is portable (test backend).
+``"auto"``    ``"cupy"`` when a GPU works, else ``"numpy"``.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+NAMES = ("numpy", "cupy", "strict", "auto")
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run on this machine (the message says why)."""
+
+
+class RNG:
+    """A seeded generator of random arrays on one backend.
+
+    NumPy and strict draw with NumPy's PCG64 (strict then wraps the host array, so the two
+    backends see identical noise for the same seed); CuPy draws on the device.
+    """
+
+    def __init__(self, backend: "Backend", seed: int | None = 0):
+        self.backend = backend
+        self.seed = seed
+        if backend.name == "cupy":
+            import cupy
+
+            self._gen = cupy.random.default_rng(seed)
+        else:
+            self._gen = np.random.default_rng(seed)
+
+    def normal(self, shape, dtype=None):
+        """Standard normal draws, ``shape`` -> array of ``dtype`` (default float32) on the backend."""
+        dtype = self.backend.dtype(dtype or "float32")
+        if self.backend.name == "cupy":
+            return self._gen.standard_normal(shape, dtype=dtype)
+        out = self._gen.standard_normal(shape, dtype=_np_dtype(dtype))
+        return self.backend.asarray(out)
+
+    def uniform(self, shape, dtype=None):
+        """Uniform draws in [0, 1)."""
+        dtype = self.backend.dtype(dtype or "float32")
+        if self.backend.name == "cupy":
+            return self._gen.random(shape, dtype=dtype)
+        return self.backend.asarray(self._gen.random(shape, dtype=_np_dtype(dtype)))
+
+    def permutation(self, n: int) -> np.ndarray:
+        """A random permutation of range(n) as a *host* int64 array (used to index host data)."""
+        if self.backend.name == "cupy":
+            return self._gen.permutation(n).get()
+        return self._gen.permutation(n)
+
+    # -- checkpointing -------------------------------------------------------------------
+    def get_state(self) -> dict:
+        """A JSON-able description of the generator state."""
+        bg = self._gen.bit_generator
+        if self.backend.name == "cupy":
+            # cupy's Generator state is a device array; store it as host ints.
+            return {"kind": "cupy", "state": bg.state.get().tolist() if hasattr(bg.state, "get") else None}
+        return {"kind": "numpy", "state": _jsonable(bg.state)}
+
+    def set_state(self, state: dict) -> None:
+        if state.get("kind") == "numpy" and self.backend.name != "cupy":
+            self._gen.bit_generator.state = state["state"]
+        else:
+            # Different RNG family (e.g. a CPU checkpoint resumed on GPU): keep the seed-based
+            # stream; training continues correctly, just with different noise.
+            return
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return obj
+
+
+def _np_dtype(dtype):
+    """NumPy dtype of a backend dtype (array_api_strict dtypes wrap one in ``_np_dtype``)."""
+    return np.dtype(getattr(dtype, "_np_dtype", dtype))
+
+
+class Backend:
+    """An array namespace plus RNG factory and transfer helpers. Obtain with :func:`get_backend`."""
+
+    def __init__(self, name: str, xp):
+        self.name = name
+        self.xp = xp
+
+    def __repr__(self):
+        return f"Backend({self.name!r})"
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.name == "cupy"
+
+    def dtype(self, d):
+        """Map a name ("float32", "float64") or dtype to this backend's dtype object."""
+        if isinstance(d, str):
+            if d not in ("float32", "float64"):
+                raise ValueError(f"dtype must be 'float32' or 'float64', got {d!r}")
+            return getattr(self.xp, d)
+        name = str(getattr(d, "name", d))
+        for cand in ("float32", "float64"):
+            if cand in name:
+                return getattr(self.xp, cand)
+        raise ValueError(f"dtype must be float32 or float64, got {d!r}")
+
+    def rng(self, seed: int | None = 0) -> RNG:
+        return RNG(self, seed)
+
+    def asarray(self, a, dtype=None):
+        """Host (NumPy) or backend array -> backend array (copies across host/device)."""
+        if dtype is not None:
+            dtype = self.dtype(dtype)
+        if self.name == "cupy":
+            import cupy
+
+            return cupy.asarray(a, dtype=dtype)
+        if self.name == "strict":
+            if isinstance(a, np.ndarray) or np.isscalar(a):
+                a = np.asarray(a)
+                return self.xp.asarray(a, dtype=dtype if dtype is not None else None)
+            return self.xp.asarray(a, dtype=dtype)
+        return np.asarray(a, dtype=dtype)
+
+    def to_host(self, a) -> np.ndarray:
+        """Backend array -> NumPy array on the host (one transfer; syncs a GPU)."""
+        if self.name == "cupy":
+            return a.get()
+        if self.name == "strict":
+            return np.asarray(a._array) if hasattr(a, "_array") else np.asarray(a)
+        return np.asarray(a)
+
+    def is_array(self, a) -> bool:
+        if self.name == "numpy":
+            return isinstance(a, np.ndarray)
+        if self.name == "strict":
+            return isinstance(a, self.xp.Array) if hasattr(self.xp, "Array") else hasattr(a, "_array")
+        import cupy
+
+        return isinstance(a, cupy.ndarray)
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (no-op on CPU). For timing only."""
+        if self.name == "cupy":
+            import cupy
+
+            cupy.cuda.get_current_stream().synchronize()
+
+
+def _cupy_backend() -> Backend:
+    try:
+        import cupy
+    except ImportError as e:
+        raise BackendUnavailable(
+            "backend 'cupy' needs CuPy, which is not installed: pip install 'minivae[gpu]' "
+            "(CUDA 12) or pip install cupy-cuda13x (CUDA 13)"
+        ) from e
+    except Exception as e:  # a broken CuPy install (missing CUDA libraries) raises other errors
+        raise BackendUnavailable(f"backend 'cupy': CuPy is installed but failed to import: {e}") from e
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+        if n < 1:
+            raise RuntimeError("no CUDA device found")
+        float((cupy.ones(2) * 2).sum())  # touches driver, context and a kernel launch
+    except Exception as e:
+        raise BackendUnavailable(
+            f"backend 'cupy': CuPy is installed but no CUDA device/driver is usable ({e})"
+        ) from e
+    import array_api_compat.cupy as xp
+
+    return Backend("cupy", xp)
+
+
+@functools.lru_cache(maxsize=None)
+def get_backend(name: str = "numpy") -> Backend:
+    """Return the backend called ``name`` (one of :data:`NAMES`). Looked up once and cached."""
+    if isinstance(name, Backend):
+        return name
+    if name not in NAMES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")
+    if name == "numpy":
+        import array_api_compat.numpy as xp
+
+        return Backend("numpy", xp)
+    if name == "strict":
+        try:
+            import array_api_strict as xp
+        except ImportError as e:
+            raise BackendUnavailable(
+                "backend 'strict' needs array-api-strict: pip install 'minivae[test]'"
+            ) from e
+        return Backend("strict", xp)
+    if name == "cupy":
+        return _cupy_backend()
+    try:  # auto
+        return _cupy_backend()
+    except BackendUnavailable:
+        return get_backend("numpy")
+
+
+def resolve(backend) -> Backend:
+    """Accept a Backend or a name."""
+    return backend if isinstance(backend, Backend) else get_backend(backend)
+
+
+def available() -> dict[str, str]:
+    """Which backends work here: name -> "ok" or the reason it does not."""
+    out = {}
+    for n in ("numpy", "strict", "cupy"):
+        try:
+            get_backend(n)
+            out[n] = "ok"
+        except BackendUnavailable as e:
+            out[n] = str(e)
+    return out

@@ -1,0 +1,60 @@
+"""`minivae <command> ...` (also `python -m minivae ...`).
+
+Each command lives in ``minivae/commands/<name>.py`` and provides ``HELP`` (one line),
+``add_arguments(parser)`` and ``run(args) -> int`` (the exit status). Command modules import
+heavy things (matplotlib, torch) inside ``run`` so that ``minivae --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> module; the order is the order in --help
+COMMANDS = {
+    "gradcheck": "minivae.commands.gradcheck",
+}
+
+
+class UserError(Exception):
+    """A problem with what the user asked for: printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="minivae",
+        description="A from-scratch VAE with hand-written, gradient-checked backward passes.",
+    )
+    parser.add_argument("--version", action="version", version=f"minivae {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, modname in COMMANDS.items():
+        mod = importlib.import_module(modname)
+        p = sub.add_parser(name, help=mod.HELP, description=mod.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    from .backend import BackendUnavailable
+
+    try:
+        return int(args._run(args) or 0)
+    except (UserError, BackendUnavailable, FileNotFoundError, ValueError, TypeError, OSError) as e:
+        print(f"minivae {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"minivae {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

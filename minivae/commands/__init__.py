@@ -1,0 +1,1 @@
+"""One module per `minivae` subcommand (see minivae/cli.py)."""

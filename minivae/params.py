@@ -1,0 +1,110 @@
+"""One flat parameter buffer, one flat gradient buffer, and named views into each.
+
+Why flat: the optimizer becomes a handful of whole-buffer operations (one fused kernel on a
+GPU), a checkpoint is one array plus its layout, and data-parallel training would need one
+all-reduce per step. Each layer only ever sees its own named views (``W``, ``b``), so layer
+code does not know the buffer exists.
+
+    layout = Layout([("enc.0.W", (784, 400)), ("enc.0.b", (400,)), ...])
+    P = Params(layout, backend, "float32")
+    P.data                  # (n,) all parameters
+    P.grad                  # (n,) all gradients, same layout
+    P.group("enc.0")        # {"W": view (784, 400), "b": view (400,)} into P.data
+    P.group("enc.0", grad=True)   # the matching views into P.grad
+"""
+from __future__ import annotations
+
+import math
+
+from .backend import resolve
+
+
+class Layout:
+    """Ordered names, shapes and offsets of tensors packed end to end in a flat buffer."""
+
+    def __init__(self, entries):
+        self.names: list[str] = []
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.offsets: dict[str, int] = {}
+        off = 0
+        for name, shape in entries:
+            if name in self.shapes:
+                raise ValueError(f"duplicate parameter name {name!r}")
+            shape = tuple(int(s) for s in shape)
+            self.names.append(name)
+            self.shapes[name] = shape
+            self.offsets[name] = off
+            off += math.prod(shape)
+        self.size = off
+
+    def slice(self, name: str) -> slice:
+        off = self.offsets[name]
+        return slice(off, off + math.prod(self.shapes[name]))
+
+    def to_json(self) -> list:
+        return [[n, list(self.shapes[n])] for n in self.names]
+
+    @classmethod
+    def from_json(cls, entries) -> "Layout":
+        return cls([(n, tuple(s)) for n, s in entries])
+
+    def __eq__(self, other):
+        return isinstance(other, Layout) and self.to_json() == other.to_json()
+
+    def __repr__(self):
+        return f"Layout({len(self.names)} tensors, {self.size} numbers)"
+
+
+class Params:
+    """The flat ``data`` and ``grad`` buffers of a model and named views into them.
+
+    ``data``: (n,) parameters. ``grad``: (n,) gradients, overwritten by each backward pass.
+    ``views[name]`` / ``grad_views[name]``: the tensor ``name`` reshaped, sharing memory.
+    """
+
+    def __init__(self, layout: Layout, backend="numpy", dtype="float32"):
+        self.layout = layout
+        self.backend = resolve(backend)
+        xp = self.backend.xp
+        self.dtype = self.backend.dtype(dtype)
+        self.data = xp.zeros((layout.size,), dtype=self.dtype)
+        self.grad = xp.zeros((layout.size,), dtype=self.dtype)
+        self._make_views()
+
+    def _make_views(self):
+        xp = self.backend.xp
+        L = self.layout
+        self.views = {n: xp.reshape(self.data[L.slice(n)], L.shapes[n]) for n in L.names}
+        self.grad_views = {n: xp.reshape(self.grad[L.slice(n)], L.shapes[n]) for n in L.names}
+        self._groups = {}  # (prefix, grad) -> dict of views; the buffers never move
+
+    def group(self, prefix: str, grad: bool = False) -> dict:
+        """Views of all tensors named ``prefix.<short>``, keyed by ``<short>`` (e.g. W, b)."""
+        key = (prefix, grad)
+        if key not in self._groups:
+            src = self.grad_views if grad else self.views
+            p = prefix + "."
+            self._groups[key] = {n[len(p):]: v for n, v in src.items() if n.startswith(p)}
+        return self._groups[key]
+
+    def set_flat(self, values) -> None:
+        """Copy a flat array (host or backend) into ``data``; the views follow."""
+        values = self.backend.asarray(values, dtype=self.dtype)
+        if tuple(values.shape) != (self.layout.size,):
+            raise ValueError(
+                f"flat parameter array has shape {tuple(values.shape)}, expected ({self.layout.size},)"
+            )
+        self.data[...] = values
+
+    def state_dict(self) -> dict:
+        """Host copy of the parameters and their layout (for checkpoints)."""
+        return {"layout": self.layout.to_json(), "data": self.backend.to_host(self.data).copy()}
+
+    def load_state_dict(self, state: dict) -> None:
+        layout = Layout.from_json(state["layout"])
+        if layout != self.layout:
+            raise ValueError("checkpoint parameter layout does not match this model's layout")
+        self.set_flat(state["data"])
+
+    def __len__(self):
+        return self.layout.size

@@ -118,7 +118,7 @@ class Backend:
         """Map a name ("float32", "float64") or dtype to this backend's dtype object."""
         if isinstance(d, str):
             if d not in ("float32", "float64"):
-                raise ValueError(f"dtype must be 'float32' or 'float64', got {d!r}")
+                raise ValueError(f"dtype must be float32 or float64, got {d!r}")
             return getattr(self.xp, d)
         name = str(getattr(d, "name", d))
         for cand in ("float32", "float64"):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 
-from .layers import sigmoid, softplus
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -26,16 +25,24 @@ def bernoulli_nll(xp, logits, x):
 
     logits, x: (B, D) -> nll: (B,)
         -[x log s(l) + (1-x) log(1 - s(l))] = softplus(l) - x * l
-    Exact for any |l|: softplus is computed as max(l, 0) + log1p(exp(-|l|)).
+    Exact for any |l|: softplus(l) = max(l, 0) + log1p(e) with e = exp(-|l|) <= 1, and e is
+    cached for the backward pass.
     """
-    nll = xp.sum(softplus(xp, logits) - x * logits, axis=1)
-    return nll, (logits, x)
+    e = xp.exp(-xp.abs(logits))
+    nll = xp.sum(xp.maximum(logits, 0.0) + xp.log1p(e) - x * logits, axis=1)
+    return nll, (logits, x, e)
 
 
 def bernoulli_nll_backward(xp, scale, cache):
-    """d nll / d logits = sigmoid(l) - x   -> (B, D)."""
-    logits, x = cache
-    return (sigmoid(xp, logits) - x) * _col(xp, scale)
+    """d nll / d logits = sigmoid(l) - x   -> (B, D).
+
+    Written over the common denominator 1 + e, e = exp(-|l|), so that no large numbers cancel:
+        l >= 0:  ((1 - x) - x e) / (1 + e)        l < 0:  (e (1 - x) - x) / (1 + e)
+    (sigmoid(40) - 1 would round to 0; this gives -exp(-40) / (1 + exp(-40)).)
+    """
+    logits, x, e = cache
+    num = xp.where(logits >= 0.0, (1.0 - x) - x * e, e * (1.0 - x) - x)
+    return num / (1.0 + e) * _col(xp, scale)
 
 
 # -- Gaussian ----------------------------------------------------------------------------

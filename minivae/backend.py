@@ -69,20 +69,20 @@ class RNG:
 
     # -- checkpointing -------------------------------------------------------------------
     def get_state(self) -> dict:
-        """A JSON-able description of the generator state."""
-        bg = self._gen.bit_generator
+        """A JSON-able description of the generator state (for checkpoints)."""
         if self.backend.name == "cupy":
-            # cupy's Generator state is a device array; store it as host ints.
-            return {"kind": "cupy", "state": bg.state.get().tolist() if hasattr(bg.state, "get") else None}
-        return {"kind": "numpy", "state": _jsonable(bg.state)}
+            # CuPy keeps its generator state on the device with no portable form; a resumed
+            # run continues from the seed: a different, equally valid noise stream.
+            return {"kind": "cupy", "seed": self.seed}
+        return {"kind": "numpy", "state": _jsonable(self._gen.bit_generator.state)}
 
-    def set_state(self, state: dict) -> None:
+    def set_state(self, state: dict) -> bool:
+        """Restore :meth:`get_state`'s output. Returns True if the exact stream was restored,
+        False if it could not be (CuPy, or a state from the other RNG family)."""
         if state.get("kind") == "numpy" and self.backend.name != "cupy":
             self._gen.bit_generator.state = state["state"]
-        else:
-            # Different RNG family (e.g. a CPU checkpoint resumed on GPU): keep the seed-based
-            # stream; training continues correctly, just with different noise.
-            return
+            return True
+        return False
 
 
 def _jsonable(obj):

@@ -1,0 +1,139 @@
+"""Train a VAE (or a plain autoencoder) and write metrics, a checkpoint and figures.
+
+Defaults reproduce the classic setup of the PyTorch example on the bundled data: a 784-400-20
+VAE with ReLU and a Bernoulli likelihood on grey levels, Adam 1e-3, batch 128, 10 epochs.
+
+  minivae train                               # bundled mnist10k, runs/vae/
+  minivae train --epochs 1 --out runs/t       # a quick look
+  minivae train --latent 2 --out runs/z2      # adds manifold.png
+  minivae train --data fashion-mnist --data-dir /usr/share/datasets/fashion-mnist
+  minivae train --resume --out runs/t --epochs 20    # continue a run (Ctrl-C saves first)
+
+Writes into --out: checkpoint.npz, metrics.json, metrics.csv, reconstructions.png,
+samples.png, latent.png, curves.png (and manifold.png when --latent 2).
+Exit status: 0 done, 1 the loss diverged (NaN/Inf), 2 a usage error, 130 interrupted (saved).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+HELP = "train a VAE on MNIST-like data; metrics, checkpoint and figures go to --out"
+
+
+def _sizes(text: str) -> list[int]:
+    """'400' or '512,256' -> [400] / [512, 256]; '' -> [] (no hidden layer)."""
+    import argparse
+
+    try:
+        sizes = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(s < 1 for s in sizes):
+        raise argparse.ArgumentTypeError(f"layer sizes must be positive, got {text!r}")
+    return sizes
+
+
+def _positive(kind):
+    import argparse
+
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return v
+
+    return parse
+
+
+def add_arguments(p):
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="mnist10k", choices=["mnist10k", "mnist", "fashion-mnist"],
+                   help="mnist10k: bundled MNIST test set, 9000/1000 split (default); mnist, "
+                        "fashion-mnist: 60000/10000, read from --data-dir or the cache "
+                        "(~/.cache/minivae or $MINIVAE_DATA), downloaded there if missing")
+    g.add_argument("--data-dir", metavar="DIR", help="directory with the four IDX files")
+    g.add_argument("--binarize", default="none", choices=["none", "static", "dynamic"],
+                   help="none: grey levels as Bernoulli targets, as the PyTorch example (default); "
+                        "static: one fixed 0/1 draw; dynamic: redrawn every epoch")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="vae", choices=["vae", "autoencoder"])
+    g.add_argument("--hidden", type=_sizes, default=[400], metavar="H[,H...]",
+                   help="hidden layer widths (default 400)")
+    g.add_argument("--latent", type=_positive(int), default=20, help="latent size (default 20)")
+    g.add_argument("--activation", default="relu",
+                   choices=["relu", "leaky_relu", "tanh", "sigmoid", "softplus"])
+    g.add_argument("--likelihood", default="bernoulli",
+                   choices=["bernoulli", "gaussian", "gaussian_learned"])
+    g.add_argument("--init", default=None, choices=["he", "glorot", "torch"],
+                   help="weight init (default: He for ReLU; 'torch' = PyTorch nn.Linear's)")
+    g.add_argument("--beta", type=float, default=1.0, help="KL weight (beta-VAE), default 1")
+    g.add_argument("--warmup", type=float, default=0.0, metavar="EPOCHS",
+                   help="KL warm-up: beta ramps linearly from 0 over this many epochs (default 0)")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--optimizer", default="adam", choices=["adam", "sgd", "adagrad"])
+    g.add_argument("--lr", type=_positive(float), default=1e-3, help="learning rate (default 1e-3)")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--epochs", type=_positive(int), default=10, help="default 10")
+    g.add_argument("--batch", type=_positive(int), default=128, help="batch size (default 128)")
+    g.add_argument("--seed", type=int, default=0, help="seeds init, shuffling and noise (default 0)")
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default="numpy", choices=["numpy", "cupy", "auto", "strict"],
+                   help="array backend: numpy (CPU, default), cupy (NVIDIA GPU), auto "
+                        "(cupy if a GPU works, else numpy), strict (array-API test backend)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    g.add_argument("--out", default="runs/vae", metavar="DIR", help="run directory (default runs/vae)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint (flags given here that "
+                        "differ from the run's: only --epochs, --device, --no-progress, "
+                        "--no-figures apply)")
+    g.add_argument("--log-every", type=_positive(int), default=20, metavar="STEPS",
+                   help="steps between progress-bar updates / NaN checks (default 20)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+
+
+def run(args) -> int:
+    from ..cli import UserError
+    from ..train import Diverged, TrainConfig, Trainer
+
+    out = Path(args.out)
+    if args.resume:
+        if not (out / "checkpoint.npz").is_file():
+            raise UserError(f"--resume: no checkpoint.npz in {out}")
+        t = Trainer.resume(out, epochs=args.epochs, backend=args.device,
+                           progress=not args.no_progress, figures=not args.no_figures)
+        print(f"resuming {out} at epoch {t.epoch} (step {t.step}), training to epoch {t.cfg.epochs}")
+    else:
+        if args.data == "mnist10k" and args.data_dir:
+            raise UserError("--data-dir needs --data mnist or --data fashion-mnist "
+                            "(mnist10k is bundled)")
+        if (out / "checkpoint.npz").exists():
+            raise UserError(f"{out} already holds a run: add --resume to continue it, or "
+                            f"choose another --out")
+        cfg = TrainConfig(
+            data=args.data, data_dir=args.data_dir, model=args.model, hidden=args.hidden,
+            latent=args.latent, activation=args.activation, likelihood=args.likelihood,
+            init=args.init, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
+            epochs=args.epochs, batch_size=args.batch, backend=args.device, dtype=args.dtype,
+            seed=args.seed, binarize=args.binarize, beta=args.beta, warmup_epochs=args.warmup,
+            log_every=args.log_every, out=str(out), progress=not args.no_progress,
+            figures=not args.no_figures)
+        t = Trainer(cfg)
+        print(f"training {t.model.kind} {t.ds.dim}-{'-'.join(map(str, cfg.hidden))}-"
+              f"{cfg.latent} ({t.model.n_params():,} parameters) on {t.ds.name} "
+              f"({t.n_train} train / {t.x_test.shape[0]} test), backend {t.backend.name}")
+    try:
+        status = t.fit()
+    except Diverged as e:
+        print(f"minivae train: {e}")
+        return 1
+    if status == "interrupted":
+        return 130
+    last = t.history[-1] if t.history else None
+    if last:
+        print(f"done: test loss {last['test_loss']:.2f} nats/example after epoch {last['epoch']}; "
+              f"results in {out}/")
+    return 0

@@ -1,0 +1,146 @@
+"""How good is a trained model? The ELBO and the importance-weighted bound on log p(x).
+
+For one example x, with q = q(z|x) = N(mu, diag(exp(logvar))) from the encoder:
+
+    ELBO(x)   = E_q[log p(x|z)] - KL(q || p(z))                     one z per example, as the
+                                                                     PyTorch example evaluates
+    IWAE_k(x) = E[ log (1/k) sum_i p(x, z_i) / q(z_i|x) ],  z_i ~ q   (Burda et al., 2016)
+
+    ELBO = IWAE_1 <= IWAE_k <= IWAE_{k+1} <= log p(x)   (in expectation; -> log p(x) as k grows)
+
+Losses are reported as positive nats per example: ``loss = -ELBO`` (the number the PyTorch
+example prints) and ``nll_k = -IWAE_k``, an upper bound on -log p(x).
+
+Everything accumulates on the model's backend and is read back to the host once per call.
+Memory stays bounded: at most ``max_rows`` decoder rows (examples x samples) exist at a time,
+and the k samples of IWAE are folded in chunks with a running log-sum-exp.
+"""
+from __future__ import annotations
+
+import math
+
+from . import losses
+from .sampling import sample
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def _batches(n: int, size: int):
+    for i in range(0, n, size):
+        yield i, min(i + size, n)
+
+
+def _to_backend(model, x):
+    """Host or backend array -> backend array of the model's dtype (validated once)."""
+    x = model.backend.asarray(x, dtype=model.dtype)
+    model.check_input(x)
+    return x
+
+
+def log_px_given_z(model, out, x):
+    """log p(x|z) from the decoder output. out: (R, D) or (R, 2D); x: (R, D) -> (R,)."""
+    xp = model.xp
+    if model.likelihood == "bernoulli":
+        nll, _ = losses.bernoulli_nll(xp, out, x)
+    elif model.likelihood == "gaussian":
+        nll, _ = losses.gaussian_nll(xp, out, x, model.x_logvar)
+    else:
+        D = model.d_in
+        nll, _ = losses.gaussian_nll(xp, out[:, :D], x, out[:, D:])
+    return -nll
+
+
+def log_normal(xp, z, mu, logvar):
+    """log N(z; mu, diag(exp(logvar))) summed over the last axis. (..., L) -> (...)."""
+    d = z - mu
+    return -0.5 * xp.sum(d * d * xp.exp(-logvar) + logvar + LOG_2PI, axis=-1)
+
+
+def log_std_normal(xp, z):
+    """log N(z; 0, I) summed over the last axis. (..., L) -> (...)."""
+    return -0.5 * xp.sum(z * z + LOG_2PI, axis=-1)
+
+
+def elbo(model, x, batch_size: int = 1000, rng=None) -> dict:
+    """Mean test loss in nats per example, one sampled z per example.
+
+    x: (N, D) host or backend array -> {"loss": -ELBO, "recon": E[-log p(x|z)], "kl": KL}
+    (host floats; for an Autoencoder "kl" is 0 and "loss" is the reconstruction term).
+    ``rng``: a backend RNG for eps; default a fresh one seeded 0, so that evaluating the same
+    model twice gives the same number and epoch-to-epoch changes are the model's, not noise's.
+    """
+    xp = model.xp
+    x = _to_backend(model, x)
+    rng = rng or model.backend.rng(0)
+    n = x.shape[0]
+    recon_sum = xp.zeros((), dtype=model.dtype)
+    kl_sum = xp.zeros((), dtype=model.dtype)
+    for i, j in _batches(n, batch_size):
+        xb = x[i:j, :]
+        if model.kind == "autoencoder":
+            out, _ = model.decoder.forward(model.params, model.encode(xb))
+        else:
+            mu, logvar = model.encode(xb)
+            z, _ = sample(xp, mu, logvar, rng.normal((j - i, model.latent), model.dtype))
+            out = model.decode_logits(z)
+            kl_sum = kl_sum + xp.sum(losses.kl_normal(xp, mu, logvar)[0])
+        recon_sum = recon_sum + xp.sum(-log_px_given_z(model, out, xb))
+    recon, kl = float(recon_sum) / n, float(kl_sum) / n   # the one read-back
+    return {"loss": recon + kl, "recon": recon, "kl": kl}
+
+
+def iwae(model, x, k: int = 100, max_rows: int = 16384, rng=None) -> float:
+    """Mean importance-weighted bound IWAE_k over the examples, nats (a negative number).
+
+    x: (N, D). For each example, k draws z_i ~ q(z|x) and log weights
+    log w_i = log p(x|z_i) + log p(z_i) - log q(z_i|x); IWAE_k = logsumexp_i(log w_i) - log k.
+    Examples go through in blocks of B = max(1, max_rows // k) and the samples in chunks of
+    k_c = max(1, max_rows // B), so one pass holds at most max(max_rows, B) decoder rows.
+    """
+    if model.kind != "vae":
+        raise ValueError("the importance-weighted bound needs a VAE (an Autoencoder has no q(z|x))")
+    if int(k) < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    k = int(k)
+    xp = model.xp
+    x = _to_backend(model, x)
+    rng = rng or model.backend.rng(0)
+    n, D, L = x.shape[0], model.d_in, model.latent
+    B = max(1, max_rows // k)
+    kc = max(1, max_rows // B)
+    total = xp.zeros((), dtype=model.dtype)
+    for i, j in _batches(n, B):
+        b = j - i
+        xb = x[i:j, :]
+        mu, logvar = model.encode(xb)                                  # (b, L)
+        sigma = xp.exp(0.5 * logvar)
+        m = None                                                        # running max  (b,)
+        s = None                                                        # running sum  (b,)
+        for c0, c1 in _batches(k, kc):
+            kk = c1 - c0
+            eps = rng.normal((kk, b, L), model.dtype)
+            z = mu + sigma * eps                                        # (kk, b, L)
+            out = model.decode_logits(xp.reshape(z, (kk * b, L)))
+            xr = xp.reshape(xp.broadcast_to(xp.expand_dims(xb, axis=0), (kk, b, D)), (kk * b, D))
+            log_pxz = xp.reshape(log_px_given_z(model, out, xr), (kk, b))
+            # log q(z|x) at z = mu + sigma * eps is log N(eps; 0, I) - sum(logvar)/2
+            log_w = log_pxz + log_std_normal(xp, z) - (log_std_normal(xp, eps)
+                                                        - 0.5 * xp.sum(logvar, axis=-1))
+            cmax = xp.max(log_w, axis=0)
+            if m is None:
+                m, s = cmax, xp.sum(xp.exp(log_w - cmax), axis=0)
+            else:
+                m_new = xp.maximum(m, cmax)
+                s = s * xp.exp(m - m_new) + xp.sum(xp.exp(log_w - m_new), axis=0)
+                m = m_new
+        total = total + xp.sum(m + xp.log(s))
+    return float(total) / n - math.log(k)
+
+
+def evaluate(model, x, k: int = 0, batch_size: int = 1000, seed: int = 0) -> dict:
+    """The ELBO terms and, when k > 0, the IWAE_k bound: a dict of host floats (nats/example)."""
+    out = elbo(model, x, batch_size, rng=model.backend.rng(seed))
+    if k and model.kind == "vae":
+        out[f"iwae_{k}"] = iwae(model, x, k, rng=model.backend.rng(seed + 1))
+        out[f"nll_{k}"] = -out[f"iwae_{k}"]
+    return out

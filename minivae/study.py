@@ -1,0 +1,117 @@
+"""Measuring the gradient estimators of minivae.estimators on a real VAE (`minivae study`).
+
+The quantity: for a fixed batch x of B images, an estimator with S samples per image is a
+random vector g (the gradient of mean_B(loss), randomness from eps only). Its per-coordinate
+variance Var[g_i], estimated from R independent replicates of g, averaged over the encoder's
+coordinates i (the decoder's part is the same for every estimator, see estimators.py):
+
+    mean_variance = mean_i  1/(R-1) sum_r (g_i^(r) - mean_r g_i)^2
+
+Lower is better: it is the noise an optimizer has to average away. For estimators built from S
+independent samples it falls as 1/S; the ratio between two estimators at the same S is the
+number of samples one needs to match the other.
+"""
+from __future__ import annotations
+
+import time
+
+from . import estimators as est
+from .optim import Adam
+
+# (label, estimator, kl): what the table and the figure compare
+CONFIGS = (
+    ("pathwise", "pathwise", "analytic"),
+    ("pathwise, MC KL", "pathwise", "mc"),
+    ("score", "score", "analytic"),
+    ("score, MC KL", "score", "mc"),
+    ("score + LOO baseline", "score_baseline", "analytic"),
+    ("score + LOO baseline, MC KL", "score_baseline", "mc"),
+)
+
+
+def encoder_variance(model, x, estimator, kl="analytic", samples=1, replicates=100) -> float:
+    """Mean over encoder coordinates of the estimator's variance. x: (B, D) backend array.
+
+    Loops over the R *replicates* (each one batched call of S * B rows). Sums are shifted by
+    the first replicate and kept in float64, so the variance does not cancel catastrophically.
+    """
+    if replicates < 2:
+        raise ValueError("a variance needs at least 2 replicates")
+    xp = model.xp
+    enc = est.encoder_slice(model)
+    shift = s1 = s2 = None
+    for _ in range(replicates):
+        g = xp.astype(est.estimate(model, x, estimator, samples=samples, kl=kl)[enc], xp.float64)
+        if shift is None:
+            shift, s1, s2 = g, xp.zeros_like(g), xp.zeros_like(g)
+        d = g - shift
+        s1 += d
+        s2 += d * d
+    var = (s2 - s1 * s1 / replicates) / (replicates - 1)
+    return float(xp.mean(var))
+
+
+def train(model, x_train, steps=300, batch=100, lr=1e-3, seed=0) -> list:
+    """A short Adam run on host data x_train (N, D) -> the loss every step (host floats,
+    read once at the end)."""
+    opt = Adam(model.params, lr=lr)
+    rng = model.backend.rng(seed)
+    losses = []
+    order = rng.permutation(x_train.shape[0])
+    for t in range(steps):
+        i = (t * batch) % (x_train.shape[0] - batch + 1)
+        xb = model.backend.asarray(x_train[order[i:i + batch]], dtype=model.dtype)
+        losses.append(model.loss_and_grads(xb, check=False).loss)
+        opt.step()
+    return [float(v) for v in losses]
+
+
+def measure(model, x, samples=4, sweep=(1, 2, 4, 8, 16), replicates=50):
+    """Variance of every configuration against S (the figure); the table is the S = ``samples``
+    column of the same sweep.
+
+    -> {"table": {label: mean_variance}, "sweep": {label: {S: mean_variance}}, "seconds": t}
+    The leave-one-out baseline needs S >= 2, so its sweep starts there.
+    """
+    t0 = time.perf_counter()
+    sweep = sorted(set(sweep) | {samples})
+    curves = {label: {S: encoder_variance(model, x, e, kl, S, replicates)
+                      for S in sweep if not (e == "score_baseline" and S < 2)}
+              for label, e, kl in CONFIGS}
+    table = {label: curve[samples] for label, curve in curves.items()}
+    return {"table": table, "sweep": curves, "seconds": time.perf_counter() - t0}
+
+
+def plot_sweeps(stages: dict, path) -> None:
+    """stages: {"at initialisation": measure(...), "after training": ...} -> a log-log PNG of
+    variance against S, one panel per stage, with a 1/S guide."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    styles = {"pathwise": ("C0", "-"), "score": ("C3", "-"), "score + LOO baseline": ("C2", "-")}
+    fig, axes = plt.subplots(1, len(stages), figsize=(5.2 * len(stages), 4.2), sharey=True)
+    axes = axes if len(stages) > 1 else [axes]
+    for ax, (title, res) in zip(axes, stages.items()):
+        for label, curve in res["sweep"].items():
+            base = label.split(",")[0]
+            color, _ = styles[base]
+            ls = "--" if "MC KL" in label else "-"
+            S = sorted(curve)
+            ax.loglog(S, [curve[s] for s in S], ls, color=color, marker="o", ms=4, label=label)
+        p = res["sweep"]["pathwise"]
+        S = sorted(p)
+        ax.loglog(S, [p[S[0]] * S[0] / s for s in S], ":", color="0.5", lw=1, label="1/S")
+        ax.set_title(title)
+        ax.set_xlabel("samples S per example")
+        ax.set_xticks(S, [str(s) for s in S])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("encoder gradient variance\n(mean over coordinates)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.suptitle("Backprop through sampling: pathwise vs score-function gradient noise")
+    fig.tight_layout(rect=(0, 0.11, 1, 1))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -13,6 +13,7 @@ import sys
 # name -> module; the order is the order in --help
 COMMANDS = {
     "gradcheck": "minivae.commands.gradcheck",
+    "compare": "minivae.commands.compare",
     "study": "minivae.commands.study",
 }
 

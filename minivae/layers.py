@@ -10,12 +10,21 @@ The contract (see DESIGN.md):
 the model's flat gradient buffer) instead of allocating; ``need_dx=False`` skips the input
 gradient (the first layer of a network does not need it).
 
+In-place variants ``forward_`` / ``backward_`` (torch's trailing-underscore convention) may
+overwrite their array argument (``x`` / ``dout``); :class:`Sequential` uses them only on
+temporaries it made itself. By default they are the plain methods; ReLU overrides them with a
+NumPy fast path (``np.maximum(x, 0, out=x)``), tested against the plain twin in
+``tests/test_fastpath.py``. Dense writes its gradients straight into the flat buffer views with
+``np.matmul(..., out=view)`` on NumPy.
+
 Shapes: ``B`` is the batch size. A Dense layer stores ``W`` as (D_in, D_out) so the forward is
 ``x @ W + b`` with no transpose.
 """
 from __future__ import annotations
 
 import math
+
+import numpy as np
 
 from .backend import resolve
 
@@ -32,6 +41,14 @@ class Layer:
 
     def init(self, params: dict, rng) -> None:
         """Fill the parameter views in place (no-op for activations)."""
+
+    def forward_(self, params, x):
+        """``forward`` that may overwrite ``x`` (a temporary the caller will not reuse)."""
+        return self.forward(params, x)
+
+    def backward_(self, params, dout, cache, grads=None, need_dx=True):
+        """``backward`` that may overwrite ``dout`` (a temporary the caller will not reuse)."""
+        return self.backward(params, dout, cache, grads=grads, need_dx=need_dx)
 
     def __repr__(self):
         return type(self).__name__ + "()"
@@ -80,11 +97,14 @@ class Dense(Layer):
             b[...] = (rng.uniform(b.shape, b.dtype) * 2.0 - 1.0) * a
 
     def forward(self, params, x):
-        out = self.xp.matmul(x, params["W"]) + params["b"]
+        out = self.xp.matmul(x, params["W"])
+        out += params["b"]  # in place: no second (B, D_out) temporary
         return out, x
 
     def backward(self, params, dout, cache, grads=None, need_dx=True):
         xp, x = self.xp, cache
+        if grads is not None and self.backend.name == "numpy":
+            return _dense_backward_numpy(params, dout, x, grads, need_dx)
         dW = xp.matmul(xp.matrix_transpose(x), dout)
         db = xp.sum(dout, axis=0)
         if grads is None:
@@ -94,6 +114,14 @@ class Dense(Layer):
             grads["b"][...] = db
         dx = xp.matmul(dout, xp.matrix_transpose(params["W"])) if need_dx else None
         return dx, grads
+
+
+def _dense_backward_numpy(params, dout, x, grads, need_dx):
+    """NumPy twin of Dense.backward: the products land straight in the gradient views."""
+    np.matmul(x.T, dout, out=grads["W"])
+    np.sum(dout, axis=0, out=grads["b"])
+    dx = np.matmul(dout, params["W"].T) if need_dx else None
+    return dx, grads
 
 
 class Activation(Layer):
@@ -112,6 +140,19 @@ class ReLU(Activation):
 
     def _dx(self, dout, out):
         return dout * self.xp.astype(out > 0.0, dout.dtype)
+
+    # NumPy fast path: no new (B, D) arrays at all
+    def forward_(self, params, x):
+        if self.backend.name != "numpy":
+            return self.forward(params, x)
+        np.maximum(x, 0.0, out=x)
+        return x, x
+
+    def backward_(self, params, dout, cache, grads=None, need_dx=True):
+        if self.backend.name != "numpy":
+            return self.backward(params, dout, cache, grads=grads, need_dx=need_dx)
+        np.multiply(dout, cache > 0.0, out=dout)
+        return dout, ({} if grads is None else grads)
 
 
 class LeakyReLU(Activation):
@@ -209,19 +250,30 @@ class Sequential:
         return [(f"{n}.{p}", s) for n, l in self for p, s in l.param_shapes().items()]
 
     def forward(self, P, x):
-        """P: Params. x: (B, D_in) -> out: (B, D_out), caches: list."""
+        """P: Params. x: (B, D_in) -> out: (B, D_out), caches: list.
+
+        A layer right after a Dense gets the Dense output, a fresh array nothing else holds,
+        so it may work in place (``forward_``); the caller's ``x`` is never written to.
+        """
         caches = []
-        for name, layer in self:
-            x, c = layer.forward(P.group(name), x)
+        for i, (name, layer) in enumerate(self):
+            owned = i > 0 and isinstance(self.layers[i - 1], Dense)
+            fwd = layer.forward_ if owned else layer.forward
+            x, c = fwd(P.group(name), x)
             caches.append(c)
         return x, caches
 
-    def backward(self, P, dout, caches, need_dx=True):
-        """Writes every parameter gradient into P.grad; returns dL/dx (or None)."""
+    def backward(self, P, dout, caches, need_dx=True, overwrite_dout=False):
+        """Writes every parameter gradient into P.grad; returns dL/dx (or None).
+
+        ``overwrite_dout=True``: the caller hands over ``dout`` as scratch space. Below the
+        last layer dout is always a temporary made here, so those layers may work in place.
+        """
         for i in reversed(range(len(self.layers))):
             name, layer = self.names[i], self.layers[i]
-            first = i == 0
-            dout, _ = layer.backward(
+            first, last = i == 0, i == len(self.layers) - 1
+            bwd = layer.backward_ if overwrite_dout or not last else layer.backward
+            dout, _ = bwd(
                 P.group(name), dout, caches[i], grads=P.group(name, grad=True),
                 need_dx=need_dx or not first,
             )

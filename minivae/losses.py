@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -43,6 +44,36 @@ def bernoulli_nll_backward(xp, scale, cache):
     logits, x, e = cache
     num = xp.where(logits >= 0.0, (1.0 - x) - x * e, e * (1.0 - x) - x)
     return num / (1.0 + e) * _col(xp, scale)
+
+
+# NumPy twins of the pair above (the step's largest elementwise work, on (B, D) arrays): the
+# same formulas with each operation in place, so no (B, D) temporaries beyond the outputs.
+# tests/test_fastpath.py checks that they agree with the plain versions.
+def bernoulli_nll_numpy(logits, x):
+    """NumPy fast path of :func:`bernoulli_nll`: same values, same cache."""
+    e = np.abs(logits)
+    np.negative(e, out=e)
+    np.exp(e, out=e)                                  # e = exp(-|l|)
+    t = np.log1p(e)
+    u = np.maximum(logits, 0.0)
+    t += u                                            # softplus(l)
+    np.multiply(x, logits, out=u)
+    t -= u                                            # softplus(l) - x l
+    return np.sum(t, axis=1), (logits, x, e)
+
+
+def bernoulli_nll_backward_numpy(scale, cache):
+    """NumPy fast path of :func:`bernoulli_nll_backward`: same numerators over 1 + e."""
+    logits, x, e = cache
+    w = np.subtract(1.0, x)                           # 1 - x
+    num = np.multiply(e, w)
+    num -= x                                          # l < 0:  e (1 - x) - x
+    t = np.multiply(x, e)
+    np.subtract(w, t, out=num, where=logits >= 0.0)   # l >= 0: (1 - x) - x e
+    np.add(e, 1.0, out=t)
+    num /= t
+    num *= scale if isinstance(scale, (int, float)) else scale[:, None]
+    return num
 
 
 # -- Gaussian ----------------------------------------------------------------------------

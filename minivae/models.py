@@ -98,6 +98,8 @@ class _Model:
         """-log p(x | decoder output) -> (B,), cache."""
         xp = self.xp
         if self.likelihood == "bernoulli":
+            if self.backend.name == "numpy":  # in-place twin, tests/test_fastpath.py
+                return losses.bernoulli_nll_numpy(out, x)
             return losses.bernoulli_nll(xp, out, x)
         if self.likelihood == "gaussian":
             return losses.gaussian_nll(xp, out, x, self.x_logvar)
@@ -108,6 +110,8 @@ class _Model:
         """-> d loss / d decoder output, (B, D) or (B, 2D)."""
         xp = self.xp
         if self.likelihood == "bernoulli":
+            if self.backend.name == "numpy":
+                return losses.bernoulli_nll_backward_numpy(scale, cache)
             return losses.bernoulli_nll_backward(xp, scale, cache)
         dmean, dlogvar = losses.gaussian_nll_backward(xp, scale, cache)
         return dmean if dlogvar is None else xp.concat([dmean, dlogvar], axis=1)
@@ -202,11 +206,13 @@ class VAE(_Model):
 
         # backward: d loss / d per-example terms is 1/B (recon) and beta/B (kl)
         dout = self._recon_backward(1.0 / B, r_cache)
-        dz = self.decoder.backward(P, dout, dec_caches)
+        dz = self.decoder.backward(P, dout, dec_caches, overwrite_dout=True)
         dmu, dlogvar, _ = sample_backward(dz, s_cache)
         kmu, klogvar = losses.kl_normal_backward(xp, self.beta / B, k_cache)
-        dh = xp.concat([dmu + kmu, dlogvar + klogvar], axis=1)
-        self.encoder.backward(P, dh, enc_caches, need_dx=False)
+        dh = xp.empty((B, 2 * L), dtype=self.dtype)  # written in halves: no concat copy
+        dh[:, :L] = dmu + kmu
+        dh[:, L:] = dlogvar + klogvar
+        self.encoder.backward(P, dh, enc_caches, need_dx=False, overwrite_dout=True)
 
         return LossResult(loss=xp.mean(loss_b), recon=xp.mean(recon), kl=xp.mean(kl),
                           elbo=-(recon + kl), grads=P.grad)
@@ -275,8 +281,8 @@ class Autoencoder(_Model):
         out, dec_caches = self.decoder.forward(P, code)
         recon, r_cache = self._recon(out, x)
         dout = self._recon_backward(1.0 / B, r_cache)
-        dcode = self.decoder.backward(P, dout, dec_caches)
-        self.encoder.backward(P, dcode, enc_caches, need_dx=False)
+        dcode = self.decoder.backward(P, dout, dec_caches, overwrite_dout=True)
+        self.encoder.backward(P, dcode, enc_caches, need_dx=False, overwrite_dout=True)
         zero = xp.zeros((), dtype=self.dtype)
         return LossResult(loss=xp.mean(recon), recon=xp.mean(recon), kl=zero, elbo=-recon,
                           grads=P.grad)

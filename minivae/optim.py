@@ -12,6 +12,8 @@ Weight decay is L2 added to the gradient (g <- g + wd * p), as torch's SGD/Adam/
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -128,14 +130,18 @@ class Adam(Optimizer):
         p -= step_size * self.m / (xp.sqrt(self.v) * inv_sqrt_bc2 + self.eps)
 
     def _step_numpy(self, p, g):
-        """The same update with every operation in place (no per-step allocation)."""
+        """The same update with every operation in place (no per-step allocation), on
+        contiguous slices of the flat buffers in parallel threads (see :func:`in_slices`)."""
         if self.weight_decay and not self.decoupled:
             self._step_plain(p, g)
             return
+        step_size, inv_sqrt_bc2 = self._coefficients()
+        in_slices(self._update_numpy, (p, g, self.m, self.v, self._tmp),
+                  step_size, inv_sqrt_bc2)
+
+    def _update_numpy(self, p, g, m, v, tmp, step_size, inv_sqrt_bc2):
         if self.weight_decay:
             p *= 1.0 - self.lr * self.weight_decay
-        m, v, tmp = self.m, self.v, self._tmp
-        step_size, inv_sqrt_bc2 = self._coefficients()
         m *= self.b1                                   # m = b1 m + (1 - b1) g
         np.multiply(g, 1.0 - self.b1, out=tmp)
         m += tmp
@@ -143,11 +149,12 @@ class Adam(Optimizer):
         np.multiply(g, g, out=tmp)
         tmp *= 1.0 - self.b2
         v += tmp
-        np.sqrt(v, out=tmp)                            # denom = sqrt(v) / sqrt(bc2) + eps
-        tmp *= inv_sqrt_bc2
-        tmp += self.eps
-        np.divide(m, tmp, out=tmp)                     # p -= step_size * m / denom
-        tmp *= step_size
+        # p -= step_size m / (sqrt(v) inv_sqrt_bc2 + eps), with the constants folded:
+        #    = m / ((sqrt(v) + eps / inv_sqrt_bc2) * (inv_sqrt_bc2 / step_size))
+        np.sqrt(v, out=tmp)
+        tmp += self.eps / inv_sqrt_bc2
+        tmp *= inv_sqrt_bc2 / step_size
+        np.divide(m, tmp, out=tmp)
         p -= tmp
 
 
@@ -188,6 +195,43 @@ class Adagrad(Optimizer):
         np.divide(g, tmp, out=tmp)
         tmp *= self.lr
         p -= tmp
+
+
+# -- running an in-place update on both (all) CPU cores ------------------------------------
+# NumPy's elementwise loops use one core; PyTorch splits the same work over its threads. The
+# flat buffers make the split trivial: contiguous slices, one per thread (NumPy releases the
+# GIL inside a ufunc loop), the first slice in the calling thread.
+_POOL: ThreadPoolExecutor | None = None
+MIN_SLICE = 1 << 16  # numbers per thread below which a thread costs more than it saves
+
+
+def num_threads() -> int:
+    """Threads for the optimizer update: $MINIVAE_NUM_THREADS, else the usable CPU cores."""
+    env = os.environ.get("MINIVAE_NUM_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def in_slices(fn, arrays, *args) -> None:
+    """fn(*slices_of_arrays, *args) over contiguous slices of equal-length flat arrays."""
+    global _POOL
+    n = arrays[0].shape[0]
+    k = max(1, min(num_threads(), n // MIN_SLICE))
+    if k == 1:
+        fn(*arrays, *args)
+        return
+    if _POOL is None or _POOL._max_workers < k - 1:
+        _POOL = ThreadPoolExecutor(max_workers=k - 1, thread_name_prefix="minivae")
+    bounds = [n * i // k for i in range(k + 1)]
+    parts = [tuple(a[lo:hi] for a in arrays) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    futures = [_POOL.submit(fn, *part, *args) for part in parts[1:]]
+    fn(*parts[0], *args)
+    for f in futures:
+        f.result()
 
 
 OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adagrad": Adagrad}

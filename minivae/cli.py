@@ -12,6 +12,10 @@ import sys
 
 # name -> module; the order is the order in --help
 COMMANDS = {
+    "train": "minivae.commands.train",
+    "evaluate": "minivae.commands.evaluate",
+    "sample": "minivae.commands.sample",
+    "info": "minivae.commands.info",
     "gradcheck": "minivae.commands.gradcheck",
     "compare": "minivae.commands.compare",
     "study": "minivae.commands.study",

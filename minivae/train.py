@@ -315,7 +315,7 @@ class Trainer:
         bar.close()
         seconds = time.perf_counter() - t0
         n, rec, kl = float(self.sums[0]), float(self.sums[1]), float(self.sums[2])
-        test = elbo(model, self.x_test, cfg.eval_batch)
+        test = elbo(model, self.x_test, cfg.eval_batch, check=False)
         self._check_finite([test["loss"]], where="test loss")
         self.epoch += 1
         self.perm, self.pos = None, 0
@@ -406,7 +406,9 @@ class Trainer:
         except KeyError as e:
             raise CheckpointError(f"{run_dir}: optimizer buffer {e} is missing") from None
         t.opt.load_state_dict({"name": o["name"], "t": o["t"], "buffers": bufs})
-        t.model.rng.set_state(meta["rng"]["model"])
+        if not t.model.rng.set_state(meta["rng"]["model"]):
+            t.log(f"note: the {meta['backend']} noise stream of this run cannot be restored on "
+                  f"backend {t.backend.name}; training continues with a fresh stream from the seed")
         t.shuffle.bit_generator.state = meta["rng"]["shuffle"]
         t.epoch, t.step, t.history = int(meta["epoch"]), int(meta["step"]), list(meta["history"])
         if meta["in_epoch"]:

@@ -1,0 +1,160 @@
+"""The PyTorch example VAE (pytorch/examples, vae/main.py) and minivae, trained on the same data.
+
+Both see the bundled mnist10k split (9,000 train / 1,000 test MNIST digits, grey levels in
+[0, 1] as Bernoulli targets), 784-400-20 with ReLU, sigmoid + summed BCE, Adam 1e-3, batch 128,
+shuffled every epoch, 10 epochs. The loss printed per epoch is the example's: the summed
+(BCE + KLD) over the split divided by its size, i.e. -ELBO in nats per example, with one z per
+test example.
+
+    python benchmarks/pytorch_example_vae.py                 # 3 seeds each, ~ a few minutes
+    python benchmarks/pytorch_example_vae.py --seeds 0 --skip-minivae
+
+Writes benchmarks/results/pytorch_example_mnist10k.json and minivae_mnist10k.json.
+minivae runs twice per seed: with its default init (He normal for ReLU layers) and with
+init="torch" (nn.Linear's uniform(+-1/sqrt(fan_in)) for weights and biases), the like-for-like one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# -- the PyTorch example, verbatim in substance ------------------------------------------------------
+def pytorch_run(ds, seed: int, epochs: int, batch: int = 128, lr: float = 1e-3) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from torch import nn, optim
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(seed)
+
+    class VAE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(784, 400)
+            self.fc21 = nn.Linear(400, 20)
+            self.fc22 = nn.Linear(400, 20)
+            self.fc3 = nn.Linear(20, 400)
+            self.fc4 = nn.Linear(400, 784)
+
+        def encode(self, x):
+            h1 = F.relu(self.fc1(x))
+            return self.fc21(h1), self.fc22(h1)
+
+        def reparameterize(self, mu, logvar):
+            std = torch.exp(0.5 * logvar)
+            eps = torch.randn_like(std)
+            return mu + eps * std
+
+        def decode(self, z):
+            h3 = F.relu(self.fc3(z))
+            return torch.sigmoid(self.fc4(h3))
+
+        def forward(self, x):
+            mu, logvar = self.encode(x.view(-1, 784))
+            z = self.reparameterize(mu, logvar)
+            return self.decode(z), mu, logvar
+
+    def loss_function(recon_x, x, mu, logvar):
+        BCE = F.binary_cross_entropy(recon_x, x.view(-1, 784), reduction="sum")
+        KLD = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+        return BCE + KLD
+
+    train = DataLoader(TensorDataset(torch.from_numpy(ds.x_train), torch.from_numpy(ds.y_train)),
+                       batch_size=batch, shuffle=True)
+    test = DataLoader(TensorDataset(torch.from_numpy(ds.x_test), torch.from_numpy(ds.y_test)),
+                      batch_size=batch, shuffle=False)
+    model = VAE()
+    opt = optim.Adam(model.parameters(), lr=lr)
+    rows = []
+    for epoch in range(1, epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        train_loss = 0.0
+        for data, _ in train:
+            opt.zero_grad()
+            recon, mu, logvar = model(data)
+            loss = loss_function(recon, data, mu, logvar)
+            loss.backward()
+            train_loss += loss.item()
+            opt.step()
+        seconds = time.perf_counter() - t0
+        model.eval()
+        test_loss = 0.0
+        with torch.no_grad():
+            for data, _ in test:
+                recon, mu, logvar = model(data)
+                test_loss += loss_function(recon, data, mu, logvar).item()
+        rows.append({"epoch": epoch, "train_loss": train_loss / len(train.dataset),
+                     "test_loss": test_loss / len(test.dataset), "train_seconds": seconds})
+        print(f"  torch seed {seed} epoch {epoch}: train {rows[-1]['train_loss']:.2f} "
+              f"test {rows[-1]['test_loss']:.2f} ({seconds:.1f} s)")
+    return {"seed": seed, "epochs": rows}
+
+
+def minivae_run(ds, seed: int, epochs: int, init, out: Path) -> dict:
+    from minivae.train import TrainConfig, Trainer
+
+    cfg = TrainConfig(epochs=epochs, seed=seed, init=init, out=str(out), progress=False,
+                      figures=False)
+    t = Trainer(cfg, dataset=ds, log=lambda m: None)
+    t.fit()
+    for r in t.history:
+        print(f"  minivae init={init or 'default (he)'} seed {seed} epoch {r['epoch']}: "
+              f"train {r['train_loss']:.2f} test {r['test_loss']:.2f} ({r['seconds']:.1f} s)")
+    return {"seed": seed, "init": init or "he", "epochs": t.history}
+
+
+def summary(runs) -> dict:
+    final = np.array([r["epochs"][-1]["test_loss"] for r in runs])
+    return {"final_test_loss_mean": float(final.mean()),
+            "final_test_loss_min": float(final.min()), "final_test_loss_max": float(final.max()),
+            "final_test_loss_per_seed": final.tolist()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--skip-minivae", action="store_true")
+    p.add_argument("--skip-torch", action="store_true")
+    p.add_argument("--runs", default="runs/bench", help="scratch run directories for minivae")
+    args = p.parse_args(argv)
+
+    from minivae.data import load_dataset
+
+    ds = load_dataset("mnist10k")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    common = {"data": "mnist10k (MNIST test set, 9000 train / 1000 test, grey levels)",
+              "model": "784-400-20, ReLU, sigmoid/Bernoulli (BCE summed), Adam 1e-3, batch 128",
+              "loss": "-ELBO in nats per example, one z per example (the PyTorch example's number)",
+              "machine": f"{platform.machine()} {platform.processor()}".strip(),
+              "epochs_trained": args.epochs}
+    if not args.skip_torch:
+        import torch
+
+        runs = [pytorch_run(ds, s, args.epochs) for s in args.seeds]
+        doc = {**common, "framework": f"torch {torch.__version__}",
+               "threads": torch.get_num_threads(), "runs": runs, "summary": summary(runs)}
+        (RESULTS / "pytorch_example_mnist10k.json").write_text(json.dumps(doc, indent=1))
+        print("pytorch example:", doc["summary"])
+    if not args.skip_minivae:
+        import minivae
+
+        runs = {init or "he": [minivae_run(ds, s, args.epochs, init, Path(args.runs) / f"{init}-{s}")
+                               for s in args.seeds] for init in (None, "torch")}
+        doc = {**common, "framework": f"minivae {minivae.__version__} (numpy backend)",
+               "runs": runs, "summary": {k: summary(v) for k, v in runs.items()}}
+        (RESULTS / "minivae_mnist10k.json").write_text(json.dumps(doc, indent=1))
+        print("minivae:", doc["summary"])
+
+
+if __name__ == "__main__":
+    main()

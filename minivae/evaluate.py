@@ -91,7 +91,7 @@ def elbo(model, x, batch_size: int = 1000, rng=None, check: bool = True) -> dict
     return {"loss": recon + kl, "recon": recon, "kl": kl}
 
 
-def iwae(model, x, k: int = 100, max_rows: int = 16384, rng=None) -> float:
+def iwae(model, x, k: int = 100, max_rows: int = 4096, rng=None) -> float:
     """Mean importance-weighted bound IWAE_k over the examples, nats (a negative number).
 
     x: (N, D). For each example, k draws z_i ~ q(z|x) and log weights

@@ -247,6 +247,7 @@ class Trainer:
         Raises :class:`Diverged` if a loss turns NaN/Inf (the last good checkpoint stays).
         """
         self.out.mkdir(parents=True, exist_ok=True)
+        self._stop = False
         with self._catch_sigint():
             while self.epoch < self.cfg.epochs:
                 row = self._train_epoch()

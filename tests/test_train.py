@@ -252,6 +252,13 @@ def test_kl_warmup_ramps_beta_linearly_then_holds(tmp_path, tiny):
     assert [r["beta"] for r in t.history] == [0.25, 0.5, 0.5]
 
 
+def test_autoencoder_trains_with_reconstruction_only(tmp_path, tiny):
+    t = fresh(cfg(tmp_path, model="autoencoder", epochs=2), tiny)
+    t.fit()
+    assert [r["test_kl"] for r in t.history] == [0.0, 0.0]
+    assert t.history[1]["test_loss"] == t.history[1]["test_recon"] < t.history[0]["test_loss"]
+
+
 def test_invalid_configuration_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="binarize"):
         TrainConfig(binarize="sometimes")

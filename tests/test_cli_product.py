@@ -74,6 +74,9 @@ def test_resume_trains_on_to_the_new_epoch_count(run_dir, tmp_path):
 
     run = tmp_path / "more"
     shutil.copytree(run_dir, run)
+    # without --epochs a resumed run keeps its own plan: this one is complete
+    assert cli.main(["train", "--resume", "--out", str(run), "--no-progress", "--no-figures"]) == 0
+    assert len(json.loads((run / "metrics.json").read_text())["epochs"]) == 1
     assert cli.main(["train", "--resume", "--out", str(run), "--epochs", "2", "--no-progress",
                      "--no-figures"]) == 0
     doc = json.loads((run / "metrics.json").read_text())

@@ -76,13 +76,15 @@ def add_arguments(p):
     g.add_argument("--optimizer", default="adam", choices=["adam", "sgd", "adagrad"])
     g.add_argument("--lr", type=_positive(float), default=1e-3, help="learning rate (default 1e-3)")
     g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--epochs", type=_positive(int), default=10, help="default 10")
+    g.add_argument("--epochs", type=_positive(int), default=None,
+                   help="default 10; with --resume: the run's own count unless given")
     g.add_argument("--batch", type=_positive(int), default=128, help="batch size (default 128)")
     g.add_argument("--seed", type=int, default=0, help="seeds init, shuffling and noise (default 0)")
     g = p.add_argument_group("run")
-    g.add_argument("--device", default="numpy", choices=["numpy", "cupy", "auto", "strict"],
+    g.add_argument("--device", default=None, choices=["numpy", "cupy", "auto", "strict"],
                    help="array backend: numpy (CPU, default), cupy (NVIDIA GPU), auto "
-                        "(cupy if a GPU works, else numpy), strict (array-API test backend)")
+                        "(cupy if a GPU works, else numpy), strict (array-API test backend); "
+                        "with --resume: the run's own unless given")
     g.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     g.add_argument("--out", default="runs/vae", metavar="DIR", help="run directory (default runs/vae)")
     g.add_argument("--resume", action="store_true",
@@ -103,8 +105,9 @@ def run(args) -> int:
     if args.resume:
         if not (out / "checkpoint.npz").is_file():
             raise UserError(f"--resume: no checkpoint.npz in {out}")
-        t = Trainer.resume(out, epochs=args.epochs, backend=args.device,
-                           progress=not args.no_progress, figures=not args.no_figures)
+        given = {k: v for k, v in (("epochs", args.epochs), ("backend", args.device)) if v}
+        t = Trainer.resume(out, progress=not args.no_progress, figures=not args.no_figures,
+                           **given)
         print(f"resuming {out} at epoch {t.epoch} (step {t.step}), training to epoch {t.cfg.epochs}")
     else:
         if args.data == "mnist10k" and args.data_dir:
@@ -117,7 +120,8 @@ def run(args) -> int:
             data=args.data, data_dir=args.data_dir, model=args.model, hidden=args.hidden,
             latent=args.latent, activation=args.activation, likelihood=args.likelihood,
             init=args.init, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
-            epochs=args.epochs, batch_size=args.batch, backend=args.device, dtype=args.dtype,
+            epochs=args.epochs or 10, batch_size=args.batch, backend=args.device or "numpy",
+            dtype=args.dtype,
             seed=args.seed, binarize=args.binarize, beta=args.beta, warmup_epochs=args.warmup,
             log_every=args.log_every, out=str(out), progress=not args.no_progress,
             figures=not args.no_figures)

@@ -130,8 +130,8 @@ FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sanda
                    "Sneaker", "Bag", "Ankle boot")
 
 
-def _images(path) -> np.ndarray:
-    """An IDX image file (magic 2051: uint8, (N, 28, 28)) -> (N, 784) float32 in [0, 1]."""
+def _images(path) -> tuple[np.ndarray, tuple]:
+    """An IDX image file (magic 2051: uint8, (N, H, W)) -> ((N, H*W) float32 in [0, 1], (H, W))."""
     a = read_idx(path)
     if a.dtype != np.uint8 or a.ndim != 3:
         raise IDXError(f"{path}: expected uint8 images of shape (N, H, W), got {a.dtype} {a.shape}")
@@ -160,11 +160,11 @@ def _pair(images, labels):
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
          "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
-# Mirrors, tried in order, and checksums of the *gzipped* files as published.
-# MNIST SHA-256: the values in torchvision's Ruby port and many independent loaders (see the
-# report in the git log); MD5: torchvision.datasets.MNIST. Fashion-MNIST MD5: the Zalando README
-# and torchvision.datasets.FashionMNIST; its SHA-256 comes from one third-party loader only, so
-# both are checked and a mismatch of either rejects the file.
+# Mirrors, tried in order, and checksums of the *gzipped* files as distributed. Neither
+# LeCun's page nor Zalando's publishes a SHA-256, so each file is checked against two digests:
+# MD5 as published by torchvision.datasets (MNIST, FashionMNIST) and, for Fashion-MNIST, by
+# the Zalando README; SHA-256 as used by many independent loaders (MNIST: the same four values
+# everywhere) or by a single one (Fashion-MNIST). A mismatch of either digest rejects the file.
 SOURCES = {
     "mnist": {
         "mirrors": ("https://ossci-datasets.s3.amazonaws.com/mnist/",

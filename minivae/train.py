@@ -149,11 +149,15 @@ def save_checkpoint(path, arrays: dict, meta: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     payload = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     payload["meta"] = np.array(json.dumps(meta))          # a unicode array: no pickle needed
-    with open(tmp, "wb") as f:
-        np.savez(f, **payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)   # never leave half a checkpoint lying about
+        raise
     _fsync_dir(path.parent)
 
 
@@ -272,7 +276,7 @@ class Trainer:
 
     def _train_epoch(self):
         """One epoch from (perm, pos). -> its metrics row, or None if stopped by Ctrl-C."""
-        cfg, model, xp, be = self.cfg, self.model, self.backend.xp, self.backend
+        model, be = self.model, self.backend
         if self.perm is None:
             self.perm = self.shuffle.permutation(self.n_train)
             self.pos = 0
@@ -283,8 +287,16 @@ class Trainer:
         acc_kl = be.asarray(self.sums[2:3], dtype=model.dtype)[0]
         n_seen = int(self.sums[0])
         bar = self._bar()
+        try:
+            return self._run_batches(bar, perm_dev, acc_recon, acc_kl, n_seen)
+        finally:
+            bar.close()
+
+    def _run_batches(self, bar, perm_dev, acc_recon, acc_kl, n_seen):
+        """The inner loop of :meth:`_train_epoch`, from ``self.pos`` to the end of the epoch."""
+        cfg, model, xp = self.cfg, self.model, self.backend.xp
         bar.update(self.pos)
-        t0, seen0, mark = time.perf_counter(), n_seen, time.perf_counter()
+        t0, seen0 = time.perf_counter(), n_seen
         B, N, k = cfg.batch_size, self.n_train, 0
         while self.pos < N:
             j = min(self.pos + B, N)
@@ -308,12 +320,10 @@ class Trainer:
                 bar.set_postfix(loss=f"{(self.sums[1] + self.sums[2]) / n_seen:.2f}",
                                 recon=f"{self.sums[1] / n_seen:.2f}",
                                 kl=f"{self.sums[2] / n_seen:.2f}",
-                                rate=f"{(n_seen - seen0) / max(now - mark, 1e-9):.0f}/s",
+                                rate=f"{(n_seen - seen0) / max(now - t0, 1e-9):.0f}/s",
                                 refresh=False)
             if self._stop:
-                bar.close()
                 return None
-        bar.close()
         seconds = time.perf_counter() - t0
         n, rec, kl = float(self.sums[0]), float(self.sums[1]), float(self.sums[2])
         test = elbo(model, self.x_test, cfg.eval_batch, check=False)

@@ -219,6 +219,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, tiny, mon
     with pytest.raises(OSError, match="No space"):
         t.save()
     assert (tmp_path / "run" / "checkpoint.npz").read_bytes() == before
+    assert not list((tmp_path / "run").glob("*.tmp")), "half-written file left behind"
     load_checkpoint(tmp_path / "run")
 
 

@@ -82,6 +82,7 @@ def test_resume_trains_on_to_the_new_epoch_count(run_dir, tmp_path):
     doc = json.loads((run / "metrics.json").read_text())
     assert [r["epoch"] for r in doc["epochs"]] == [1, 2]
     assert doc["epochs"][1]["test_loss"] < doc["epochs"][0]["test_loss"]
+    assert cli.main(["train", "--resume", "--out", str(run), "--epochs", "1"]) == 2  # undo? no
 
 
 def test_info_lists_usable_backends(capsys):

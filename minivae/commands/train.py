@@ -108,6 +108,9 @@ def run(args) -> int:
         given = {k: v for k, v in (("epochs", args.epochs), ("backend", args.device)) if v}
         t = Trainer.resume(out, progress=not args.no_progress, figures=not args.no_figures,
                            **given)
+        if t.cfg.epochs < t.epoch:
+            raise UserError(f"{out} has completed {t.epoch} epochs; --epochs {t.cfg.epochs} would "
+                            f"undo them: give --epochs {t.epoch} or more")
         print(f"resuming {out} at epoch {t.epoch} (step {t.step}), training to epoch {t.cfg.epochs}")
     else:
         if args.data == "mnist10k" and args.data_dir:

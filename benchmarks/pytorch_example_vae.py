@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -136,6 +137,8 @@ def main(argv=None):
               "model": "784-400-20, ReLU, sigmoid/Bernoulli (BCE summed), Adam 1e-3, batch 128",
               "loss": "-ELBO in nats per example, one z per example (the PyTorch example's number)",
               "machine": f"{platform.machine()} {platform.processor()}".strip(),
+              "cpus": os.cpu_count(),
+              "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
               "epochs_trained": args.epochs}
     if not args.skip_torch:
         import torch

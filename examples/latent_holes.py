@@ -1,0 +1,168 @@
+"""Holes in a plain autoencoder's latent space, and the VAE's denser one.
+
+To *generate* with an autoencoder you would draw a code z from some simple distribution and
+decode it. A plain autoencoder's decoder has only ever been trained on the exact codes f(x) of
+training images, which sit on thin, irregular structures with empty space between them
+("holes"); a drawn z that falls in a hole decodes to something that was never trained to look
+like anything. A VAE's decoder is trained on *samples* z ~ q(z|x), which smear every code into
+a Gaussian blob, and its KL term pulls the union of those blobs (the aggregate posterior)
+towards the prior N(0, I). So prior samples mostly land where the decoder has been trained.
+
+The measure (no classifier, no bandwidth to tune): call the latent points the decoder was
+trained on its "training latents" (AE: f(x) for each training image; VAE: one z ~ q(z|x) per
+training image). For a latent z, d(z) = distance to the nearest training latent. Calibrate
+with held-out images: tau = the 99th percentile of d over test-image latents, i.e. a held-out
+real digit is this far from the training latents at most 99% of the time. A prior sample with
+d(z) > tau is *in a hole*. The hole fraction is the share of prior samples in holes: about 1%
+when prior samples look like real latents, more when the prior puts mass where no data is.
+
+The prior: N(0, I) for the VAE (what it was trained towards). A plain AE has no prior and its
+codes have arbitrary scale, so it gets the most generous simple choice: a Gaussian with the
+mean and covariance of its training codes.
+
+Both models are minivae's 784-400-2-400-784 ReLU networks with a Bernoulli likelihood (2-D
+codes so that the latent space can be drawn).
+
+Run:  python examples/latent_holes.py [OUT_DIR] [--quick]
+Writes OUT_DIR/latent_holes.png and OUT_DIR/metrics.json (default OUT_DIR: runs/examples/latent_holes).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from minivae import VAE, Adam, Autoencoder
+from minivae.data import load_dataset
+
+N_PRIOR = 2000
+
+
+def nearest_distance(A, B, chunk=1000):
+    """For each row of A (n, L), the distance to its nearest row of B (m, L) -> (n,)."""
+    bb = np.sum(B * B, axis=1)
+    out = []
+    for i in range(0, len(A), chunk):      # chunks of rows keep the (chunk, m) matrix small
+        a = A[i:i + chunk]
+        d2 = np.sum(a * a, axis=1)[:, None] - 2.0 * a @ B.T + bb[None, :]
+        out.append(np.sqrt(np.maximum(d2.min(axis=1), 0.0)))
+    return np.concatenate(out)
+
+
+def hole_fraction(train_z, test_z, prior_z, q=0.99):
+    """Share of prior_z farther from every train_z than the q-quantile of test_z's distances."""
+    tau = np.quantile(nearest_distance(test_z, train_z), q)
+    d = nearest_distance(prior_z, train_z)
+    return float(np.mean(d > tau)), d > tau, tau
+
+
+def train(model, X, steps, rng):
+    opt = Adam(model.params, lr=1e-3)
+    for _ in range(steps):
+        model.loss_and_grads(X[rng.integers(0, len(X), 128)], check=False)
+        opt.step()
+
+
+def run(out_dir, quick=False, seed=0):
+    t0 = time.perf_counter()
+    ds = load_dataset("mnist10k")
+    X, Xt = ds.x_train, ds.x_test
+    rng = np.random.default_rng(seed)
+    steps = 300 if quick else 2500
+    out = {}
+
+    ae = Autoencoder(latent=2, seed=seed)
+    train(ae, X, steps, rng)
+    z_train, z_test = ae.encode(X).astype(np.float64), ae.encode(Xt).astype(np.float64)
+    prior = rng.multivariate_normal(z_train.mean(axis=0), np.cov(z_train.T), N_PRIOR)
+    out["ae"] = (ae, z_train, prior) + hole_fraction(z_train, z_test, prior)
+
+    vae = VAE(latent=2, seed=seed)
+    train(vae, X, steps, rng)
+
+    def sample_q(x):
+        """one z ~ q(z|x) per image: the decoder's training inputs are samples, not means"""
+        mu, logvar = vae.encode(x)
+        return (mu + np.exp(0.5 * logvar) * rng.normal(size=mu.shape)).astype(np.float64)
+
+    z_train, z_test = sample_q(X), sample_q(Xt)
+    prior = rng.normal(size=(N_PRIOR, 2))
+    out["vae"] = (vae, z_train, prior) + hole_fraction(z_train, z_test, prior)
+
+    for k, name in (("ae", "autoencoder (Gaussian fitted to its codes)"), ("vae", "VAE (N(0, I))")):
+        print(f"{name}: {100 * out[k][3]:.1f}% of {N_PRIOR} prior samples in holes "
+              f"(tau = {out[k][5]:.3f})")
+    os.makedirs(out_dir, exist_ok=True)
+    _plot(out, ds.y_train, os.path.join(out_dir, "latent_holes.png"))
+    metrics = {"ae_hole_fraction": out["ae"][3], "vae_hole_fraction": out["vae"][3],
+               "ae_tau": out["ae"][5], "vae_tau": out["vae"][5], "quantile": 0.99,
+               "prior_samples": N_PRIOR, "steps": steps}
+    with open(os.path.join(out_dir, "metrics.json"), "w") as fh:
+        json.dump(metrics, fh, indent=1)
+    print(f"figure and metrics.json in {out_dir} ({time.perf_counter() - t0:.1f} s)")
+    return metrics
+
+
+def _plot(out, labels, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(13, 8.4))
+    for r, (key, title) in enumerate((("ae", "plain autoencoder"), ("vae", "VAE"))):
+        model, z_train, prior, frac, hole, tau = out[key]
+        # 1. training latents by digit, prior samples on top (red: in a hole)
+        a = axes[r, 0]
+        a.scatter(z_train[:, 0], z_train[:, 1], c=labels, cmap="tab10", s=2, alpha=0.35)
+        p = prior[:400]
+        h = hole[:400]
+        a.scatter(p[~h, 0], p[~h, 1], s=6, c="k", marker=".", label="prior sample")
+        a.scatter(p[h, 0], p[h, 1], s=14, c="red", marker="x", label="prior sample in a hole")
+        a.set_title(f"{title}: training latents (colour = digit)\n"
+                    f"{100 * frac:.1f}% of prior samples in holes")
+        a.legend(fontsize=8, loc="lower right", framealpha=0.9)
+        # 2. decoded prior samples, the ones in holes first: what generation would give
+        order = np.argsort(~hole[:64], kind="stable")
+        imgs = model.decode(prior[:64][order].astype(np.float32))
+        _grid(axes[r, 1], imgs, 8, hole[:64][order])
+        axes[r, 1].set_title("64 decoded prior samples\n(red frame: in a hole)")
+        # 3. the decoder over a regular grid spanning the prior's central 98%
+        lo, hi = np.quantile(prior, [0.01, 0.99], axis=0)
+        g = 12
+        u, v = np.linspace(lo[0], hi[0], g), np.linspace(hi[1], lo[1], g)
+        zz = np.stack(np.meshgrid(u, v), axis=-1).reshape(-1, 2).astype(np.float32)
+        _grid(axes[r, 2], model.decode(zz), g)
+        axes[r, 2].set_title("decoder on a grid over the prior's range")
+    fig.tight_layout()
+    fig.savefig(path, dpi=72)
+    plt.close(fig)
+
+
+def _grid(ax, imgs, n, frame=None):
+    """Tile n x n images (n*n, 784) into one picture; frame[i] marks image i with red."""
+    tile = np.ones((n * 30, n * 30, 3))
+    for i, img in enumerate(imgs[: n * n]):
+        y, x = divmod(i, n)
+        block = np.repeat(img.reshape(28, 28)[:, :, None], 3, axis=2)
+        cell = tile[y * 30:(y + 1) * 30, x * 30:(x + 1) * 30]
+        cell[:] = (1.0, 0.0, 0.0) if frame is not None and frame[i] else 1.0
+        cell[1:29, 1:29] = block
+    ax.imshow(tile)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("out", nargs="?", default=os.path.join("runs", "examples", "latent_holes"))
+    p.add_argument("--quick", action="store_true", help="few training steps (for tests)")
+    args = p.parse_args(argv)
+    run(args.out, args.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

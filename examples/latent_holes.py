@@ -116,7 +116,8 @@ def _plot(out, labels, path):
         model, z_train, prior, frac, hole, tau = out[key]
         # 1. training latents by digit, prior samples on top (red: in a hole)
         a = axes[r, 0]
-        a.scatter(z_train[:, 0], z_train[:, 1], c=labels, cmap="tab10", s=2, alpha=0.35)
+        a.scatter(z_train[:, 0], z_train[:, 1], c=labels, cmap="tab10", s=2, alpha=0.35,
+                  rasterized=True)
         p = prior[:400]
         h = hole[:400]
         a.scatter(p[~h, 0], p[~h, 1], s=6, c="k", marker=".", label="prior sample")
@@ -137,7 +138,7 @@ def _plot(out, labels, path):
         _grid(axes[r, 2], model.decode(zz), g)
         axes[r, 2].set_title("decoder on a grid over the prior's range")
     fig.tight_layout()
-    fig.savefig(path, dpi=72)
+    fig.savefig(path, dpi=60)
     plt.close(fig)
 
 

@@ -26,7 +26,7 @@ score function with a baseline (control variate): since E_q[grad log q] = 0, sub
 that does not depend on z_s keeps it unbiased:  E_q[(f(z_s) - b) grad log q(z_s|x)].
 minivae uses the leave-one-out mean of the *other* S - 1 samples of the same example,
     b_s = (sum_{s'} f(z_s') - f(z_s)) / (S - 1)                 (needs S >= 2)
-Why this one: it is per example (f differs by tens of nats between digits, so one global
+Why this one: it is per example (f differs by tens to hundreds of nats between digits, so one global
 running mean would leave most of the offset in), it is independent of z_s, so unbiased with no
 correction, and it needs no state or tuning (Kool, van Hoof & Welling 2019, "Buy 4 REINFORCE
 samples, get a baseline for free").
@@ -83,6 +83,7 @@ def _forward(model, x, eps):
     a dict of the pieces the encoder part needs; rows are S * B, scaled for mean_B(mean_S(.)).
     """
     xp, P, L = model.xp, model.params, model.latent
+    model.check_input(x)
     if tuple(eps.shape[1:]) != (x.shape[0], L) or eps.ndim != 3:
         raise ValueError(f"eps has shape {tuple(eps.shape)}; expected (S, {x.shape[0]}, {L})")
     S, B = eps.shape[0], x.shape[0]

@@ -197,23 +197,25 @@ class Adagrad(Optimizer):
         p -= tmp
 
 
-# -- running an in-place update on both (all) CPU cores ------------------------------------
+# -- running an in-place update on several CPU cores ---------------------------------------
 # NumPy's elementwise loops use one core; PyTorch splits the same work over its threads. The
 # flat buffers make the split trivial: contiguous slices, one per thread (NumPy releases the
 # GIL inside a ufunc loop), the first slice in the calling thread.
+#
+# Off by default: after each matrix product OpenBLAS's worker threads busy-wait for ~0.1 s
+# (2^28 cycles) before sleeping, so in a training step they still hold the other cores when
+# the optimizer runs, and a second thread then makes Adam slower, not faster. With
+# OPENBLAS_THREAD_TIMEOUT=20 (read when NumPy is imported: workers sleep after 2^20 cycles)
+# and MINIVAE_NUM_THREADS=2, Adam on the 784-400-20 VAE takes ~0.45 ms instead of ~0.75 ms
+# on 2 cores (benchmarks/step_time.py).
 _POOL: ThreadPoolExecutor | None = None
 MIN_SLICE = 1 << 16  # numbers per thread below which a thread costs more than it saves
 
 
 def num_threads() -> int:
-    """Threads for the optimizer update: $MINIVAE_NUM_THREADS, else the usable CPU cores."""
+    """Threads for the NumPy optimizer update: $MINIVAE_NUM_THREADS, default 1 (see above)."""
     env = os.environ.get("MINIVAE_NUM_THREADS")
-    if env:
-        return max(1, int(env))
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    return max(1, int(env)) if env else 1
 
 
 def in_slices(fn, arrays, *args) -> None:

@@ -1,0 +1,182 @@
+"""Shared helpers for the benchmarks: thread settings, machine description, the torch VAE.
+
+Import this module *before* numpy/torch in a benchmark script: :func:`set_threads` exports the
+thread-count variables, which BLAS libraries read when they load.
+"""
+from __future__ import annotations
+
+import ctypes
+import glob
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def set_threads(n: int | None, stock: bool = False) -> int:
+    """Give NumPy's BLAS, minivae's optimizer and torch the same number of threads (call before
+    importing numpy). Returns n (default: the usable cores).
+
+    Unless ``stock``: OPENBLAS_THREAD_TIMEOUT=20, so that OpenBLAS's workers go to sleep after
+    2^20 cycles (~0.4 ms) instead of busy-waiting 2^28 (~0.1 s) after a matrix product; they
+    still spin through the short gaps between a step's products, but free the cores for
+    minivae's optimizer (MINIVAE_NUM_THREADS=n). ``stock``: OpenBLAS as installed, the optimizer on one
+    thread (minivae's default). torch (MKL/OpenMP) is not affected either way.
+    """
+    n = int(n or usable_cores())
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+    if stock:
+        os.environ.pop("OPENBLAS_THREAD_TIMEOUT", None)
+        os.environ["MINIVAE_NUM_THREADS"] = "1"
+    else:
+        os.environ["OPENBLAS_THREAD_TIMEOUT"] = "20"
+        os.environ["MINIVAE_NUM_THREADS"] = str(n)
+    return n
+
+
+def _openblas():
+    """ctypes handle and symbol prefix of the OpenBLAS that NumPy loaded, or (None, None)."""
+    import numpy as np
+
+    libs = glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "*openblas*"))
+    for path in libs:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""), ("openblas", "")):
+            if hasattr(lib, f"{prefix}_get_num_threads{suffix}"):
+                return lib, (prefix, suffix)
+    return None, None
+
+
+def blas_info() -> dict:
+    import numpy as np
+
+    info = {}
+    try:
+        cfg = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        info = {"name": cfg.get("name"), "version": cfg.get("version")}
+    except Exception:  # older NumPy
+        pass
+    lib, names = _openblas()
+    if lib is not None:
+        prefix, suffix = names
+        getn = getattr(lib, f"{prefix}_get_num_threads{suffix}")
+        core = getattr(lib, f"{prefix}_get_corename{suffix}", None)
+        info["threads"] = int(getn())
+        if core is not None:
+            core.restype = ctypes.c_char_p
+            info["core"] = core().decode()
+    return info
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    """CPU, cores, library versions and thread counts, for the result files."""
+    import numpy as np
+
+    import minivae
+    from minivae import optim
+
+    info = {
+        "cpu": cpu_model(), "cores": usable_cores(), "platform": platform.platform(),
+        "python": sys.version.split()[0], "numpy": np.__version__, "minivae": minivae.__version__,
+        "numpy_blas": blas_info(), "minivae_optimizer_threads": optim.num_threads(),
+        "env": {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OPENBLAS_THREAD_TIMEOUT",
+                                               "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                               "MINIVAE_NUM_THREADS")},
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+        info["torch_blas"] = "MKL" if torch.backends.mkl.is_available() else "other"
+    except ImportError:
+        info["torch"] = None
+    return info
+
+
+def print_machine(info: dict) -> None:
+    b = info["numpy_blas"]
+    print(f"# cpu: {info['cpu']}, {info['cores']} usable cores; python {info['python']}")
+    print(f"# numpy {info['numpy']} with {b.get('name')} {b.get('version')} "
+          f"(core {b.get('core')}, {b.get('threads')} threads, OPENBLAS_THREAD_TIMEOUT="
+          f"{info['env'].get('OPENBLAS_THREAD_TIMEOUT') or 'default'}); minivae {info['minivae']} "
+          f"(optimizer threads {info['minivae_optimizer_threads']})")
+    if info.get("torch"):
+        print(f"# torch {info['torch']} ({info['torch_blas']}, {info['torch_threads']} threads)")
+
+
+def save(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def mnist_batches(batch: int, n_batches: int, seed: int = 0, dtype="float32"):
+    """n_batches of real MNIST digits (the bundled mnist10k) as host arrays (B, 784); a
+    seeded synthetic stand-in if the data module is unavailable."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    try:
+        from minivae.data import load_dataset
+
+        x = load_dataset("mnist10k").x_train
+    except Exception:  # pragma: no cover - the bundled set ships with minivae
+        x = (rng.random((9000, 784)) < 0.15).astype(np.float32)
+    idx = rng.permutation(len(x))
+    need = batch * n_batches
+    idx = np.resize(idx, need)
+    return [np.ascontiguousarray(x[idx[i * batch:(i + 1) * batch]], dtype=dtype)
+            for i in range(n_batches)]
+
+
+def torch_vae(d_in=784, hidden=400, latent=20):
+    """The PyTorch VAE as people write it (the pytorch/examples VAE): nn.Linear layers,
+    F.binary_cross_entropy_with_logits(sum), the closed-form KL, randn_like for eps."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class TorchVAE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Linear(d_in, hidden)
+            self.enc_out = nn.Linear(hidden, 2 * latent)  # mu | logvar, like minivae
+            self.dec = nn.Linear(latent, hidden)
+            self.dec_out = nn.Linear(hidden, d_in)
+
+        def forward(self, x):
+            h = self.enc_out(F.relu(self.enc(x)))
+            mu, logvar = h[:, :latent], h[:, latent:]
+            z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+            logits = self.dec_out(F.relu(self.dec(z)))
+            recon = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
+            kl = 0.5 * torch.sum(mu * mu + logvar.exp() - 1.0 - logvar)
+            return (recon + kl) / x.shape[0]
+
+    return TorchVAE()

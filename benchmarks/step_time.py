@@ -1,0 +1,248 @@
+#!/usr/bin/env python
+"""Time one full training step (forward, backward, Adam) of the 784-400-20 Bernoulli VAE,
+float32: minivae vs PyTorch eager, and the step's GEMM floor.
+
+    python benchmarks/step_time.py                      # CPU, batch 128
+    python benchmarks/step_time.py --batch 512 --json   # last line: one JSON object
+    python benchmarks/step_time.py --device gpu         # CuPy vs PyTorch CUDA (needs a GPU)
+
+Method. Both libraries run in one process, on the same MNIST batches (bundled mnist10k), each
+drawing its own eps. Contenders take turns of --block seconds (interleaved, so a noisy
+neighbour slows all of them alike); the first --settle seconds of each turn are not counted,
+since the other library's BLAS threads are still spinning then, which a real training loop
+never pays. Reported: the median over at least --steps counted steps each. Both libraries get the same number of
+threads (--threads, default: the usable cores): OpenBLAS (NumPy), minivae's optimizer, and
+torch.set_num_threads. By default OPENBLAS_THREAD_TIMEOUT=20 is set for NumPy's OpenBLAS (its
+workers sleep after ~0.4 ms instead of spinning ~0.1 s after a product, so minivae's optimizer
+can use the second core); --stock leaves OpenBLAS as installed and runs the optimizer on one
+thread (minivae's default).
+torch is run as installed in both cases.
+
+GEMM floor: the time of only the matrix products a step must do (4 forward, 4 weight-gradient,
+3 input-gradient; the first layer needs no input gradient), with NumPy's BLAS into
+preallocated outputs: no step on that BLAS can be faster. torch's own floor (MKL, torch.mm)
+is reported beside it for reference.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _machine  # noqa: E402
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--hidden", type=int, default=400)
+    p.add_argument("--latent", type=int, default=20)
+    p.add_argument("--steps", type=int, default=300, help="timed steps per contender")
+    p.add_argument("--block", type=float, default=0.6, help="seconds per turn")
+    p.add_argument("--settle", type=float, default=0.2,
+                   help="seconds at the start of each turn not counted (thread pools settle)")
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--stock", action="store_true",
+                   help="OpenBLAS as installed and minivae's optimizer on one thread (see _machine)")
+    p.add_argument("--threads", type=int, default=None, help="threads for each library")
+    p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument("--json", action="store_true", help="print the result as JSON (last line)")
+    p.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/")
+    p.add_argument("--quiet", action="store_true")
+    return p.parse_args(argv)
+
+
+class GPUUnavailable(RuntimeError):
+    pass
+
+
+def _gpu_libs():
+    """(cupy, torch) when both can use a CUDA GPU, else GPUUnavailable saying why."""
+    from minivae.backend import BackendUnavailable, get_backend
+
+    try:
+        get_backend("cupy")
+    except BackendUnavailable as e:
+        raise GPUUnavailable(f"--device gpu: minivae's CuPy backend is unusable: {e}") from None
+    import cupy
+    import torch
+
+    if not torch.cuda.is_available():
+        raise GPUUnavailable("--device gpu: this torch build cannot use CUDA "
+                             f"(torch {torch.__version__}, CUDA {torch.version.cuda})")
+    return cupy, torch
+
+
+def contenders(args):
+    """name -> (step function returning phase times, sync); all on the same batches."""
+    import numpy as np
+    import torch
+
+    from minivae import VAE, Adam
+
+    gpu = args.device == "gpu"
+    if gpu:
+        cupy, _ = _gpu_libs()
+    B, H, L, D = args.batch, args.hidden, args.latent, 784
+    n_batches = 32
+    host = _machine.mnist_batches(B, n_batches)
+
+    # minivae
+    model = VAE(d_in=D, hidden=(H,), latent=L, backend="cupy" if gpu else "numpy", seed=0)
+    opt = Adam(model.params, lr=1e-3)
+    xs = [model.backend.asarray(x) for x in host]
+    sync_mv = model.backend.synchronize
+
+    def minivae_step(i):
+        t0 = time.perf_counter()
+        model.loss_and_grads(xs[i % n_batches], check=False)
+        sync_mv()
+        t1 = time.perf_counter()
+        opt.step()
+        sync_mv()
+        return t1 - t0, time.perf_counter() - t1
+
+    # torch eager
+    dev = torch.device("cuda" if gpu else "cpu")
+    tm = _machine.torch_vae(D, H, L).to(dev)
+    topt = torch.optim.Adam(tm.parameters(), lr=1e-3)
+    txs = [torch.from_numpy(x).to(dev) for x in host]
+    sync_t = torch.cuda.synchronize if gpu else (lambda: None)
+
+    def torch_step(i):
+        t0 = time.perf_counter()
+        topt.zero_grad()
+        loss = tm(txs[i % n_batches])
+        loss.backward()
+        sync_t()
+        t1 = time.perf_counter()
+        topt.step()
+        sync_t()
+        return t1 - t0, time.perf_counter() - t1
+
+    # GEMM floors: the 11 products of a step, into preallocated outputs
+    def gemm_set(lib, empty, rand, sync):
+        shapes_fwd = [((B, D), (D, H)), ((B, H), (H, 2 * L)), ((B, L), (L, H)), ((B, H), (H, D))]
+        ops = []
+        for (a, w) in shapes_fwd:          # forward  x @ W
+            ops.append((rand(*a), rand(*w), empty(a[0], w[1])))
+        for (a, w) in shapes_fwd:          # weight gradient  x.T @ G
+            ops.append((rand(*a).T, rand(a[0], w[1]), empty(*w)))
+        for (a, w) in shapes_fwd[1:]:      # input gradient  G @ W.T (not for the first layer)
+            ops.append((rand(a[0], w[1]), rand(*w).T, empty(*a)))
+        mm = lib.matmul
+
+        def floor(i):
+            t0 = time.perf_counter()
+            for a, b, out in ops:
+                mm(a, b, out=out)
+            sync()
+            return time.perf_counter() - t0, 0.0
+
+        return floor
+
+    rng = np.random.default_rng(0)
+    if gpu:
+        np_floor = gemm_set(cupy, lambda *s: cupy.empty(s, dtype=cupy.float32),
+                            lambda *s: cupy.asarray(rng.standard_normal(s), dtype=cupy.float32),
+                            sync_mv)
+    else:
+        np_floor = gemm_set(np, lambda *s: np.empty(s, dtype=np.float32),
+                            lambda *s: rng.standard_normal(s).astype(np.float32), sync_mv)
+    t_ops = gemm_set(torch, lambda *s: torch.empty(s, dtype=torch.float32, device=dev),
+                     lambda *s: torch.randn(s, dtype=torch.float32, device=dev), sync_t)
+
+    def torch_floor(i):
+        with torch.no_grad():
+            return t_ops(i)
+
+    return {"minivae": minivae_step, "torch": torch_step, "gemm_floor": np_floor,
+            "torch_gemm_floor": torch_floor}
+
+
+def measure(fns, steps, block_s=0.6, settle_s=0.2, warmup=5):
+    """Interleave the contenders in turns of ``block_s`` seconds; -> name -> list of
+    (phase1, phase2) times of the steps that started after the first ``settle_s`` of a turn.
+
+    Why settle: a BLAS thread pool spins for a while after its last call (OpenBLAS: 2^28
+    cycles, ~0.1 s) and would steal a core from the next library's first steps; a real
+    training loop with one library never pays that.
+    """
+    for name, f in fns.items():
+        for i in range(warmup):
+            f(i)
+    kept = {n: [] for n in fns}
+    i = 0
+    while min(len(v) for v in kept.values()) < steps:
+        for name, f in fns.items():
+            t0 = time.perf_counter()
+            while (now := time.perf_counter()) - t0 < block_s:
+                r = f(i)
+                i += 1
+                if now - t0 >= settle_s:
+                    kept[name].append(r)
+    return kept
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    threads = _machine.set_threads(args.threads, stock=args.stock)
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(threads)
+    info = _machine.machine_info()
+    if not args.quiet:
+        _machine.print_machine(info)
+    try:
+        fns = contenders(args)
+    except GPUUnavailable as e:
+        print(f"step_time.py: error: {e}", file=sys.stderr)
+        return 2
+    kept = measure(fns, args.steps, args.block, args.settle, args.warmup)
+    med = {n: float(np.median([a + b for a, b in v])) * 1e3 for n, v in kept.items()}
+    phase = {n: [float(np.median([r[k] for r in v])) * 1e3 for k in (0, 1)]
+             for n, v in kept.items()}
+    res = {
+        "batch": args.batch, "device": args.device,
+        "settings": "stock" if args.stock else "OPENBLAS_THREAD_TIMEOUT=20, MINIVAE_NUM_THREADS=threads",
+        "minivae_ms": med["minivae"], "torch_ms": med["torch"],
+        "gemm_floor_ms": med["gemm_floor"],
+        "ratio_minivae_to_torch": med["minivae"] / med["torch"],
+        "ratio_minivae_to_gemm_floor": med["minivae"] / med["gemm_floor"],
+        "torch_gemm_floor_ms": med["torch_gemm_floor"],
+        "phases_ms": {"minivae": {"forward_backward": phase["minivae"][0], "adam": phase["minivae"][1]},
+                      "torch": {"forward_backward": phase["torch"][0], "adam": phase["torch"][1]}},
+        "model": f"784-{args.hidden}-{args.latent} Bernoulli VAE, float32",
+        "steps_kept": {n: len(v) for n, v in kept.items()}, "block_s": args.block,
+        "settle_s": args.settle, "threads": threads,
+        "machine": info,
+    }
+    if not args.quiet:
+        print(f"# {res['model']}, batch {args.batch}, {args.device}, {threads} threads, "
+              f"median of {args.steps} interleaved steps")
+        print(f"{'':22}{'ms/step':>9}  {'fwd+bwd':>8}  {'adam':>6}")
+        for n in ("minivae", "torch"):
+            print(f"{n:22}{med[n]:9.3f}  {phase[n][0]:8.3f}  {phase[n][1]:6.3f}")
+        print(f"{'GEMM floor (numpy)':22}{med['gemm_floor']:9.3f}")
+        print(f"{'GEMM floor (torch)':22}{med['torch_gemm_floor']:9.3f}")
+        print(f"minivae / torch = {res['ratio_minivae_to_torch']:.3f}   "
+              f"minivae / GEMM floor = {res['ratio_minivae_to_gemm_floor']:.3f}")
+    if not args.no_save:
+        stem = f"step_time_{args.device}_b{args.batch}" + ("_stock" if args.stock else "")
+        path = _machine.save(stem + ".json", res)
+        if not args.quiet:
+            print(f"# wrote {os.path.relpath(path)}")
+    if args.json:
+        import json
+
+        print(json.dumps({k: res[k] for k in ("batch", "device", "minivae_ms", "torch_ms",
+                                             "gemm_floor_ms", "ratio_minivae_to_torch",
+                                             "ratio_minivae_to_gemm_floor")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

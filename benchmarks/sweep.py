@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""Step time over batch size (32..1024) and hidden width: minivae vs PyTorch eager (CPU).
+
+    python benchmarks/sweep.py                  # writes results/sweep.json and sweep.png
+    python benchmarks/sweep.py --steps 40 --batches 32,128,512 --hidden 400
+
+Each point is measured as in step_time.py (interleaved blocks, medians, same thread count);
+the plot shows time per example and the ratio minivae / torch (below 1: minivae faster).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _machine  # noqa: E402
+
+
+def ints(text):
+    return [int(s) for s in text.split(",") if s.strip()]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batches", type=ints, default=[32, 64, 128, 256, 512, 1024])
+    p.add_argument("--hidden", type=ints, default=[200, 400, 800])
+    p.add_argument("--steps", type=int, default=40, help="timed steps per contender and point")
+    p.add_argument("--block", type=float, default=0.5, help="seconds per turn")
+    p.add_argument("--settle", type=float, default=0.2, help="seconds per turn not counted")
+    p.add_argument("--stock", action="store_true",
+                   help="OpenBLAS as installed and minivae's optimizer on one thread (see _machine)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=str(_machine.RESULTS / "sweep"), help="path stem of .json/.png")
+    args = p.parse_args(argv)
+    threads = _machine.set_threads(args.threads, stock=args.stock)
+    import numpy as np
+    import torch
+
+    import step_time
+
+    torch.set_num_threads(threads)
+    info = _machine.machine_info()
+    _machine.print_machine(info)
+    points = []
+    print(f"{'hidden':>6} {'batch':>6} {'minivae ms':>11} {'torch ms':>9} {'floor ms':>9} "
+          f"{'mv/torch':>9} {'mv/floor':>9}")
+    for h in args.hidden:
+        for b in args.batches:
+            a = step_time.parse(["--batch", str(b), "--hidden", str(h)])
+            fns = step_time.contenders(a)
+            kept = step_time.measure(fns, args.steps, args.block, args.settle, warmup=3)
+            med = {n: float(np.median([x + y for x, y in v])) * 1e3 for n, v in kept.items()}
+            pt = {"hidden": h, "batch": b, "minivae_ms": med["minivae"], "torch_ms": med["torch"],
+                  "gemm_floor_ms": med["gemm_floor"], "torch_gemm_floor_ms": med["torch_gemm_floor"],
+                  "ratio_minivae_to_torch": med["minivae"] / med["torch"],
+                  "ratio_minivae_to_gemm_floor": med["minivae"] / med["gemm_floor"]}
+            points.append(pt)
+            print(f"{h:6d} {b:6d} {pt['minivae_ms']:11.3f} {pt['torch_ms']:9.3f} "
+                  f"{pt['gemm_floor_ms']:9.3f} {pt['ratio_minivae_to_torch']:9.3f} "
+                  f"{pt['ratio_minivae_to_gemm_floor']:9.3f}", flush=True)
+            del fns
+    stem = os.path.splitext(args.out)[0]
+    _machine.save(os.path.basename(stem) + ".json", {
+        "what": "one training step (forward, backward, Adam), 784-H-20 Bernoulli VAE, float32, CPU",
+        "steps": args.steps, "threads": threads, "points": points, "machine": info})
+    plot(points, stem + ".png", info)
+    print(f"# wrote {stem}.json and {stem}.png")
+    return 0
+
+
+def plot(points, path, info):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hs = sorted({p["hidden"] for p in points})
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, h in enumerate(hs):
+        pts = sorted((p for p in points if p["hidden"] == h), key=lambda p: p["batch"])
+        b = [p["batch"] for p in pts]
+        c = f"C{i}"
+        a1.plot(b, [1e3 * p["minivae_ms"] / p["batch"] for p in pts], "-o", color=c,
+                label=f"minivae, H={h}")
+        a1.plot(b, [1e3 * p["torch_ms"] / p["batch"] for p in pts], "--s", color=c,
+                label=f"torch, H={h}")
+        a1.plot(b, [1e3 * p["gemm_floor_ms"] / p["batch"] for p in pts], ":", color=c,
+                label=f"GEMM floor, H={h}")
+        a2.plot(b, [p["ratio_minivae_to_torch"] for p in pts], "-o", color=c, label=f"H={h}")
+    for a in (a1, a2):
+        a.set_xscale("log", base=2)
+        a.set_xlabel("batch size")
+    a1.set_yscale("log")
+    a1.set_ylabel("µs per example (one training step)")
+    a1.legend(fontsize=7, ncol=1)
+    a2.axhline(1.0, color="k", lw=0.8)
+    a2.set_ylabel("minivae time / PyTorch eager time")
+    a2.legend(fontsize=8)
+    fig.suptitle(f"784-H-20 VAE step, float32 — {info['cpu']}, {info['cores']} cores, "
+                 f"numpy {info['numpy']} ({info['numpy_blas'].get('name')}), torch {info.get('torch')}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -168,3 +168,15 @@ def test_estimators_run_on_the_strict_array_api_backend(setup):
                                        est.estimate(model, x, e, eps, kl=kl), rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(strict.backend.to_host(lg.loss_and_grad(strict, xs)[1]),
                                lg.loss_and_grad(model, x)[1], rtol=1e-12)
+
+
+@pytest.mark.parametrize("estimator,samples,kl", [CASES[1], CASES[3], CASES[5]])
+def test_beta_weights_the_kl_term_in_every_estimator(setup, estimator, samples, kl):
+    """beta-VAE (beta = 0.5): the MC-KL estimators stay unbiased for the beta-weighted loss."""
+    model, x = setup
+    model.beta = 0.5
+    z, _ = z_scores(model, x, estimator, samples, kl)
+    assert z.max() <= Z_MAX
+    eps = est.draw_eps(model, 1, B)
+    np.testing.assert_allclose(est.pathwise(model, x, eps), model.loss_and_grads(x, eps[0]).grads,
+                               rtol=1e-12, atol=1e-14)

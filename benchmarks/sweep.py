@@ -4,8 +4,11 @@
     python benchmarks/sweep.py                  # writes results/sweep.json and sweep.png
     python benchmarks/sweep.py --steps 40 --batches 32,128,512 --hidden 400
 
-Each point is measured as in step_time.py (interleaved blocks, medians, same thread count);
-the plot shows time per example and the ratio minivae / torch (below 1: minivae faster).
+Each point is measured as in step_time.py (interleaved turns, medians, same thread count), in
+--rounds passes over the grid; per point the pass with the lowest GEMM floor is kept: on a
+shared machine another process can stall OpenBLAS's busy-waiting threads for a whole point
+(seen here: 50x slower products), and the floor, measured in the same interleaved turns, shows
+it. The plot shows time per example and the ratio minivae / torch (below 1: minivae faster).
 """
 from __future__ import annotations
 
@@ -25,8 +28,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", type=ints, default=[32, 64, 128, 256, 512, 1024])
     p.add_argument("--hidden", type=ints, default=[200, 400, 800])
-    p.add_argument("--steps", type=int, default=40, help="timed steps per contender and point")
-    p.add_argument("--block", type=float, default=0.5, help="seconds per turn")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per contender and point")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="passes over the grid; per point the pass with the lowest GEMM floor "
+                        "(least disturbed by other processes) is kept")
+    p.add_argument("--block", type=float, default=0.4, help="seconds per turn")
     p.add_argument("--settle", type=float, default=0.2, help="seconds per turn not counted")
     p.add_argument("--stock", action="store_true",
                    help="OpenBLAS as installed and minivae's optimizer on one thread (see _machine)")
@@ -42,31 +48,43 @@ def main(argv=None) -> int:
     torch.set_num_threads(threads)
     info = _machine.machine_info()
     _machine.print_machine(info)
-    points = []
-    print(f"{'hidden':>6} {'batch':>6} {'minivae ms':>11} {'torch ms':>9} {'floor ms':>9} "
-          f"{'mv/torch':>9} {'mv/floor':>9}")
-    for h in args.hidden:
-        for b in args.batches:
-            a = step_time.parse(["--batch", str(b), "--hidden", str(h)])
-            fns = step_time.contenders(a)
-            kept = step_time.measure(fns, args.steps, args.block, args.settle, warmup=3)
-            med = {n: float(np.median([x + y for x, y in v])) * 1e3 for n, v in kept.items()}
-            pt = {"hidden": h, "batch": b, "minivae_ms": med["minivae"], "torch_ms": med["torch"],
-                  "gemm_floor_ms": med["gemm_floor"], "torch_gemm_floor_ms": med["torch_gemm_floor"],
-                  "ratio_minivae_to_torch": med["minivae"] / med["torch"],
-                  "ratio_minivae_to_gemm_floor": med["minivae"] / med["gemm_floor"]}
-            points.append(pt)
-            print(f"{h:6d} {b:6d} {pt['minivae_ms']:11.3f} {pt['torch_ms']:9.3f} "
-                  f"{pt['gemm_floor_ms']:9.3f} {pt['ratio_minivae_to_torch']:9.3f} "
-                  f"{pt['ratio_minivae_to_gemm_floor']:9.3f}", flush=True)
-            del fns
+    best = {}  # (hidden, batch) -> the least disturbed measurement of that point
+    for r in range(args.rounds):
+        print(f"# round {r + 1} of {args.rounds}")
+        print(f"{'hidden':>6} {'batch':>6} {'minivae ms':>11} {'torch ms':>9} {'floor ms':>9} "
+              f"{'mv/torch':>9} {'mv/floor':>9}")
+        for h in args.hidden:
+            for b in args.batches:
+                pt = measure_point(step_time, h, b, args)
+                print(f"{h:6d} {b:6d} {pt['minivae_ms']:11.3f} {pt['torch_ms']:9.3f} "
+                      f"{pt['gemm_floor_ms']:9.3f} {pt['ratio_minivae_to_torch']:9.3f} "
+                      f"{pt['ratio_minivae_to_gemm_floor']:9.3f}", flush=True)
+                key = (h, b)
+                if key not in best or pt["gemm_floor_ms"] < best[key]["gemm_floor_ms"]:
+                    best[key] = pt
+    points = [best[k] for k in sorted(best)]
     stem = os.path.splitext(args.out)[0]
     _machine.save(os.path.basename(stem) + ".json", {
         "what": "one training step (forward, backward, Adam), 784-H-20 Bernoulli VAE, float32, CPU",
-        "steps": args.steps, "threads": threads, "points": points, "machine": info})
+        "steps": args.steps, "rounds": args.rounds, "threads": threads,
+        "settings": "stock" if args.stock else "OPENBLAS_THREAD_TIMEOUT=20, MINIVAE_NUM_THREADS=threads",
+        "points": points, "machine": info})
     plot(points, stem + ".png", info)
     print(f"# wrote {stem}.json and {stem}.png")
     return 0
+
+
+def measure_point(step_time, h, b, args):
+    import numpy as np
+
+    a = step_time.parse(["--batch", str(b), "--hidden", str(h)])
+    fns = step_time.contenders(a)
+    kept = step_time.measure(fns, args.steps, args.block, args.settle, warmup=3)
+    med = {n: float(np.median([x + y for x, y in v])) * 1e3 for n, v in kept.items()}
+    return {"hidden": h, "batch": b, "minivae_ms": med["minivae"], "torch_ms": med["torch"],
+            "gemm_floor_ms": med["gemm_floor"], "torch_gemm_floor_ms": med["torch_gemm_floor"],
+            "ratio_minivae_to_torch": med["minivae"] / med["torch"],
+            "ratio_minivae_to_gemm_floor": med["minivae"] / med["gemm_floor"]}
 
 
 def plot(points, path, info):

@@ -27,8 +27,8 @@ def set_threads(n: int | None, stock: bool = False) -> int:
     """Give NumPy's BLAS, minivae's optimizer and torch the same number of threads (call before
     importing numpy). Returns n (default: the usable cores).
 
-    Unless ``stock``: OPENBLAS_THREAD_TIMEOUT=20, so that OpenBLAS's workers go to sleep after
-    2^20 cycles (~0.4 ms) instead of busy-waiting 2^28 (~0.1 s) after a matrix product; they
+    Unless ``stock``: OPENBLAS_THREAD_TIMEOUT=18, so that OpenBLAS's workers go to sleep after
+    2^18 cycles (~0.1 ms) instead of busy-waiting 2^28 (~0.1 s) after a matrix product; they
     still spin through the short gaps between a step's products, but free the cores for
     minivae's optimizer (MINIVAE_NUM_THREADS=n). ``stock``: OpenBLAS as installed, the optimizer on one
     thread (minivae's default). torch (MKL/OpenMP) is not affected either way.
@@ -40,7 +40,7 @@ def set_threads(n: int | None, stock: bool = False) -> int:
         os.environ.pop("OPENBLAS_THREAD_TIMEOUT", None)
         os.environ["MINIVAE_NUM_THREADS"] = "1"
     else:
-        os.environ["OPENBLAS_THREAD_TIMEOUT"] = "20"
+        os.environ["OPENBLAS_THREAD_TIMEOUT"] = "18"
         os.environ["MINIVAE_NUM_THREADS"] = str(n)
     return n
 

@@ -12,8 +12,8 @@ neighbour slows all of them alike); the first --settle seconds of each turn are 
 since the other library's BLAS threads are still spinning then, which a real training loop
 never pays. Reported: the median over at least --steps counted steps each. Both libraries get the same number of
 threads (--threads, default: the usable cores): OpenBLAS (NumPy), minivae's optimizer, and
-torch.set_num_threads. By default OPENBLAS_THREAD_TIMEOUT=20 is set for NumPy's OpenBLAS (its
-workers sleep after ~0.4 ms instead of spinning ~0.1 s after a product, so minivae's optimizer
+torch.set_num_threads. By default OPENBLAS_THREAD_TIMEOUT=18 is set for NumPy's OpenBLAS (its
+workers sleep after ~0.1 ms instead of spinning ~0.1 s after a product, so minivae's optimizer
 can use the second core); --stock leaves OpenBLAS as installed and runs the optimizer on one
 thread (minivae's default).
 torch is run as installed in both cases.
@@ -207,7 +207,7 @@ def main(argv=None) -> int:
              for n, v in kept.items()}
     res = {
         "batch": args.batch, "device": args.device,
-        "settings": "stock" if args.stock else "OPENBLAS_THREAD_TIMEOUT=20, MINIVAE_NUM_THREADS=threads",
+        "settings": "stock" if args.stock else "OPENBLAS_THREAD_TIMEOUT=18, MINIVAE_NUM_THREADS=threads",
         "minivae_ms": med["minivae"], "torch_ms": med["torch"],
         "gemm_floor_ms": med["gemm_floor"],
         "ratio_minivae_to_torch": med["minivae"] / med["torch"],

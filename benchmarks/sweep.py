@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     _machine.save(os.path.basename(stem) + ".json", {
         "what": "one training step (forward, backward, Adam), 784-H-20 Bernoulli VAE, float32, CPU",
         "steps": args.steps, "rounds": args.rounds, "threads": threads,
-        "settings": "stock" if args.stock else "OPENBLAS_THREAD_TIMEOUT=20, MINIVAE_NUM_THREADS=threads",
+        "settings": "stock" if args.stock else "OPENBLAS_THREAD_TIMEOUT=18, MINIVAE_NUM_THREADS=threads",
         "points": points, "machine": info})
     plot(points, stem + ".png", info)
     print(f"# wrote {stem}.json and {stem}.png")

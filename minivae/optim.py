@@ -205,7 +205,7 @@ class Adagrad(Optimizer):
 # Off by default: after each matrix product OpenBLAS's worker threads busy-wait for ~0.1 s
 # (2^28 cycles) before sleeping, so in a training step they still hold the other cores when
 # the optimizer runs, and a second thread then makes Adam slower, not faster. With
-# OPENBLAS_THREAD_TIMEOUT=20 (read when NumPy is imported: workers sleep after 2^20 cycles)
+# OPENBLAS_THREAD_TIMEOUT=18 (read when NumPy is imported: workers sleep after 2^18 cycles)
 # and MINIVAE_NUM_THREADS=2, Adam on the 784-400-20 VAE takes ~0.45 ms instead of ~0.75 ms
 # on 2 cores (benchmarks/step_time.py).
 _POOL: ThreadPoolExecutor | None = None

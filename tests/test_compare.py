@@ -124,3 +124,20 @@ def test_jax_is_optional(capsys):
         assert "minivae[jax]" in capsys.readouterr().err
     else:
         pytest.skip("jax is installed; its twin is not written yet")
+
+
+def test_step_time_benchmark_prints_its_json_as_the_last_line():
+    """benchmarks/step_time.py runs (a few steps) and ends with the documented JSON object."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
+    out = subprocess.run([sys.executable, str(script), "--batch", "16", "--steps", "3",
+                          "--block", "0.05", "--settle", "0", "--warmup", "1", "--no-save",
+                          "--json"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["batch"] == 16 and res["device"] == "cpu"
+    for key in ("minivae_ms", "torch_ms", "gemm_floor_ms"):
+        assert res[key] > 0
+    assert res["ratio_minivae_to_torch"] == pytest.approx(res["minivae_ms"] / res["torch_ms"])

@@ -15,7 +15,8 @@ float32: 1e-4): agreement to round-off, not just "close".
   minivae compare --model autoencoder --likelihood gaussian --hidden 256,128 --latent 8
 
 The batch is synthetic (seeded): Bernoulli pixels for --likelihood bernoulli, uniform [0, 1]
-values otherwise. Needs torch: pip install 'minivae[compare]' (here: pip install torch==2.13.0).
+values otherwise. Needs torch: pip install 'minivae[compare]' (here: pip install torch==2.13.0);
+--against jax needs jax: pip install 'minivae[jax]'.
 """
 from __future__ import annotations
 

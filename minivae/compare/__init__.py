@@ -13,8 +13,10 @@ gradients come back in minivae's flat layout (``model.params.layout``), so the t
 buffers can be compared tensor by tensor.
 
 The twins' likelihoods and KL use the frameworks' own implementations
-(``binary_cross_entropy_with_logits``, ``torch.distributions``), not a copy of minivae's
-formulas, so agreement is evidence, not an echo.
+(torch: ``binary_cross_entropy_with_logits``, ``torch.distributions``; jax:
+``jax.nn.log_sigmoid``, ``jax.scipy.stats.norm``), not a copy of minivae's formulas, so
+agreement is evidence, not an echo. JAX is optional (``pip install 'minivae[jax]'``); float64
+is switched on in JAX when its twin is built.
 
 Relative difference, per tensor (this is what ``minivae compare`` reports):
 

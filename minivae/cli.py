@@ -54,6 +54,9 @@ def main(argv=None) -> int:
 
     try:
         return int(args._run(args) or 0)
+    except BrokenPipeError:  # output piped into `head` and closed early: not an error
+        sys.stderr.close()
+        return 0
     except (UserError, BackendUnavailable, FileNotFoundError, ValueError, TypeError, OSError) as e:
         print(f"minivae {args.command}: error: {e}", file=sys.stderr)
         return 2

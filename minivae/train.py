@@ -340,7 +340,8 @@ class Trainer:
         from tqdm.auto import tqdm
 
         return tqdm(total=self.n_train, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
-                    unit="ex", unit_scale=True, leave=False, disable=not self.cfg.progress,
+                    unit="ex", unit_scale=True, leave=False,
+                    disable=None if self.cfg.progress else True,  # None: off when not a TTY
                     dynamic_ncols=True, mininterval=0.5)
 
     def _check_finite(self, values, where="training loss"):

@@ -25,17 +25,9 @@ import json
 
 import numpy as np
 
+from . import layer_sizes
+
 HELP = "compare loss and gradients with the same model in PyTorch (or JAX), per tensor"
-
-
-def _sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if any(s < 1 for s in sizes):
-        raise argparse.ArgumentTypeError(f"layer sizes must be positive, got {text!r}")
-    return sizes
 
 
 def _positive_int(text: str) -> int:
@@ -59,7 +51,7 @@ def add_arguments(p):
                    choices=["bernoulli", "gaussian", "gaussian_learned"])
     p.add_argument("--activation", default="relu",
                    choices=["relu", "leaky_relu", "tanh", "sigmoid", "softplus"])
-    p.add_argument("--hidden", type=_sizes, default=[400], metavar="SIZES",
+    p.add_argument("--hidden", type=layer_sizes, default=[400], metavar="SIZES",
                    help="hidden widths, e.g. 400 or 512,256 (default 400)")
     p.add_argument("--latent", type=_positive_int, default=20, help="latent size (default 20)")
     p.add_argument("--d-in", type=_positive_int, default=784, help="input size (default 784)")

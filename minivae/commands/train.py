@@ -17,20 +17,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import layer_sizes
+
 HELP = "train a VAE on MNIST-like data; metrics, checkpoint and figures go to --out"
-
-
-def _sizes(text: str) -> list[int]:
-    """'400' or '512,256' -> [400] / [512, 256]; '' -> [] (no hidden layer)."""
-    import argparse
-
-    try:
-        sizes = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if any(s < 1 for s in sizes):
-        raise argparse.ArgumentTypeError(f"layer sizes must be positive, got {text!r}")
-    return sizes
 
 
 def _positive(kind):
@@ -60,7 +49,7 @@ def add_arguments(p):
                         "static: one fixed 0/1 draw; dynamic: redrawn every epoch")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="vae", choices=["vae", "autoencoder"])
-    g.add_argument("--hidden", type=_sizes, default=[400], metavar="H[,H...]",
+    g.add_argument("--hidden", type=layer_sizes, default=[400], metavar="H[,H...]",
                    help="hidden layer widths (default 400)")
     g.add_argument("--latent", type=_positive(int), default=20, help="latent size (default 20)")
     g.add_argument("--activation", default="relu",

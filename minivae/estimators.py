@@ -92,9 +92,9 @@ def _forward(model, x, eps):
     mu_s, logvar_s = _stack(xp, mu, S), _stack(xp, logvar, S)     # (S*B, L)
     z, s_cache = sample(xp, mu_s, logvar_s, xp.reshape(eps, (S * B, L)))
     out, dec_caches = model.decoder.forward(P, z)
-    f, r_cache = model._recon(out, _stack(xp, x, S))               # f(z_s) = -log p(x|z_s), (S*B,)
+    f, r_cache = model.recon_nll(out, _stack(xp, x, S))               # f(z_s) = -log p(x|z_s), (S*B,)
     # d mean_B mean_S f / d decoder output: 1 / (S B) per row; also fills the decoder's grads
-    dz = model.decoder.backward(P, model._recon_backward(1.0 / (S * B), r_cache), dec_caches)
+    dz = model.decoder.backward(P, model.recon_nll_backward(1.0 / (S * B), r_cache), dec_caches)
     return dict(S=S, B=B, mu=mu, logvar=logvar, mu_s=mu_s, logvar_s=logvar_s, z=z,
                 s_cache=s_cache, f=f, dz=dz, enc_caches=enc_caches)
 

@@ -41,14 +41,7 @@ def _to_backend(model, x, check=True):
 
 def log_px_given_z(model, out, x):
     """log p(x|z) from the decoder output. out: (R, D) or (R, 2D); x: (R, D) -> (R,)."""
-    xp = model.xp
-    if model.likelihood == "bernoulli":
-        nll, _ = losses.bernoulli_nll(xp, out, x)
-    elif model.likelihood == "gaussian":
-        nll, _ = losses.gaussian_nll(xp, out, x, model.x_logvar)
-    else:
-        D = model.d_in
-        nll, _ = losses.gaussian_nll(xp, out[:, :D], x, out[:, D:])
+    nll, _ = model.recon_nll(out, x)
     return -nll
 
 

@@ -94,8 +94,12 @@ class _Model:
         if self.likelihood == "bernoulli" and not bool(xp.all((x >= 0.0) & (x <= 1.0))):
             raise ValueError(f"{name} has values outside [0, 1], which a Bernoulli likelihood needs")
 
-    def _recon(self, out, x):
-        """-log p(x | decoder output) -> (B,), cache."""
+    def recon_nll(self, out, x):
+        """-log p(x|z) per example from the decoder output.
+
+        out: (B, D) logits or mean, or (B, 2D) mean | logvar; x: (B, D) -> (B,), cache.
+        Public so that evaluation and the gradient estimators share this one dispatch.
+        """
         xp = self.xp
         if self.likelihood == "bernoulli":
             if self.backend.name == "numpy":  # in-place twin, tests/test_fastpath.py
@@ -106,8 +110,8 @@ class _Model:
         D = self.d_in
         return losses.gaussian_nll(xp, out[:, :D], x, out[:, D:])
 
-    def _recon_backward(self, scale, cache):
-        """-> d loss / d decoder output, (B, D) or (B, 2D)."""
+    def recon_nll_backward(self, scale, cache):
+        """scale: d loss / d per-example NLL (float or (B,)) -> d loss / d out, (B, D) or (B, 2D)."""
         xp = self.xp
         if self.likelihood == "bernoulli":
             if self.backend.name == "numpy":
@@ -200,12 +204,12 @@ class VAE(_Model):
         mu, logvar = h[:, :L], h[:, L:]
         z, s_cache = sample(xp, mu, logvar, eps)
         out, dec_caches = self.decoder.forward(P, z)
-        recon, r_cache = self._recon(out, x)
+        recon, r_cache = self.recon_nll(out, x)
         kl, k_cache = losses.kl_normal(xp, mu, logvar)
         loss_b = recon + self.beta * kl if self.beta != 1.0 else recon + kl
 
         # backward: d loss / d per-example terms is 1/B (recon) and beta/B (kl)
-        dout = self._recon_backward(1.0 / B, r_cache)
+        dout = self.recon_nll_backward(1.0 / B, r_cache)
         dz = self.decoder.backward(P, dout, dec_caches, overwrite_dout=True)
         dmu, dlogvar, _ = sample_backward(dz, s_cache)
         kmu, klogvar = losses.kl_normal_backward(xp, self.beta / B, k_cache)
@@ -222,7 +226,7 @@ class VAE(_Model):
         mu, logvar = self.encode(x)
         eps = self.draw_eps(x.shape[0]) if eps is None else eps
         z, _ = sample(self.xp, mu, logvar, eps)
-        recon, _ = self._recon(self.decode_logits(z), x)
+        recon, _ = self.recon_nll(self.decode_logits(z), x)
         kl, _ = losses.kl_normal(self.xp, mu, logvar)
         return -(recon + kl)
 
@@ -279,8 +283,8 @@ class Autoencoder(_Model):
         B = x.shape[0]
         code, enc_caches = self.encoder.forward(P, x)
         out, dec_caches = self.decoder.forward(P, code)
-        recon, r_cache = self._recon(out, x)
-        dout = self._recon_backward(1.0 / B, r_cache)
+        recon, r_cache = self.recon_nll(out, x)
+        dout = self.recon_nll_backward(1.0 / B, r_cache)
         dcode = self.decoder.backward(P, dout, dec_caches, overwrite_dout=True)
         self.encoder.backward(P, dcode, enc_caches, need_dx=False, overwrite_dout=True)
         zero = xp.zeros((), dtype=self.dtype)

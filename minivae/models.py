@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
-from . import losses
+from . import losses, parallel
 from .backend import resolve
 from .layers import mlp, sigmoid
 from .params import Layout, Params
@@ -60,6 +61,7 @@ class _Model:
         self.params = Params(layout, self.backend, dtype)
         self.dtype = self.params.dtype
         self.rng = self.backend.rng(seed)
+        self._replicas = []  # Params sharing self.params.data, one per extra thread
         for net in nets:
             for name, layer in net:
                 layer.init(self.params.group(name), self.rng)
@@ -93,6 +95,46 @@ class _Model:
             raise ValueError(f"{name} contains NaN or Inf")
         if self.likelihood == "bernoulli" and not bool(xp.all((x >= 0.0) & (x <= 1.0))):
             raise ValueError(f"{name} has values outside [0, 1], which a Bernoulli likelihood needs")
+
+    def loss_and_grads(self, x, eps=None, check=True) -> LossResult:
+        """One forward and backward pass. x: (B, D); eps: (B, L) or None to draw it (VAE; an
+        Autoencoder takes None). The maths is in ``_pass``.
+
+        On NumPy, a batch of at least 2 * parallel.MIN_ROWS rows is split over
+        ``minivae.get_num_threads()`` threads (see :mod:`minivae.parallel`): each thread runs
+        ``_pass`` on its rows into its own gradient buffer, and the buffers are summed.
+        ``check=False`` skips the input validation (it reads a device flag back to the host).
+        """
+        xp = self.xp
+        if check:
+            self.check_input(x)
+        B = x.shape[0]
+        eps = self._noise(eps, B, check)
+        if self.backend.name != "numpy":
+            loss_b, recon, kl = self._pass(self.params, x, eps, B)
+        elif (k := parallel.shards(B)) == 1:
+            with parallel.one_blas_thread():
+                loss_b, recon, kl = self._pass(self.params, x, eps, B)
+        else:
+            loss_b, recon, kl = self._pass_parallel(x, eps, B, k)
+        return LossResult(loss=xp.mean(loss_b), recon=xp.mean(recon), kl=xp.mean(kl),
+                          elbo=-(recon + kl), grads=self.params.grad)
+
+    def _pass_parallel(self, x, eps, B, k):
+        """``_pass`` on k row blocks in k threads, then params.grad = the sum of their
+        gradient buffers (summed slice by slice, also in k threads)."""
+        if len(self._replicas) < k - 1 or any(r.data is not self.params.data for r in self._replicas):
+            self._replicas = [self.params.with_own_grad() for _ in range(k - 1)]
+        shards = [self.params, *self._replicas[: k - 1]]
+        team = parallel.team(k)
+        parts = team.run([
+            partial(self._pass, P, x[lo:hi], None if eps is None else eps[lo:hi], B)
+            for P, (lo, hi) in zip(shards, parallel.bounds(B, k))
+        ])
+        grads = [P.grad for P in shards]
+        team.run([partial(_add_into, [g[lo:hi] for g in grads])
+                  for lo, hi in parallel.bounds(grads[0].shape[0], k)])
+        return tuple(self.xp.concat([p[j] for p in parts]) for j in range(3))
 
     def recon_nll(self, out, x):
         """-log p(x|z) per example from the decoder output.
@@ -185,20 +227,20 @@ class VAE(_Model):
         if eps.dtype != self.dtype:
             raise TypeError(f"eps has dtype {eps.dtype} but the model uses {self.dtype}")
 
-    def loss_and_grads(self, x, eps=None, check=True) -> LossResult:
-        """One forward and backward pass. x: (B, D); eps: (B, L) or None to draw it.
-
-        ``check=False`` skips the input validation (it reads a device flag back to the host).
-        """
-        xp, P, L = self.xp, self.params, self.latent
-        if check:
-            self.check_input(x)
-        B = x.shape[0]
+    def _noise(self, eps, B, check):
         if eps is None:
-            eps = self.draw_eps(B)
-        elif check:
+            return self.draw_eps(B)
+        if check:
             self.check_eps(eps, B)
+        return eps
 
+    def _pass(self, P, x, eps, n):
+        """Forward and backward over the rows x: (b, D) with their eps: (b, L), writing
+        d(sum of these rows' losses / n)/d params into ``P.grad`` (n: the whole batch's size,
+        so that the gradients of several row blocks add up to the batch mean's).
+        -> per-row (loss, recon, kl), each (b,)."""
+        xp, L = self.xp, self.latent
+        b = x.shape[0]
         # forward
         h, enc_caches = self.encoder.forward(P, x)
         mu, logvar = h[:, :L], h[:, L:]
@@ -208,18 +250,16 @@ class VAE(_Model):
         kl, k_cache = losses.kl_normal(xp, mu, logvar)
         loss_b = recon + self.beta * kl if self.beta != 1.0 else recon + kl
 
-        # backward: d loss / d per-example terms is 1/B (recon) and beta/B (kl)
-        dout = self.recon_nll_backward(1.0 / B, r_cache)
+        # backward: d loss / d per-example terms is 1/n (recon) and beta/n (kl)
+        dout = self.recon_nll_backward(1.0 / n, r_cache)
         dz = self.decoder.backward(P, dout, dec_caches, overwrite_dout=True)
         dmu, dlogvar, _ = sample_backward(dz, s_cache)
-        kmu, klogvar = losses.kl_normal_backward(xp, self.beta / B, k_cache)
-        dh = xp.empty((B, 2 * L), dtype=self.dtype)  # written in halves: no concat copy
+        kmu, klogvar = losses.kl_normal_backward(xp, self.beta / n, k_cache)
+        dh = xp.empty((b, 2 * L), dtype=self.dtype)  # written in halves: no concat copy
         dh[:, :L] = dmu + kmu
         dh[:, L:] = dlogvar + klogvar
         self.encoder.backward(P, dh, enc_caches, need_dx=False, overwrite_dout=True)
-
-        return LossResult(loss=xp.mean(loss_b), recon=xp.mean(recon), kl=xp.mean(kl),
-                          elbo=-(recon + kl), grads=P.grad)
+        return loss_b, recon, kl
 
     def elbo(self, x, eps=None):
         """Per-example ELBO (B,) in nats with one sample of z (no gradients)."""
@@ -272,27 +312,30 @@ class Autoencoder(_Model):
         code, _ = self.encoder.forward(self.params, x)
         return code
 
-    def loss_and_grads(self, x, eps=None, check=True) -> LossResult:
-        """One forward and backward pass. x: (B, D). ``eps`` is accepted for a common
-        signature with the VAE and must be None: nothing here is random."""
+    def _noise(self, eps, B, check):
         if eps is not None:
             raise ValueError("an Autoencoder draws no noise: pass eps=None")
-        xp, P = self.xp, self.params
-        if check:
-            self.check_input(x)
-        B = x.shape[0]
+        return None
+
+    def _pass(self, P, x, eps, n):
+        """Forward and backward over the rows x: (b, D), writing d(sum of their losses / n)
+        / d params into ``P.grad``. -> per-row (loss, recon, kl = 0), each (b,)."""
         code, enc_caches = self.encoder.forward(P, x)
         out, dec_caches = self.decoder.forward(P, code)
         recon, r_cache = self.recon_nll(out, x)
-        dout = self.recon_nll_backward(1.0 / B, r_cache)
+        dout = self.recon_nll_backward(1.0 / n, r_cache)
         dcode = self.decoder.backward(P, dout, dec_caches, overwrite_dout=True)
         self.encoder.backward(P, dcode, enc_caches, need_dx=False, overwrite_dout=True)
-        zero = xp.zeros((), dtype=self.dtype)
-        return LossResult(loss=xp.mean(recon), recon=xp.mean(recon), kl=zero, elbo=-recon,
-                          grads=P.grad)
+        return recon, recon, self.xp.zeros_like(recon)
 
     def reconstruct(self, x):
         return self.decode(self.encode(x))
+
+
+def _add_into(buffers) -> None:
+    """buffers[0] += buffers[1] + ... (in place)."""
+    for g in buffers[1:]:
+        buffers[0] += g
 
 
 def build_model(config: dict, backend="numpy", dtype="float32", seed=0):

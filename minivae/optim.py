@@ -3,8 +3,10 @@
 Each update is a few whole-buffer operations, written to match ``torch.optim`` formula for
 formula so runs can be compared step for step. Each has a plain array-API version
 (``_step_plain``, any backend) and, for NumPy, an in-place twin (``_step_numpy``) that
-allocates nothing per step; ``tests/test_optim.py`` checks the two agree. ``fast=False``
-forces the plain one.
+allocates nothing per step, makes as few passes over memory as it can (``blas.axpby`` fuses
+y <- a x + b y), and runs on slices of the buffers in parallel threads
+(``parallel.in_slices``); ``tests/test_optim.py`` checks the two agree. ``fast=False`` forces
+the plain one.
 
 Weight decay is L2 added to the gradient (g <- g + wd * p), as torch's SGD/Adam/Adagrad do;
 ``Adam(decoupled=True)`` is AdamW (p <- p - lr * wd * p, then the Adam step).
@@ -12,10 +14,11 @@ Weight decay is L2 added to the gradient (g <- g + wd * p), as torch's SGD/Adam/
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+from .blas import axpby
+from .parallel import in_slices
 
 
 class Optimizer:
@@ -85,10 +88,13 @@ class SGD(Optimizer):
         p -= self.lr * g
 
     def _step_numpy(self, p, g):
-        if self.weight_decay or self.momentum:
+        if self.weight_decay or (self.momentum and self.t == 1):
             self._step_plain(p, g)
             return
-        p -= self.lr * g
+        if self.momentum:
+            axpby(1.0, g, self.momentum, self.buf)      # b = mu b + g
+            g = self.buf
+        axpby(-self.lr, g, 1.0, p)                     # p = p - lr g
 
 
 class Adam(Optimizer):
@@ -131,7 +137,7 @@ class Adam(Optimizer):
 
     def _step_numpy(self, p, g):
         """The same update with every operation in place (no per-step allocation), on
-        contiguous slices of the flat buffers in parallel threads (see :func:`in_slices`)."""
+        contiguous slices of the flat buffers in parallel threads (:func:`parallel.in_slices`)."""
         if self.weight_decay and not self.decoupled:
             self._step_plain(p, g)
             return
@@ -140,22 +146,19 @@ class Adam(Optimizer):
                   step_size, inv_sqrt_bc2)
 
     def _update_numpy(self, p, g, m, v, tmp, step_size, inv_sqrt_bc2):
+        """Seven passes over memory (one per line), which is what a memory-bound update costs;
+        the naive in-place form takes twelve."""
         if self.weight_decay:
             p *= 1.0 - self.lr * self.weight_decay
-        m *= self.b1                                   # m = b1 m + (1 - b1) g
-        np.multiply(g, 1.0 - self.b1, out=tmp)
-        m += tmp
-        v *= self.b2                                   # v = b2 v + (1 - b2) g^2
+        axpby(1.0 - self.b1, g, self.b1, m)            # m = b1 m + (1 - b1) g
         np.multiply(g, g, out=tmp)
-        tmp *= 1.0 - self.b2
-        v += tmp
+        axpby(1.0 - self.b2, tmp, self.b2, v)          # v = b2 v + (1 - b2) g^2
         # p -= step_size m / (sqrt(v) inv_sqrt_bc2 + eps), with the constants folded:
-        #    = m / ((sqrt(v) + eps / inv_sqrt_bc2) * (inv_sqrt_bc2 / step_size))
+        #    = (step_size / inv_sqrt_bc2) m / (sqrt(v) + eps / inv_sqrt_bc2)
         np.sqrt(v, out=tmp)
         tmp += self.eps / inv_sqrt_bc2
-        tmp *= inv_sqrt_bc2 / step_size
         np.divide(m, tmp, out=tmp)
-        p -= tmp
+        axpby(-step_size / inv_sqrt_bc2, tmp, 1.0, p)
 
 
 class Adagrad(Optimizer):
@@ -187,53 +190,15 @@ class Adagrad(Optimizer):
         if self.weight_decay:
             self._step_plain(p, g)
             return
-        s, tmp = self.s, self._tmp
+        in_slices(self._update_numpy, (p, g, self.s, self._tmp))
+
+    def _update_numpy(self, p, g, s, tmp):
         np.multiply(g, g, out=tmp)
-        s += tmp
+        s += tmp                                       # s = s + g^2
         np.sqrt(s, out=tmp)
         tmp += self.eps
         np.divide(g, tmp, out=tmp)
-        tmp *= self.lr
-        p -= tmp
-
-
-# -- running an in-place update on several CPU cores ---------------------------------------
-# NumPy's elementwise loops use one core; PyTorch splits the same work over its threads. The
-# flat buffers make the split trivial: contiguous slices, one per thread (NumPy releases the
-# GIL inside a ufunc loop), the first slice in the calling thread.
-#
-# Off by default: after each matrix product OpenBLAS's worker threads busy-wait for ~0.1 s
-# (2^28 cycles) before sleeping, so in a training step they still hold the other cores when
-# the optimizer runs, and a second thread then makes Adam slower, not faster. With
-# OPENBLAS_THREAD_TIMEOUT=18 (read when NumPy is imported: workers sleep after 2^18 cycles)
-# and MINIVAE_NUM_THREADS=2, Adam on the 784-400-20 VAE takes ~0.45 ms instead of ~0.75 ms
-# on 2 cores (benchmarks/step_time.py).
-_POOL: ThreadPoolExecutor | None = None
-MIN_SLICE = 1 << 16  # numbers per thread below which a thread costs more than it saves
-
-
-def num_threads() -> int:
-    """Threads for the NumPy optimizer update: $MINIVAE_NUM_THREADS, default 1 (see above)."""
-    env = os.environ.get("MINIVAE_NUM_THREADS")
-    return max(1, int(env)) if env else 1
-
-
-def in_slices(fn, arrays, *args) -> None:
-    """fn(*slices_of_arrays, *args) over contiguous slices of equal-length flat arrays."""
-    global _POOL
-    n = arrays[0].shape[0]
-    k = max(1, min(num_threads(), n // MIN_SLICE))
-    if k == 1:
-        fn(*arrays, *args)
-        return
-    if _POOL is None or _POOL._max_workers < k - 1:
-        _POOL = ThreadPoolExecutor(max_workers=k - 1, thread_name_prefix="minivae")
-    bounds = [n * i // k for i in range(k + 1)]
-    parts = [tuple(a[lo:hi] for a in arrays) for lo, hi in zip(bounds[:-1], bounds[1:])]
-    futures = [_POOL.submit(fn, *part, *args) for part in parts[1:]]
-    fn(*parts[0], *args)
-    for f in futures:
-        f.result()
+        axpby(-self.lr, tmp, 1.0, p)                   # p = p - lr g / (sqrt(s) + eps)
 
 
 OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adagrad": Adagrad}

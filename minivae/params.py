@@ -87,6 +87,16 @@ class Params:
             self._groups[key] = {n[len(p):]: v for n, v in src.items() if n.startswith(p)}
         return self._groups[key]
 
+    def with_own_grad(self) -> "Params":
+        """A Params that shares these parameters (``data`` and its views) but has its own
+        gradient buffer: what one thread of a data-parallel step writes into."""
+        other = object.__new__(Params)
+        other.layout, other.backend, other.dtype = self.layout, self.backend, self.dtype
+        other.data = self.data
+        other.grad = self.backend.xp.zeros_like(self.grad)
+        other._make_views()
+        return other
+
     def set_flat(self, values) -> None:
         """Copy a flat array (host or backend) into ``data``; the views follow."""
         values = self.backend.asarray(values, dtype=self.dtype)

@@ -6,7 +6,7 @@ other backend (and is what "strict" checks). Here the two are run on the same in
 import numpy as np
 import pytest
 
-from minivae import VAE, Adam, Autoencoder, get_backend, losses, optim
+from minivae import VAE, Adam, Autoencoder, get_backend, losses
 from minivae.layers import Dense, ReLU, mlp
 from minivae.params import Layout, Params
 
@@ -100,31 +100,3 @@ def test_fast_step_keeps_float32_end_to_end(rng):
     opt.step()
     for a in (r.loss, r.elbo, r.grads, m.params.data, opt.m, opt.v):
         assert a.dtype == np.float32
-
-
-@pytest.mark.parametrize("threads", ["1", "2", "3"])
-def test_adam_split_over_threads_equals_the_plain_update(monkeypatch, threads, rng):
-    monkeypatch.setenv("MINIVAE_NUM_THREADS", threads)
-    monkeypatch.setattr(optim, "MIN_SLICE", 8)           # so that a small buffer is split
-    layout = Layout([("a", (37,)), ("b", (5, 4))])
-    P_fast, P_plain = Params(layout, NP, "float64"), Params(layout, NP, "float64")
-    P_fast.data[...] = P_plain.data[...] = rng.standard_normal(layout.size)
-    fast, plain = Adam(P_fast, lr=0.01, fast=True), Adam(P_plain, lr=0.01, fast=False)
-    for _ in range(5):
-        P_fast.grad[...] = P_plain.grad[...] = rng.standard_normal(layout.size)
-        fast.step()
-        plain.step()
-    np.testing.assert_allclose(P_fast.data, P_plain.data, rtol=1e-13)
-    np.testing.assert_allclose(fast.v, plain.v, rtol=1e-13)
-
-
-def test_in_slices_covers_every_element_once(monkeypatch):
-    monkeypatch.setenv("MINIVAE_NUM_THREADS", "3")
-    monkeypatch.setattr(optim, "MIN_SLICE", 4)
-    a = np.zeros(50)
-
-    def bump(v):
-        v += 1.0
-
-    optim.in_slices(bump, (a,))
-    np.testing.assert_array_equal(a, 1.0)

@@ -1,0 +1,123 @@
+"""Two things NumPy does not expose from its own BLAS, reached through ctypes.
+
+1. ``set_threads(n) -> previous``: the BLAS thread count, cheaply and reversibly, through
+   OpenBLAS's ``openblas_set_num_threads_local`` (OpenBLAS >= 0.3.27). Despite its name, in
+   the pthreads builds NumPy ships it sets the count for the whole process (measured: a
+   worker thread's call changes the main thread's products), and it returns the previous
+   count without resizing the thread pool. minivae sets one BLAS thread only while its
+   data-parallel step runs and restores the count after (:mod:`minivae.parallel`).
+2. ``axpby(a, x, b, y)``: y <- a x + b y in one pass over memory. In NumPy the same update is
+   two or three passes (``y *= b; np.multiply(x, a, out=tmp); y += tmp``), and the optimizers'
+   updates are memory-bound, so passes are what they cost (minivae.optim).
+
+Both fall back to plain NumPy (or to doing nothing, for the thread count) when NumPy's BLAS is
+not an OpenBLAS that has them; results then differ only by the rounding of a fused
+multiply-add. Only NumPy's own BLAS is used: the one already loaded in this process.
+"""
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+
+import numpy as np
+
+_lib = None        # ctypes.CDLL of NumPy's OpenBLAS, or False when there is none
+_fns: dict = {}    # resolved functions, by name
+
+
+def _library():
+    global _lib
+    if _lib is None:
+        _lib = False
+        paths = []
+        try:
+            with open("/proc/self/maps") as f:   # the library this process actually loaded
+                paths = sorted({ln.split()[-1] for ln in f if "openblas" in ln.lower()})
+        except OSError:
+            pass
+        libs_dir = os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs")
+        paths += sorted(glob.glob(os.path.join(libs_dir, "*openblas*")))
+        for path in paths:
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                continue
+            if hasattr(lib, "openblas_set_num_threads_local"):
+                _lib = lib
+                break
+    return _lib
+
+
+def _int_type(lib):
+    """The BLAS integer: int64 for an ILP64 build (NumPy's wheels: scipy_openblas64)."""
+    for name in ("scipy_openblas_get_config64_", "openblas_get_config64_", "openblas_get_config"):
+        fn = getattr(lib, name, None)
+        if fn is not None:
+            fn.restype = ctypes.c_char_p
+            return ctypes.c_int64 if b"USE64BITINT" in fn() else ctypes.c_int32
+    return ctypes.c_int32
+
+
+def _function(name: str):
+    """cblas_<name> (e.g. saxpby) with argtypes set, or None."""
+    if name not in _fns:
+        _fns[name] = None
+        lib = _library()
+        if lib:
+            n = _int_type(lib)
+            real = ctypes.c_float if name[0] == "s" else ctypes.c_double
+            for sym in (f"scipy_cblas_{name}64_", f"cblas_{name}64_", f"scipy_cblas_{name}",
+                        f"cblas_{name}"):
+                fn = getattr(lib, sym, None)
+                if fn is not None:
+                    if name.endswith("axpby"):   # (n, a, x, incx, b, y, incy)
+                        fn.argtypes = [n, real, ctypes.c_void_p, n, real, ctypes.c_void_p, n]
+                    fn.restype = None
+                    _fns[name] = fn
+                    break
+    return _fns[name]
+
+
+# -- threads -------------------------------------------------------------------------------------
+def pinnable() -> bool:
+    """Whether minivae can set the BLAS thread count (NumPy's BLAS is a recent OpenBLAS)."""
+    return bool(_library())
+
+
+def set_threads(n: int) -> int:
+    """BLAS threads for the process's matrix products from now on; -> the previous count."""
+    fn = _library().openblas_set_num_threads_local
+    fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+    return int(fn(int(n)))
+
+
+# -- y <- a x + b y ------------------------------------------------------------------------------
+_PREFIX = {np.dtype(np.float32): "s", np.dtype(np.float64): "d"}
+
+
+def axpby(a: float, x: np.ndarray, b: float, y: np.ndarray, tmp: np.ndarray | None = None) -> None:
+    """y <- a x + b y, in place. x, y: (n,) NumPy arrays of one float dtype.
+
+    One BLAS pass when x and y are contiguous float32/float64; otherwise NumPy (``tmp``, (n,),
+    is used as scratch if given)."""
+    fn = None
+    if x.dtype == y.dtype and x.shape == y.shape and x.ndim == 1:
+        if x.flags.c_contiguous and y.flags.c_contiguous and x.dtype in _PREFIX:
+            fn = _function(_PREFIX[x.dtype] + "axpby")
+    if fn is not None:
+        fn(x.shape[0], a, x.ctypes.data, 1, b, y.ctypes.data, 1)
+        return
+    if b != 1.0:
+        y *= b
+    if tmp is None:
+        y += a * x
+    else:
+        np.multiply(x, a, out=tmp)
+        y += tmp
+
+
+def available() -> dict:
+    """What was found, for ``minivae info`` and the benchmarks."""
+    return {"set_threads": pinnable(),
+            "saxpby": _function("saxpby") is not None, "daxpby": _function("daxpby") is not None}

@@ -1,0 +1,203 @@
+"""CPU threads for the NumPy backend: a data-parallel training step on a small team of threads.
+
+Why. NumPy runs each elementwise operation on one core, and its BLAS (OpenBLAS) splits each
+matrix product over its own thread pool, whose workers busy-wait ~0.1 s after every product.
+So in a plain NumPy step the ReLUs, the likelihood, the sampler and Adam run on one core while
+the other cores spin. Instead minivae splits the *batch*: with k threads, thread i runs the
+whole forward and backward pass on rows [lo_i, hi_i), with the BLAS on one thread, writing
+d(sum of its rows' losses / B)/d params into its own gradient buffer; the k buffers are then
+summed, slice by slice, in parallel. Adam runs on k slices of the flat buffers the same way.
+Every core does useful work, and nothing spins. (NumPy releases the GIL inside its loops and
+BLAS calls, so plain Python threads suffice.)
+
+What changes. Only the order of the floating-point additions over the batch, exactly as a
+different BLAS thread count would. The random stream does not change: eps is drawn for the
+whole batch, then split. ``tests/test_parallel.py`` checks the parallel step against the
+one-thread step.
+
+    minivae.set_num_threads(2)       # or MINIVAE_NUM_THREADS=2; default min(usable cores, 4)
+    minivae.get_num_threads()
+
+With 1 thread the step runs on the calling thread as before, also with a one-thread BLAS.
+The BLAS thread count is process-wide: while a minivae step runs, other threads' NumPy
+products also get one BLAS thread; it is restored when the step ends. Splitting needs
+NumPy's BLAS to be an OpenBLAS >= 0.3.27 (what NumPy's wheels ship, see :mod:`minivae.blas`);
+with another BLAS minivae runs one thread and leaves the BLAS's threading alone.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import threading
+
+from . import blas
+
+MAX_DEFAULT_THREADS = 4
+MIN_ROWS = 32          # batch rows per thread below which a thread costs more than it saves
+MIN_SLICE = 1 << 16    # numbers per thread in an elementwise update, same reason
+
+_threads: int | None = None
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def get_num_threads() -> int:
+    """Threads minivae's NumPy training step uses: set_num_threads(), else $MINIVAE_NUM_THREADS,
+    else min(usable cores, 4); 1 when the BLAS cannot be pinned to one thread per worker."""
+    if not blas.pinnable():
+        return 1
+    if _threads is not None:
+        return _threads
+    env = os.environ.get("MINIVAE_NUM_THREADS")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ValueError(f"MINIVAE_NUM_THREADS must be a whole number, got {env!r}") from None
+        return max(1, n)
+    return max(1, min(usable_cores(), MAX_DEFAULT_THREADS))
+
+
+def set_num_threads(n: int | None) -> None:
+    """Set the thread count (``None``: back to the default)."""
+    global _threads
+    if n is not None and (int(n) != n or n < 1):
+        raise ValueError(f"number of threads must be a whole number >= 1, got {n!r}")
+    _threads = None if n is None else int(n)
+
+
+@contextlib.contextmanager
+def one_blas_thread():
+    """Matrix products use one BLAS thread inside the block (process-wide: see
+    :func:`blas.set_threads`); the previous count is restored after it."""
+    if not blas.pinnable():
+        yield
+        return
+    old = blas.set_threads(1)
+    try:
+        yield
+    finally:
+        blas.set_threads(old)
+
+
+# -- the team ----------------------------------------------------------------------------------
+class Team:
+    """k - 1 persistent worker threads; :meth:`run` runs k functions, the first in the caller.
+
+    Workers block on a queue between jobs (no spinning). While :meth:`run` runs, the BLAS
+    uses one thread, so that k concurrent products do not oversubscribe the cores.
+    """
+
+    def __init__(self, k: int):
+        self.k = int(k)
+        self._jobs: list[queue.SimpleQueue] = []
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._busy = threading.Lock()
+        for i in range(self.k - 1):
+            q: queue.SimpleQueue = queue.SimpleQueue()
+            t = threading.Thread(target=self._work, args=(q,), name=f"minivae-{i + 1}", daemon=True)
+            t.start()
+            self._jobs.append(q)
+
+    def _work(self, jobs):
+        while True:
+            fn = jobs.get()
+            try:
+                self._done.put((True, fn()))
+            except BaseException as e:  # handed to the caller, re-raised there
+                self._done.put((False, e))
+
+    def run(self, fns) -> list:
+        """Call every function in ``fns`` (at most k) concurrently; -> their results in order.
+        Re-raises the first exception after all have finished. When the team is already busy
+        (a job that itself calls run, or another user thread) they run one after another in
+        the caller instead: slower, never a deadlock."""
+        fns = list(fns)
+        if len(fns) > self.k:
+            raise ValueError(f"{len(fns)} jobs for a team of {self.k}")
+        if not self._busy.acquire(blocking=False):
+            with one_blas_thread():
+                return [fn() for fn in fns]
+        try:
+            with one_blas_thread():
+                return self._run(fns)
+        finally:
+            self._busy.release()
+
+    def _run(self, fns) -> list:
+        for i, fn in enumerate(fns[1:]):
+            self._jobs[i].put(_Indexed(i + 1, fn))
+        results: list = [None] * len(fns)
+        error = None
+        try:
+            results[0] = fns[0]()
+        except BaseException as e:
+            error = e
+        for _ in fns[1:]:
+            ok, value = self._done.get()
+            if not ok:
+                error = error or value
+            else:
+                i, r = value
+                results[i] = r
+        if error is not None:
+            raise error
+        return results
+
+
+class _Indexed:
+    """A job that returns (its index, result), so results come back in order."""
+
+    __slots__ = ("i", "fn")
+
+    def __init__(self, i, fn):
+        self.i, self.fn = i, fn
+
+    def __call__(self):
+        return self.i, self.fn()
+
+
+_team: Team | None = None
+_team_lock = threading.Lock()
+
+
+def team(k: int) -> Team:
+    """The shared team, grown to at least k threads."""
+    global _team
+    with _team_lock:
+        if _team is None or _team.k < k:
+            _team = Team(k)
+        return _team
+
+
+def bounds(n: int, k: int) -> list[tuple[int, int]]:
+    """k contiguous, near-equal ranges covering [0, n)."""
+    cuts = [n * i // k for i in range(k + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def shards(n_rows: int) -> int:
+    """How many threads a batch of n_rows rows is split over."""
+    return max(1, min(get_num_threads(), n_rows // MIN_ROWS))
+
+
+def in_slices(fn, arrays, *args) -> None:
+    """fn(*slices_of_arrays, *args) over contiguous slices of equal-length flat arrays, one
+    slice per thread (one slice, in the caller, when the arrays are small)."""
+    n = arrays[0].shape[0]
+    k = max(1, min(get_num_threads(), n // MIN_SLICE))
+    if k == 1:
+        with one_blas_thread():
+            fn(*arrays, *args)
+        return
+    team(k).run([_bind(fn, tuple(a[lo:hi] for a in arrays), args) for lo, hi in bounds(n, k)])
+
+
+def _bind(fn, parts, args):
+    return lambda: fn(*parts, *args)

@@ -1,0 +1,210 @@
+"""The data-parallel NumPy step (minivae.parallel) and the BLAS helpers (minivae.blas).
+
+The specification: splitting a batch over threads changes nothing but the order of the
+floating-point additions. Same random stream, same losses, same gradients to float64
+round-off, same trained weights; errors in a worker reach the caller; nothing deadlocks.
+"""
+import threading
+
+import numpy as np
+import pytest
+
+import minivae
+from minivae import VAE, Adam, Adagrad, Autoencoder, SGD, blas, parallel
+from minivae.params import Layout, Params
+
+needs_pinnable_blas = pytest.mark.skipif(
+    not blas.pinnable(),
+    reason="NumPy's BLAS has no openblas_set_num_threads_local, so minivae runs one thread")
+
+
+@pytest.fixture(autouse=True)
+def default_threads():
+    """Every test starts and ends with the default thread count."""
+    parallel.set_num_threads(None)
+    yield
+    parallel.set_num_threads(None)
+
+
+def _small_rows(monkeypatch):
+    monkeypatch.setattr(parallel, "MIN_ROWS", 2)   # so that a small batch is split too
+
+
+# -- the step ---------------------------------------------------------------------------------
+MODELS = {
+    "vae": lambda: VAE(d_in=30, hidden=(16, 12), latent=3, dtype="float64", seed=3),
+    "vae_beta_tanh": lambda: VAE(d_in=30, hidden=(16,), latent=3, activation="tanh", beta=0.3,
+                                 dtype="float64", seed=3),
+    "vae_gaussian_learned": lambda: VAE(d_in=30, hidden=(16,), latent=3,
+                                        likelihood="gaussian_learned", dtype="float64", seed=3),
+    "autoencoder": lambda: Autoencoder(d_in=30, hidden=(16,), latent=3, dtype="float64", seed=3),
+}
+
+
+@needs_pinnable_blas
+@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("threads", [2, 3, 4])
+def test_split_batch_gives_the_one_thread_loss_and_gradients(monkeypatch, rng, kind, threads):
+    _small_rows(monkeypatch)
+    x = rng.random((11, 30))                               # 11 rows: blocks of unequal size
+    if "gaussian" not in kind:
+        x = (x < 0.4).astype(np.float64)
+    runs = {}
+    for n in (1, threads):
+        parallel.set_num_threads(n)
+        m = MODELS[kind]()                                  # same seed: same weights, same eps
+        assert parallel.shards(11) == n
+        r = m.loss_and_grads(x)
+        runs[n] = (r, m)
+    (r1, m1), (rk, mk) = runs[1], runs[threads]
+    assert rk.grads is mk.params.grad                       # the model's own buffer, summed
+    np.testing.assert_allclose(rk.grads, r1.grads, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(rk.elbo, r1.elbo, rtol=1e-13)   # per example, in batch order
+    for name in ("loss", "recon", "kl"):
+        np.testing.assert_allclose(getattr(rk, name), getattr(r1, name), rtol=1e-13, atol=1e-15)
+    # and the next draw of eps is the same: the split consumed the stream exactly as one pass
+    if kind != "autoencoder":
+        np.testing.assert_array_equal(mk.draw_eps(2), m1.draw_eps(2))
+
+
+@needs_pinnable_blas
+def test_given_eps_is_split_by_rows(monkeypatch, rng):
+    _small_rows(monkeypatch)
+    x = (rng.random((8, 30)) < 0.4).astype(np.float64)
+    m = MODELS["vae"]()
+    eps = rng.standard_normal((8, 3))
+    parallel.set_num_threads(1)
+    g1 = m.loss_and_grads(x, eps).grads.copy()
+    parallel.set_num_threads(2)
+    np.testing.assert_allclose(m.loss_and_grads(x, eps).grads, g1, rtol=1e-12, atol=1e-15)
+
+
+@needs_pinnable_blas
+def test_thirty_adam_steps_on_two_threads_track_one_thread(monkeypatch, rng):
+    _small_rows(monkeypatch)
+    xs = [(rng.random((16, 30)) < 0.4).astype(np.float64) for _ in range(30)]
+    final = {}
+    for n in (1, 2):
+        parallel.set_num_threads(n)
+        m = MODELS["vae"]()
+        opt = Adam(m.params, lr=1e-2)
+        losses = []
+        for x in xs:
+            losses.append(float(m.loss_and_grads(x).loss))
+            opt.step()
+        final[n] = (np.array(losses), m.params.data.copy())
+    np.testing.assert_allclose(final[2][0], final[1][0], rtol=1e-10)
+    np.testing.assert_allclose(final[2][1], final[1][1], rtol=1e-9, atol=1e-12)
+
+
+def test_small_batches_and_other_backends_are_not_split(monkeypatch):
+    parallel.set_num_threads(4)
+    assert parallel.shards(2 * parallel.MIN_ROWS - 1) == 1
+    assert parallel.shards(4 * parallel.MIN_ROWS) == (4 if blas.pinnable() else 1)
+    strict = VAE(d_in=30, hidden=(16,), latent=3, backend="strict", dtype="float64", seed=3)
+    x = strict.xp.asarray(np.zeros((4 * parallel.MIN_ROWS, 30)))
+    assert strict.loss_and_grads(x).grads is strict.params.grad   # runs; never split
+
+
+def test_thread_count_is_validated(monkeypatch):
+    with pytest.raises(ValueError, match="whole number >= 1"):
+        minivae.set_num_threads(0)
+    with pytest.raises(ValueError, match="whole number >= 1"):
+        minivae.set_num_threads(1.5)
+    monkeypatch.setenv("MINIVAE_NUM_THREADS", "two")
+    if blas.pinnable():
+        with pytest.raises(ValueError, match="MINIVAE_NUM_THREADS must be a whole number"):
+            minivae.get_num_threads()
+    monkeypatch.setenv("MINIVAE_NUM_THREADS", "3")
+    assert minivae.get_num_threads() == (3 if blas.pinnable() else 1)
+    minivae.set_num_threads(2)                     # the call wins over the environment
+    assert minivae.get_num_threads() == (2 if blas.pinnable() else 1)
+
+
+# -- the team -----------------------------------------------------------------------------------
+def test_team_returns_results_in_order_and_runs_jobs_on_other_threads():
+    team = parallel.team(3)
+    names = team.run([lambda i=i: (i, threading.current_thread().name) for i in range(3)])
+    assert [i for i, _ in names] == [0, 1, 2]
+    assert names[0][1] == threading.current_thread().name      # the first job in the caller
+    assert len({n for _, n in names}) == 3
+
+
+def test_a_failing_job_raises_in_the_caller_and_the_team_still_works():
+    team = parallel.team(2)
+
+    def boom():
+        raise FloatingPointError("from a worker")
+
+    with pytest.raises(FloatingPointError, match="from a worker"):
+        team.run([lambda: 1, boom])
+    assert team.run([lambda: 1, lambda: 2]) == [1, 2]
+
+
+def test_a_job_that_uses_the_team_itself_does_not_deadlock():
+    team = parallel.team(2)
+    inner = lambda: sum(team.run([lambda: 1, lambda: 2]))        # noqa: E731
+    assert team.run([inner, lambda: 0]) == [3, 0]
+
+
+def test_in_slices_covers_every_element_once(monkeypatch):
+    parallel.set_num_threads(3)
+    monkeypatch.setattr(parallel, "MIN_SLICE", 4)
+    a = np.zeros(50)
+
+    def bump(v):
+        v += 1.0
+
+    parallel.in_slices(bump, (a,))
+    np.testing.assert_array_equal(a, 1.0)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("make", [
+    lambda P, fast: Adam(P, lr=0.01, fast=fast),
+    lambda P, fast: Adam(P, lr=0.01, weight_decay=0.1, decoupled=True, fast=fast),
+    lambda P, fast: Adagrad(P, lr=0.05, fast=fast),
+    lambda P, fast: SGD(P, lr=0.05, momentum=0.9, fast=fast),
+], ids=["adam", "adamw", "adagrad", "sgd_momentum"])
+def test_optimizer_split_over_threads_equals_the_plain_update(monkeypatch, threads, make, rng):
+    parallel.set_num_threads(threads)
+    monkeypatch.setattr(parallel, "MIN_SLICE", 8)         # so that a small buffer is split
+    layout = Layout([("a", (37,)), ("b", (5, 4))])
+    P_fast, P_plain = Params(layout, "numpy", "float64"), Params(layout, "numpy", "float64")
+    P_fast.data[...] = P_plain.data[...] = rng.standard_normal(layout.size)
+    fast, plain = make(P_fast, True), make(P_plain, False)
+    for _ in range(5):
+        P_fast.grad[...] = P_plain.grad[...] = rng.standard_normal(layout.size)
+        fast.step()
+        plain.step()
+    np.testing.assert_allclose(P_fast.data, P_plain.data, rtol=1e-13)
+
+
+# -- BLAS helpers -------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_axpby_is_a_x_plus_b_y(rng, dtype):
+    x, y = rng.standard_normal(1001).astype(dtype), rng.standard_normal(1001).astype(dtype)
+    want = 0.3 * x.astype(np.float64) + 0.9 * y.astype(np.float64)
+    blas.axpby(0.3, x, 0.9, y)
+    tol = 1e-6 if dtype == np.float32 else 1e-14       # one or two roundings per element
+    np.testing.assert_allclose(y, want, rtol=tol, atol=tol * np.abs(want).max())
+
+
+def test_axpby_falls_back_to_numpy_for_strided_arrays(rng):
+    x, y = rng.standard_normal(20)[::2], rng.standard_normal(20)[::2]   # not contiguous
+    want = -2.0 * x + y
+    blas.axpby(-2.0, x, 1.0, y, tmp=np.empty(10))
+    np.testing.assert_allclose(y, want, rtol=1e-14)
+
+
+@needs_pinnable_blas
+def test_one_blas_thread_lasts_only_for_the_block_and_the_step():
+    before = blas.set_threads(2)
+    try:
+        with parallel.one_blas_thread():
+            assert blas.set_threads(1) == 1
+        assert blas.set_threads(2) == 2
+        parallel.team(2).run([lambda: blas.set_threads(1), lambda: None])  # inside: 1
+        assert blas.set_threads(2) == 2                     # after a team run: restored
+    finally:
+        blas.set_threads(before)

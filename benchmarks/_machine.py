@@ -23,25 +23,20 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def set_threads(n: int | None, stock: bool = False) -> int:
-    """Give NumPy's BLAS, minivae's optimizer and torch the same number of threads (call before
-    importing numpy). Returns n (default: the usable cores).
+def set_threads(n: int | None, minivae_threads: int | None = None) -> int:
+    """Give NumPy's BLAS, minivae and torch the same number of threads (call before importing
+    numpy). Returns n (default: the usable cores).
 
-    Unless ``stock``: OPENBLAS_THREAD_TIMEOUT=18, so that OpenBLAS's workers go to sleep after
-    2^18 cycles (~0.1 ms) instead of busy-waiting 2^28 (~0.1 s) after a matrix product; they
-    still spin through the short gaps between a step's products, but free the cores for
-    minivae's optimizer (MINIVAE_NUM_THREADS=n). ``stock``: OpenBLAS as installed, the optimizer on one
-    thread (minivae's default). torch (MKL/OpenMP) is not affected either way.
+    OpenBLAS is left as installed (its workers busy-wait ~0.1 s after a product; the
+    benchmarks' settle time keeps that from landing on the next contender). minivae's NumPy
+    step runs data-parallel on ``minivae_threads`` (default n) threads with a one-thread BLAS
+    each (see minivae/parallel.py); torch (MKL/OpenMP) uses its own pool of n.
     """
     n = int(n or usable_cores())
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(n)
-    if stock:
-        os.environ.pop("OPENBLAS_THREAD_TIMEOUT", None)
-        os.environ["MINIVAE_NUM_THREADS"] = "1"
-    else:
-        os.environ["OPENBLAS_THREAD_TIMEOUT"] = "18"
-        os.environ["MINIVAE_NUM_THREADS"] = str(n)
+    os.environ.pop("OPENBLAS_THREAD_TIMEOUT", None)
+    os.environ["MINIVAE_NUM_THREADS"] = str(int(minivae_threads or n))
     return n
 
 
@@ -97,12 +92,11 @@ def machine_info() -> dict:
     import numpy as np
 
     import minivae
-    from minivae import optim
 
     info = {
         "cpu": cpu_model(), "cores": usable_cores(), "platform": platform.platform(),
         "python": sys.version.split()[0], "numpy": np.__version__, "minivae": minivae.__version__,
-        "numpy_blas": blas_info(), "minivae_optimizer_threads": optim.num_threads(),
+        "numpy_blas": blas_info(), "minivae_threads": minivae.get_num_threads(),
         "env": {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OPENBLAS_THREAD_TIMEOUT",
                                                "OMP_NUM_THREADS", "MKL_NUM_THREADS",
                                                "MINIVAE_NUM_THREADS")},
@@ -122,9 +116,8 @@ def print_machine(info: dict) -> None:
     b = info["numpy_blas"]
     print(f"# cpu: {info['cpu']}, {info['cores']} usable cores; python {info['python']}")
     print(f"# numpy {info['numpy']} with {b.get('name')} {b.get('version')} "
-          f"(core {b.get('core')}, {b.get('threads')} threads, OPENBLAS_THREAD_TIMEOUT="
-          f"{info['env'].get('OPENBLAS_THREAD_TIMEOUT') or 'default'}); minivae {info['minivae']} "
-          f"(optimizer threads {info['minivae_optimizer_threads']})")
+          f"(core {b.get('core')}, {b.get('threads')} threads); minivae {info['minivae']} "
+          f"({info['minivae_threads']} threads)")
     if info.get("torch"):
         print(f"# torch {info['torch']} ({info['torch_blas']}, {info['torch_threads']} threads)")
 

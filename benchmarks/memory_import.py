@@ -76,12 +76,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--stock", action="store_true",
-                   help="OpenBLAS as installed and minivae's optimizer on one thread (see _machine)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    threads = _machine.set_threads(args.threads, stock=args.stock)
+    threads = _machine.set_threads(args.threads)
     import numpy as np
 
     info = _machine.machine_info()

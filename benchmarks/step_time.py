@@ -9,19 +9,19 @@ float32: minivae vs PyTorch eager, and the step's GEMM floor.
 Method. Both libraries run in one process, on the same MNIST batches (bundled mnist10k), each
 drawing its own eps. Contenders take turns of --block seconds (interleaved, so a noisy
 neighbour slows all of them alike); the first --settle seconds of each turn are not counted,
-since the other library's BLAS threads are still spinning then, which a real training loop
-never pays. Reported: the median over at least --steps counted steps each. Both libraries get the same number of
-threads (--threads, default: the usable cores): OpenBLAS (NumPy), minivae's optimizer, and
-torch.set_num_threads. By default OPENBLAS_THREAD_TIMEOUT=18 is set for NumPy's OpenBLAS (its
-workers sleep after ~0.1 ms instead of spinning ~0.1 s after a product, so minivae's optimizer
-can use the second core); --stock leaves OpenBLAS as installed and runs the optimizer on one
-thread (minivae's default).
-torch is run as installed in both cases.
+since the previous contender's BLAS threads may still be spinning then, which a real training
+loop never pays. Reported: the median over at least --steps counted steps each. Both libraries
+get the same number of threads (--threads, default: the usable cores): minivae's data-parallel
+step (minivae.set_num_threads; one BLAS thread per worker) and torch.set_num_threads. NumPy's
+OpenBLAS is left as installed.
 
 GEMM floor: the time of only the matrix products a step must do (4 forward, 4 weight-gradient,
 3 input-gradient; the first layer needs no input gradient), with NumPy's BLAS into
-preallocated outputs: no step on that BLAS can be faster. torch's own floor (MKL, torch.mm)
-is reported beside it for reference.
+preallocated outputs, done the faster of two ways: whole-batch products on OpenBLAS's own
+threads, or the batch split into one block per thread with a one-thread BLAS each (the way
+minivae's step does them; its weight gradients then still need summing, which the floor does
+not count). No step on this BLAS can be faster. torch's own floor (MKL, torch.mm) is reported
+beside it for reference.
 """
 from __future__ import annotations
 
@@ -44,9 +44,10 @@ def parse(argv=None):
     p.add_argument("--settle", type=float, default=0.2,
                    help="seconds at the start of each turn not counted (thread pools settle)")
     p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--stock", action="store_true",
-                   help="OpenBLAS as installed and minivae's optimizer on one thread (see _machine)")
-    p.add_argument("--threads", type=int, default=None, help="threads for each library")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for each library (default: the usable cores)")
+    p.add_argument("--minivae-threads", type=int, default=None,
+                   help="threads for minivae only (default: --threads); 1 = the one-thread step")
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     p.add_argument("--json", action="store_true", help="print the result as JSON (last line)")
     p.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/")
@@ -123,7 +124,7 @@ def contenders(args):
         return t1 - t0, time.perf_counter() - t1
 
     # GEMM floors: the 11 products of a step, into preallocated outputs
-    def gemm_set(lib, empty, rand, sync):
+    def gemm_set(lib, empty, rand, sync, B=B):
         shapes_fwd = [((B, D), (D, H)), ((B, H), (H, 2 * L)), ((B, L), (L, H)), ((B, H), (H, D))]
         ops = []
         for (a, w) in shapes_fwd:          # forward  x @ W
@@ -148,9 +149,11 @@ def contenders(args):
         np_floor = gemm_set(cupy, lambda *s: cupy.empty(s, dtype=cupy.float32),
                             lambda *s: cupy.asarray(rng.standard_normal(s), dtype=cupy.float32),
                             sync_mv)
+        split_floor = np_floor  # one device: nothing to split
     else:
         np_floor = gemm_set(np, lambda *s: np.empty(s, dtype=np.float32),
                             lambda *s: rng.standard_normal(s).astype(np.float32), sync_mv)
+        split_floor = split_gemm_floor(B, gemm_set, rng)
     t_ops = gemm_set(torch, lambda *s: torch.empty(s, dtype=torch.float32, device=dev),
                      lambda *s: torch.randn(s, dtype=torch.float32, device=dev), sync_t)
 
@@ -159,7 +162,28 @@ def contenders(args):
             return t_ops(i)
 
     return {"minivae": minivae_step, "torch": torch_step, "gemm_floor": np_floor,
-            "torch_gemm_floor": torch_floor}
+            "gemm_floor_split": split_floor, "torch_gemm_floor": torch_floor}
+
+
+def split_gemm_floor(B, gemm_set, rng):
+    """The floor's products with the batch split over minivae's threads: block i of the batch
+    in thread i with a one-thread BLAS, as minivae's data-parallel step does them."""
+    import numpy as np
+
+    from minivae import parallel
+
+    k = parallel.shards(B)
+    blocks = [gemm_set(np, lambda *s: np.empty(s, dtype=np.float32),
+                       lambda *s: rng.standard_normal(s).astype(np.float32), lambda: None,
+                       B=hi - lo) for lo, hi in parallel.bounds(B, k)]
+    team = parallel.team(k)
+
+    def floor(i):
+        t0 = time.perf_counter()
+        team.run([lambda f=f: f(i) for f in blocks])
+        return time.perf_counter() - t0, 0.0
+
+    return floor
 
 
 def measure(fns, steps, block_s=0.6, settle_s=0.2, warmup=5):
@@ -188,7 +212,7 @@ def measure(fns, steps, block_s=0.6, settle_s=0.2, warmup=5):
 
 def main(argv=None) -> int:
     args = parse(argv)
-    threads = _machine.set_threads(args.threads, stock=args.stock)
+    threads = _machine.set_threads(args.threads, args.minivae_threads)
     import numpy as np
     import torch
 
@@ -207,11 +231,13 @@ def main(argv=None) -> int:
              for n, v in kept.items()}
     res = {
         "batch": args.batch, "device": args.device,
-        "settings": "stock" if args.stock else "OPENBLAS_THREAD_TIMEOUT=18, MINIVAE_NUM_THREADS=threads",
+        "minivae_threads": info["minivae_threads"],
         "minivae_ms": med["minivae"], "torch_ms": med["torch"],
-        "gemm_floor_ms": med["gemm_floor"],
+        "gemm_floor_ms": min(med["gemm_floor"], med["gemm_floor_split"]),
+        "gemm_floor_blas_threads_ms": med["gemm_floor"],
+        "gemm_floor_batch_split_ms": med["gemm_floor_split"],
         "ratio_minivae_to_torch": med["minivae"] / med["torch"],
-        "ratio_minivae_to_gemm_floor": med["minivae"] / med["gemm_floor"],
+        "ratio_minivae_to_gemm_floor": med["minivae"] / min(med["gemm_floor"], med["gemm_floor_split"]),
         "torch_gemm_floor_ms": med["torch_gemm_floor"],
         "phases_ms": {"minivae": {"forward_backward": phase["minivae"][0], "adam": phase["minivae"][1]},
                       "torch": {"forward_backward": phase["torch"][0], "adam": phase["torch"][1]}},
@@ -226,12 +252,15 @@ def main(argv=None) -> int:
         print(f"{'':22}{'ms/step':>9}  {'fwd+bwd':>8}  {'adam':>6}")
         for n in ("minivae", "torch"):
             print(f"{n:22}{med[n]:9.3f}  {phase[n][0]:8.3f}  {phase[n][1]:6.3f}")
-        print(f"{'GEMM floor (numpy)':22}{med['gemm_floor']:9.3f}")
+        print(f"{'GEMM floor (numpy)':22}{res['gemm_floor_ms']:9.3f}   = min(BLAS threads "
+              f"{med['gemm_floor']:.3f}, batch split {med['gemm_floor_split']:.3f})")
         print(f"{'GEMM floor (torch)':22}{med['torch_gemm_floor']:9.3f}")
         print(f"minivae / torch = {res['ratio_minivae_to_torch']:.3f}   "
               f"minivae / GEMM floor = {res['ratio_minivae_to_gemm_floor']:.3f}")
     if not args.no_save:
-        stem = f"step_time_{args.device}_b{args.batch}" + ("_stock" if args.stock else "")
+        stem = f"step_time_{args.device}_b{args.batch}"
+        if args.minivae_threads and args.minivae_threads != threads:
+            stem += f"_minivae{args.minivae_threads}t"
         path = _machine.save(stem + ".json", res)
         if not args.quiet:
             print(f"# wrote {os.path.relpath(path)}")

@@ -34,12 +34,10 @@ def main(argv=None) -> int:
                         "(least disturbed by other processes) is kept")
     p.add_argument("--block", type=float, default=0.4, help="seconds per turn")
     p.add_argument("--settle", type=float, default=0.2, help="seconds per turn not counted")
-    p.add_argument("--stock", action="store_true",
-                   help="OpenBLAS as installed and minivae's optimizer on one thread (see _machine)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=str(_machine.RESULTS / "sweep"), help="path stem of .json/.png")
     args = p.parse_args(argv)
-    threads = _machine.set_threads(args.threads, stock=args.stock)
+    threads = _machine.set_threads(args.threads)
     import numpy as np
     import torch
 
@@ -67,7 +65,7 @@ def main(argv=None) -> int:
     _machine.save(os.path.basename(stem) + ".json", {
         "what": "one training step (forward, backward, Adam), 784-H-20 Bernoulli VAE, float32, CPU",
         "steps": args.steps, "rounds": args.rounds, "threads": threads,
-        "settings": "stock" if args.stock else "OPENBLAS_THREAD_TIMEOUT=18, MINIVAE_NUM_THREADS=threads",
+        "minivae_threads": info["minivae_threads"],
         "points": points, "machine": info})
     plot(points, stem + ".png", info)
     print(f"# wrote {stem}.json and {stem}.png")

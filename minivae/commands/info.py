@@ -65,8 +65,12 @@ def info() -> dict:
         gpu = {"name": props["name"].decode() if isinstance(props["name"], bytes) else props["name"],
                "memory_gib": round(props["totalGlobalMem"] / 2**30, 1),
                "count": cupy.cuda.runtime.getDeviceCount()}
+    from .. import blas, parallel
+
+    threads = {"minivae": parallel.get_num_threads(), "usable_cores": parallel.usable_cores(),
+               **{f"blas_{k}": v for k, v in blas.available().items()}}
     return {"versions": versions, "platform": platform.platform(), "cpus": os.cpu_count(),
-            "blas": _blas(), "backends": backends, "gpu": gpu}
+            "blas": _blas(), "threads": threads, "backends": backends, "gpu": gpu}
 
 
 def run(args) -> int:
@@ -82,6 +86,11 @@ def run(args) -> int:
         print("absent:    " + ", ".join(missing))
     print(f"platform:  {d['platform']}, {d['cpus']} CPUs")
     print(f"BLAS:      {d['blas']}")
+    t = d["threads"]
+    how = ("batch split over threads, one BLAS thread each" if t["blas_set_threads"] else
+           "one thread: NumPy's BLAS is not an OpenBLAS >= 0.3.27, so minivae cannot split")
+    print(f"threads:   {t['minivae']} of {t['usable_cores']} usable cores ({how}); "
+          f"fused axpby: {'yes' if t['blas_saxpby'] else 'no (NumPy fallback)'}")
     print("backends:")
     for name, status in d["backends"].items():
         print(f"  {name:7s} {status}")

@@ -75,6 +75,9 @@ def add_arguments(p):
                         "(cupy if a GPU works, else numpy), strict (array-API test backend); "
                         "with --resume: the run's own unless given")
     g.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    g.add_argument("--threads", type=_positive(int), default=None, metavar="N",
+                   help="CPU threads for the NumPy step (default: $MINIVAE_NUM_THREADS, else "
+                        "min(cores, 4)); the batch is split over them")
     g.add_argument("--out", default="runs/vae", metavar="DIR", help="run directory (default runs/vae)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint (flags given here that "
@@ -90,6 +93,10 @@ def run(args) -> int:
     from ..cli import UserError
     from ..train import Diverged, TrainConfig, Trainer
 
+    if args.threads:
+        from ..parallel import set_num_threads
+
+        set_num_threads(args.threads)
     out = Path(args.out)
     if args.resume:
         if not (out / "checkpoint.npz").is_file():

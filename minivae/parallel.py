@@ -72,18 +72,31 @@ def set_num_threads(n: int | None) -> None:
     _threads = None if n is None else int(n)
 
 
+_pin_lock = threading.Lock()
+_pin_depth = 0          # how many blocks (in any thread) are inside one_blas_thread
+_pin_saved = 0          # the count to restore when the last one leaves
+
+
 @contextlib.contextmanager
 def one_blas_thread():
     """Matrix products use one BLAS thread inside the block (process-wide: see
-    :func:`blas.set_threads`); the previous count is restored after it."""
+    :func:`blas.set_threads`). Blocks may nest and overlap across threads; the count from
+    before the first one is restored when the last one ends."""
+    global _pin_depth, _pin_saved
     if not blas.pinnable():
         yield
         return
-    old = blas.set_threads(1)
+    with _pin_lock:
+        if _pin_depth == 0:
+            _pin_saved = blas.set_threads(1)
+        _pin_depth += 1
     try:
         yield
     finally:
-        blas.set_threads(old)
+        with _pin_lock:
+            _pin_depth -= 1
+            if _pin_depth == 0:
+                blas.set_threads(_pin_saved)
 
 
 # -- the team ----------------------------------------------------------------------------------

@@ -208,3 +208,25 @@ def test_one_blas_thread_lasts_only_for_the_block_and_the_step():
         assert blas.set_threads(2) == 2                     # after a team run: restored
     finally:
         blas.set_threads(before)
+
+
+@needs_pinnable_blas
+def test_overlapping_blocks_in_two_threads_restore_the_original_count():
+    before = blas.set_threads(2)
+    try:
+        inside, leave = threading.Event(), threading.Event()
+
+        def other():
+            with parallel.one_blas_thread():
+                inside.set()
+                leave.wait(5)
+
+        t = threading.Thread(target=other)
+        with parallel.one_blas_thread():
+            t.start()
+            inside.wait(5)
+        leave.set()                                          # the other block ends last
+        t.join(5)
+        assert blas.set_threads(2) == 2
+    finally:
+        blas.set_threads(before)

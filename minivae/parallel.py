@@ -152,8 +152,16 @@ class Team:
             results[0] = fns[0]()
         except BaseException as e:
             error = e
-        for _ in fns[1:]:
-            ok, value = self._done.get()
+        # Collect every worker's answer before leaving, even when Ctrl-C lands while waiting:
+        # an answer left in the queue would be taken for the next run's.
+        pending = len(fns) - 1
+        while pending:
+            try:
+                ok, value = self._done.get()
+            except BaseException as e:  # KeyboardInterrupt: re-raised once all are in
+                error = error or e
+                continue
+            pending -= 1
             if not ok:
                 error = error or value
             else:
@@ -178,6 +186,17 @@ class _Indexed:
 
 _team: Team | None = None
 _team_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has the team object but none of its threads: start afresh there."""
+    global _team, _team_lock, _pin_lock, _pin_depth
+    _team, _team_lock = None, threading.Lock()
+    _pin_lock, _pin_depth = threading.Lock(), 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def team(k: int) -> Team:

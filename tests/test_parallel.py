@@ -4,7 +4,9 @@ The specification: splitting a batch over threads changes nothing but the order 
 floating-point additions. Same random stream, same losses, same gradients to float64
 round-off, same trained weights; errors in a worker reach the caller; nothing deadlocks.
 """
+import signal
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -145,6 +147,40 @@ def test_a_job_that_uses_the_team_itself_does_not_deadlock():
     team = parallel.team(2)
     inner = lambda: sum(team.run([lambda: 1, lambda: 2]))        # noqa: E731
     assert team.run([inner, lambda: 0]) == [3, 0]
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs signal.setitimer")
+def test_an_interrupt_while_waiting_leaves_no_stale_answer_for_the_next_run():
+    """Ctrl-C arrives while the caller waits for a worker: the worker's late answer must not
+    be taken for the next run's."""
+    team = parallel.team(2)
+
+    def on_alarm(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)           # fires while the caller waits
+        with pytest.raises(KeyboardInterrupt):
+            team.run([lambda: "old", lambda: time.sleep(0.3) or "old"])
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert team.run([lambda: "new", lambda: "new"]) == ["new", "new"]
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_child_gets_a_working_team():
+    import multiprocessing as mp
+
+    parallel.team(2).run([lambda: 0, lambda: 0])            # the parent's team has threads
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        assert pool.apply_async(_team_sum).get(timeout=20) == 3
+
+
+def _team_sum():
+    return sum(parallel.team(2).run([lambda: 1, lambda: 2]))
 
 
 def test_in_slices_covers_every_element_once(monkeypatch):

@@ -169,18 +169,29 @@ def test_an_interrupt_while_waiting_leaves_no_stale_answer_for_the_next_run():
     assert team.run([lambda: "new", lambda: "new"]) == ["new", "new"]
 
 
+FORK_CHILD = """
+import multiprocessing as mp
+from minivae import parallel
+
+def team_sum():
+    return sum(parallel.team(2).run([lambda: 1, lambda: 2]))
+
+parallel.team(2).run([lambda: 0, lambda: 0])     # the parent's team has running threads
+with mp.get_context("fork").Pool(1) as pool:
+    print(pool.apply_async(team_sum).get(timeout=20))
+"""
+
+
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
 def test_a_forked_child_gets_a_working_team():
-    import multiprocessing as mp
+    """In a fresh interpreter (the test session may hold other libraries' threads)."""
+    import subprocess
+    import sys
 
-    parallel.team(2).run([lambda: 0, lambda: 0])            # the parent's team has threads
-    ctx = mp.get_context("fork")
-    with ctx.Pool(1) as pool:
-        assert pool.apply_async(_team_sum).get(timeout=20) == 3
-
-
-def _team_sum():
-    return sum(parallel.team(2).run([lambda: 1, lambda: 2]))
+    out = subprocess.run([sys.executable, "-c", FORK_CHILD], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "3"
 
 
 def test_in_slices_covers_every_element_once(monkeypatch):

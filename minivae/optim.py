@@ -2,7 +2,7 @@
 
 Each update is a few whole-buffer operations, written to match ``torch.optim`` formula for
 formula so runs can be compared step for step. Each has a plain array-API version
-(``_step_plain``, any backend) and, for NumPy, an in-place twin (``_step_numpy``) that
+(``_step_plain``, any backend) and, for NumPy, an in-place twin (``_sliced_update``) that
 allocates nothing per step, makes as few passes over memory as it can (``blas.axpby`` fuses
 y <- a x + b y), and runs on slices of the buffers in parallel threads
 (``parallel.in_slices``); ``tests/test_optim.py`` checks the two agree. ``fast=False`` forces
@@ -42,7 +42,19 @@ class Optimizer:
     def step(self) -> None:
         """Apply one update using ``params.grad``; leaves ``params.grad`` unchanged."""
         self.t += 1
-        (self._step_numpy if self.fast else self._step_plain)(self.params.data, self.params.grad)
+        update = self._sliced_update() if self.fast else None
+        if update is None:
+            self._step_plain(self.params.data, self.params.grad)
+        else:
+            fn, arrays, args = update
+            in_slices(fn, arrays, *args)
+
+    def _sliced_update(self):
+        """The NumPy fast path of the step just counted in ``t``, as ``(fn, arrays, args)``:
+        ``fn(*slices_of(arrays), *args)`` updates any contiguous slice of the flat buffers,
+        so threads can share the work (``parallel.in_slices``, ``minivae.train_step``).
+        None where only the plain step applies."""
+        return None
 
     # -- checkpointing ---------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -87,14 +99,19 @@ class SGD(Optimizer):
             g = self.buf
         p -= self.lr * g
 
-    def _step_numpy(self, p, g):
+    def _sliced_update(self):
         if self.weight_decay or (self.momentum and self.t == 1):
-            self._step_plain(p, g)
-            return
+            return None
         if self.momentum:
-            axpby(1.0, g, self.momentum, self.buf)      # b = mu b + g
-            g = self.buf
+            return self._update_numpy_momentum, (self.params.data, self.params.grad, self.buf), ()
+        return self._update_numpy, (self.params.data, self.params.grad), ()
+
+    def _update_numpy(self, p, g):
         axpby(-self.lr, g, 1.0, p)                     # p = p - lr g
+
+    def _update_numpy_momentum(self, p, g, buf):
+        axpby(1.0, g, self.momentum, buf)              # b = mu b + g
+        axpby(-self.lr, buf, 1.0, p)                   # p = p - lr b
 
 
 class Adam(Optimizer):
@@ -135,15 +152,13 @@ class Adam(Optimizer):
         self.v[...] = self.b2 * self.v + (1.0 - self.b2) * (g * g)
         p -= step_size * self.m / (xp.sqrt(self.v) * inv_sqrt_bc2 + self.eps)
 
-    def _step_numpy(self, p, g):
-        """The same update with every operation in place (no per-step allocation), on
-        contiguous slices of the flat buffers in parallel threads (:func:`parallel.in_slices`)."""
+    def _sliced_update(self):
+        """The same update with every operation in place (no per-step allocation)."""
         if self.weight_decay and not self.decoupled:
-            self._step_plain(p, g)
-            return
-        step_size, inv_sqrt_bc2 = self._coefficients()
-        in_slices(self._update_numpy, (p, g, self.m, self.v, self._tmp),
-                  step_size, inv_sqrt_bc2)
+            return None
+        P = self.params
+        return (self._update_numpy, (P.data, P.grad, self.m, self.v, self._tmp),
+                self._coefficients())
 
     def _update_numpy(self, p, g, m, v, tmp, step_size, inv_sqrt_bc2):
         """Seven passes over memory (one per line), which is what a memory-bound update costs;
@@ -186,11 +201,10 @@ class Adagrad(Optimizer):
         self.s[...] = self.s + g * g
         p -= self.lr * g / (self.xp.sqrt(self.s) + self.eps)
 
-    def _step_numpy(self, p, g):
+    def _sliced_update(self):
         if self.weight_decay:
-            self._step_plain(p, g)
-            return
-        in_slices(self._update_numpy, (p, g, self.s, self._tmp))
+            return None
+        return self._update_numpy, (self.params.data, self.params.grad, self.s, self._tmp), ()
 
     def _update_numpy(self, p, g, s, tmp):
         np.multiply(g, g, out=tmp)

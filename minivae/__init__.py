@@ -9,7 +9,7 @@
 __version__ = "0.1.0"
 
 from .backend import Backend, BackendUnavailable, get_backend  # noqa: E402
-from .models import VAE, Autoencoder, LossResult, build_model  # noqa: E402
+from .models import VAE, Autoencoder, LossResult, build_model, train_step  # noqa: E402
 from .parallel import get_num_threads, set_num_threads  # noqa: E402
 from .optim import SGD, Adagrad, Adam, make_optimizer  # noqa: E402
 from .params import Layout, Params  # noqa: E402
@@ -17,5 +17,5 @@ from .params import Layout, Params  # noqa: E402
 __all__ = [
     "Backend", "BackendUnavailable", "get_backend", "VAE", "Autoencoder", "LossResult",
     "build_model", "SGD", "Adam", "Adagrad", "make_optimizer", "Layout", "Params",
-    "get_num_threads", "set_num_threads",
+    "get_num_threads", "set_num_threads", "train_step",
 ]

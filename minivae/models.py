@@ -18,6 +18,8 @@ The mu and logvar heads share one Dense layer of width 2L: one matrix product in
 from __future__ import annotations
 
 import math
+import threading
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 
@@ -105,35 +107,68 @@ class _Model:
         ``_pass`` on its rows into its own gradient buffer, and the buffers are summed.
         ``check=False`` skips the input validation (it reads a device flag back to the host).
         """
+        return self._step(x, eps, check, opt=None)
+
+    def _step(self, x, eps, check, opt):
+        """loss_and_grads, then ``opt.step()`` when an optimizer is given (minivae.train_step)."""
         xp = self.xp
         if check:
             self.check_input(x)
         B = x.shape[0]
         eps = self._noise(eps, B, check)
-        if self.backend.name != "numpy":
-            loss_b, recon, kl = self._pass(self.params, x, eps, B)
-        elif (k := parallel.shards(B)) == 1:
-            with parallel.one_blas_thread():
-                loss_b, recon, kl = self._pass(self.params, x, eps, B)
+        if self.backend.name == "numpy" and (k := parallel.shards(B)) > 1:
+            loss_b, recon, kl = self._pass_parallel(x, eps, B, k, opt)
         else:
-            loss_b, recon, kl = self._pass_parallel(x, eps, B, k)
+            pin = parallel.one_blas_thread() if self.backend.name == "numpy" else nullcontext()
+            with pin:
+                loss_b, recon, kl = self._pass(self.params, x, eps, B)
+            if opt is not None:
+                opt.step()
         return LossResult(loss=xp.mean(loss_b), recon=xp.mean(recon), kl=xp.mean(kl),
                           elbo=-(recon + kl), grads=self.params.grad)
 
-    def _pass_parallel(self, x, eps, B, k):
-        """``_pass`` on k row blocks in k threads, then params.grad = the sum of their
-        gradient buffers (summed slice by slice, also in k threads)."""
+    def _pass_parallel(self, x, eps, B, k, opt=None):
+        """``_pass`` on k row blocks in k threads; then, once all k are done (a barrier), each
+        thread sums the k gradient buffers over its slice of the flat buffer into params.grad
+        and, given an optimizer, applies the update to that slice: one parallel section."""
         if len(self._replicas) < k - 1 or any(r.data is not self.params.data for r in self._replicas):
             self._replicas = [self.params.with_own_grad() for _ in range(k - 1)]
         shards = [self.params, *self._replicas[: k - 1]]
-        team = parallel.team(k)
-        parts = team.run([
-            partial(self._pass, P, x[lo:hi], None if eps is None else eps[lo:hi], B)
-            for P, (lo, hi) in zip(shards, parallel.bounds(B, k))
-        ])
         grads = [P.grad for P in shards]
-        team.run([partial(_add_into, [g[lo:hi] for g in grads])
-                  for lo, hi in parallel.bounds(grads[0].shape[0], k)])
+        rows, slices = parallel.bounds(B, k), parallel.bounds(grads[0].shape[0], k)
+        update = None
+
+        def count_the_step():         # run once, by the last thread to reach the barrier
+            nonlocal update
+            if opt is not None:
+                opt.t += 1
+                update = opt._sliced_update() if opt.fast else None
+
+        all_done = threading.Barrier(k, action=count_the_step)
+
+        def job(j):
+            (lo, hi), (a, b) = rows[j], slices[j]
+            try:
+                out = self._pass(shards[j], x[lo:hi], None if eps is None else eps[lo:hi], B)
+            except BaseException:
+                all_done.abort()      # the others stop waiting; the team re-raises this error
+                raise
+            all_done.wait()
+            _add_into([g[a:b] for g in grads])
+            if update is not None:
+                fn, arrays, args = update
+                fn(*(arr[a:b] for arr in arrays), *args)
+            return out
+
+        parts = parallel.team(k).run([partial(job, j) for j in range(k)], concurrent=True)
+        if parts is None:             # the team is busy (a nested call): one thread instead
+            with parallel.one_blas_thread():
+                parts = [self._pass(self.params, x, eps, B)]
+            if opt is not None:
+                opt.step()
+            return parts[0]
+        if opt is not None and update is None:        # no sliced form: the plain step
+            opt._step_plain(self.params.data, self.params.grad)
         return tuple(self.xp.concat([p[j] for p in parts]) for j in range(3))
 
     def recon_nll(self, out, x):
@@ -336,6 +371,21 @@ def _add_into(buffers) -> None:
     """buffers[0] += buffers[1] + ... (in place)."""
     for g in buffers[1:]:
         buffers[0] += g
+
+
+def train_step(model, opt, x, eps=None, check=True) -> LossResult:
+    """One optimisation step on the batch x: (B, D). The same as its plain twin
+
+        r = model.loss_and_grads(x, eps, check); opt.step(); return r
+
+    (``tests/test_parallel.py`` checks that), but on NumPy with several threads the gradient
+    sum and the optimizer update run in the same parallel section as the forward/backward,
+    each thread on its own slice of the flat buffers right after the others finish: one
+    hand-off to the worker threads per step instead of three. The trainer uses this.
+    """
+    if opt.params is not model.params:
+        raise ValueError("the optimizer was built for another model's parameters")
+    return model._step(x, eps, check, opt=opt)
 
 
 def build_model(config: dict, backend="numpy", dtype="float32", seed=0):

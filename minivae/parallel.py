@@ -128,15 +128,19 @@ class Team:
             except BaseException as e:  # handed to the caller, re-raised there
                 self._done.put((False, e))
 
-    def run(self, fns) -> list:
+    def run(self, fns, concurrent: bool = False) -> list | None:
         """Call every function in ``fns`` (at most k) concurrently; -> their results in order.
         Re-raises the first exception after all have finished. When the team is already busy
         (a job that itself calls run, or another user thread) they run one after another in
-        the caller instead: slower, never a deadlock."""
+        the caller instead: slower, never a deadlock. ``concurrent=True`` is for jobs that wait
+        for one another (a barrier) and so cannot run one after another: then a busy team
+        runs nothing and returns None."""
         fns = list(fns)
         if len(fns) > self.k:
             raise ValueError(f"{len(fns)} jobs for a team of {self.k}")
         if not self._busy.acquire(blocking=False):
+            if concurrent:
+                return None
             with one_blas_thread():
                 return [fn() for fn in fns]
         try:
@@ -165,13 +169,22 @@ class Team:
                 continue
             pending -= 1
             if not ok:
-                error = error or value
+                error = _first_cause(error, value)
             else:
                 i, r = value
                 results[i] = r
         if error is not None:
             raise error
         return results
+
+
+def _first_cause(error, new):
+    """Keep the error that caused the others: a job's real error over the BrokenBarrierError
+    that another job saw because the first one aborted the barrier."""
+    if error is None or (isinstance(error, threading.BrokenBarrierError)
+                         and not isinstance(new, threading.BrokenBarrierError)):
+        return new
+    return error
 
 
 class _Indexed:

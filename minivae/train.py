@@ -10,8 +10,8 @@ One step, on the model's backend, with nothing read back to the host:
     x_b   = X[perm[i:i+B]]                                   (B, D)  X lives on the device
     x_b   = 1[u < x_b], u ~ U(0, 1)                          only for dynamic binarization
     model.beta = beta * min(1, step / warm-up steps)          KL warm-up
-    r     = model.loss_and_grads(x_b, check=False)           grads in model.params.grad
-    opt.step()
+    r     = train_step(model, opt, x_b, check=False)         = model.loss_and_grads(x_b) then
+                                                             opt.step(), in one parallel section
     sums += (B * r.recon, B * r.kl)                          0-d device arrays
 
 Every ``log_every`` steps the sums are read once (a GPU sync), checked for NaN/Inf and shown on
@@ -46,7 +46,7 @@ from . import __version__, parallel
 from .backend import get_backend
 from .data import BINARIZE, binarize, load_dataset
 from .evaluate import elbo
-from .models import build_model
+from .models import build_model, train_step
 from .optim import make_optimizer
 from .params import Layout
 
@@ -305,8 +305,7 @@ class Trainer:
                 xb = xp.astype(model.rng.uniform(tuple(xb.shape), model.dtype) < xb, model.dtype)
             if model.kind == "vae":
                 model.beta = self.beta_at(self.step)
-            r = model.loss_and_grads(xb, check=False)
-            self.opt.step()
+            r = train_step(model, self.opt, xb, check=False)
             b = j - self.pos
             acc_recon = acc_recon + r.recon * b
             acc_kl = acc_kl + r.kl * b

@@ -99,6 +99,75 @@ def test_thirty_adam_steps_on_two_threads_track_one_thread(monkeypatch, rng):
     np.testing.assert_allclose(final[2][1], final[1][1], rtol=1e-9, atol=1e-12)
 
 
+OPTIMIZERS = {
+    "adam": lambda P: Adam(P, lr=1e-2),
+    "adamw": lambda P: Adam(P, lr=1e-2, weight_decay=0.1, decoupled=True),
+    "adam_l2": lambda P: Adam(P, lr=1e-2, weight_decay=0.1),         # no sliced form: plain
+    "sgd_momentum": lambda P: SGD(P, lr=0.05, momentum=0.9),         # step 1 plain, then sliced
+    "adagrad": lambda P: Adagrad(P, lr=0.05),
+}
+
+
+@needs_pinnable_blas
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_train_step_is_loss_and_grads_then_step(monkeypatch, rng, opt_name, threads):
+    _small_rows(monkeypatch)
+    parallel.set_num_threads(threads)
+    xs = [(rng.random((12, 30)) < 0.4).astype(np.float64) for _ in range(6)]
+    fused_m, plain_m = MODELS["vae"](), MODELS["vae"]()
+    fused_o, plain_o = OPTIMIZERS[opt_name](fused_m.params), OPTIMIZERS[opt_name](plain_m.params)
+    for x in xs:
+        r_fused = minivae.train_step(fused_m, fused_o, x)
+        r_plain = plain_m.loss_and_grads(x)                 # the plain twin
+        plain_o.step()
+        np.testing.assert_allclose(r_fused.loss, r_plain.loss, rtol=1e-14)
+        np.testing.assert_allclose(r_fused.grads, r_plain.grads, rtol=1e-14, atol=1e-16)
+    assert fused_o.t == plain_o.t == len(xs)
+    np.testing.assert_allclose(fused_m.params.data, plain_m.params.data, rtol=1e-13, atol=1e-15)
+
+
+@needs_pinnable_blas
+def test_train_step_reports_a_worker_error_and_takes_no_step(monkeypatch, rng):
+    _small_rows(monkeypatch)
+    parallel.set_num_threads(2)
+    m = MODELS["vae"]()
+    opt = Adam(m.params)
+    before = m.params.data.copy()
+    real_pass = m._pass
+
+    def pass_failing_on_the_second_block(P, x, eps, n):
+        if P is not m.params:
+            raise FloatingPointError("in the second row block")
+        return real_pass(P, x, eps, n)
+
+    monkeypatch.setattr(m, "_pass", pass_failing_on_the_second_block)
+    x = (rng.random((8, 30)) < 0.4).astype(np.float64)
+    with pytest.raises(FloatingPointError, match="second row block"):   # not BrokenBarrierError
+        minivae.train_step(m, opt, x)
+    assert opt.t == 0
+    np.testing.assert_array_equal(m.params.data, before)
+
+
+@needs_pinnable_blas
+def test_train_step_inside_a_busy_team_runs_on_one_thread(monkeypatch, rng):
+    _small_rows(monkeypatch)
+    parallel.set_num_threads(2)
+    x = (rng.random((8, 30)) < 0.4).astype(np.float64)
+    nested_m, plain_m = MODELS["vae"](), MODELS["vae"]()
+    nested_o, plain_o = Adam(nested_m.params), Adam(plain_m.params)
+    parallel.team(2).run([lambda: minivae.train_step(nested_m, nested_o, x), lambda: None])
+    plain_m.loss_and_grads(x)
+    plain_o.step()
+    np.testing.assert_allclose(nested_m.params.data, plain_m.params.data, rtol=1e-13)
+
+
+def test_train_step_needs_the_models_own_optimizer():
+    a, b = MODELS["vae"](), MODELS["vae"]()
+    with pytest.raises(ValueError, match="another model"):
+        minivae.train_step(a, Adam(b.params), np.zeros((4, 30)))
+
+
 def test_small_batches_and_other_backends_are_not_split(monkeypatch):
     parallel.set_num_threads(4)
     assert parallel.shards(2 * parallel.MIN_ROWS - 1) == 1

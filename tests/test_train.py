@@ -224,13 +224,24 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, tiny, mon
 
 
 # -- data handling inside the loop ------------------------------------------------------------------------
-def test_binarization_modes(tmp_path, tiny):
+def _spy_on_train_step(monkeypatch, record):
+    """Call record(model, x) on every training step the trainer takes."""
+    real = train_mod.train_step
+
+    def spy(model, opt, x, **kw):
+        record(model, x)
+        return real(model, opt, x, **kw)
+
+    monkeypatch.setattr(train_mod, "train_step", spy)
+
+
+def test_binarization_modes(tmp_path, tiny, monkeypatch):
     seen = []
+    batches = []
+    _spy_on_train_step(monkeypatch, lambda model, x: batches.append(np.asarray(x).copy()))
     for mode in ("none", "static", "dynamic"):
         t = fresh(cfg(tmp_path / mode, epochs=2, binarize=mode), tiny)
-        batches = []
-        orig = t.model.loss_and_grads
-        t.model.loss_and_grads = lambda x, **kw: (batches.append(np.asarray(x).copy()), orig(x, **kw))[1]
+        batches.clear()
         t.fit()
         values = np.unique(np.concatenate(batches))
         if mode == "none":
@@ -242,11 +253,10 @@ def test_binarization_modes(tmp_path, tiny):
     assert len(np.unique(seen[1][0])) == 2 and len(np.unique(seen[2][0])) > 2  # dynamic redraws
 
 
-def test_kl_warmup_ramps_beta_linearly_then_holds(tmp_path, tiny):
+def test_kl_warmup_ramps_beta_linearly_then_holds(tmp_path, tiny, monkeypatch):
     t = fresh(cfg(tmp_path, epochs=3, warmup_epochs=2, beta=0.5), tiny)   # 16 warm-up steps
     used = []
-    orig = t.model.loss_and_grads
-    t.model.loss_and_grads = lambda x, **kw: (used.append(t.model.beta), orig(x, **kw))[1]
+    _spy_on_train_step(monkeypatch, lambda model, x: used.append(model.beta))
     t.fit()
     np.testing.assert_allclose(used[:16], 0.5 * np.arange(1, 17) / 16)
     assert used[16:] == [0.5] * 8

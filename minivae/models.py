@@ -163,10 +163,10 @@ class _Model:
         parts = parallel.team(k).run([partial(job, j) for j in range(k)], concurrent=True)
         if parts is None:             # the team is busy (a nested call): one thread instead
             with parallel.one_blas_thread():
-                parts = [self._pass(self.params, x, eps, B)]
+                terms = self._pass(self.params, x, eps, B)
             if opt is not None:
                 opt.step()
-            return parts[0]
+            return terms
         if opt is not None and update is None:        # no sliced form: the plain step
             opt._step_plain(self.params.data, self.params.grad)
         return tuple(self.xp.concat([p[j] for p in parts]) for j in range(3))

@@ -121,19 +121,21 @@ def test_resume_after_an_epoch_continues_bit_for_bit(tmp_path, tiny, backend):
     assert comparable(b.history) == comparable(a.history)
 
 
-def test_ctrl_c_saves_mid_epoch_and_resume_matches_an_uninterrupted_run(tmp_path, tiny):
+def test_ctrl_c_saves_mid_epoch_and_resume_matches_an_uninterrupted_run(tmp_path, tiny,
+                                                                        monkeypatch):
     ref = fresh(cfg(tmp_path / "ref", epochs=2), tiny)
     ref.fit()
 
     t = fresh(cfg(tmp_path / "cut", epochs=2), tiny)
-    step = t.opt.step
+    real_step = train_mod.train_step
 
-    def step_then_ctrl_c():          # a real SIGINT, delivered in the middle of epoch 2
-        step()
-        if t.opt.t == 11:
+    def step_then_ctrl_c(model, opt, x, **kw):   # a real SIGINT, in the middle of epoch 2
+        r = real_step(model, opt, x, **kw)
+        if opt.t == 11:
             os.kill(os.getpid(), signal.SIGINT)
+        return r
 
-    t.opt.step = step_then_ctrl_c
+    monkeypatch.setattr(train_mod, "train_step", step_then_ctrl_c)
     assert t.fit() == "interrupted"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "handler not restored"
     _, meta = load_checkpoint(tmp_path / "cut" / "run")

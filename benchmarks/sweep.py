@@ -77,7 +77,8 @@ def measure_point(step_time, h, b, args):
 
     a = step_time.parse(["--batch", str(b), "--hidden", str(h)])
     fns = step_time.contenders(a)
-    del fns["minivae_unfused"]              # the phase breakdown is step_time.py's business
+    for extra in ("minivae_unfused", "torch_fused_adam"):   # step_time.py's business
+        fns.pop(extra, None)
     kept = step_time.measure(fns, args.steps, args.block, args.settle, warmup=3)
     med = {n: float(np.median([x + y for x, y in v])) * 1e3 for n, v in kept.items()}
     floor = min(med["gemm_floor"], med["gemm_floor_split"])   # as step_time.py defines it

@@ -5,8 +5,6 @@ thread-count variables, which BLAS libraries read when they load.
 """
 from __future__ import annotations
 
-import ctypes
-import glob
 import json
 import os
 import platform
@@ -40,22 +38,6 @@ def set_threads(n: int | None, minivae_threads: int | None = None) -> int:
     return n
 
 
-def _openblas():
-    """ctypes handle and symbol prefix of the OpenBLAS that NumPy loaded, or (None, None)."""
-    import numpy as np
-
-    libs = glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "*openblas*"))
-    for path in libs:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""), ("openblas", "")):
-            if hasattr(lib, f"{prefix}_get_num_threads{suffix}"):
-                return lib, (prefix, suffix)
-    return None, None
-
-
 def blas_info() -> dict:
     import numpy as np
 
@@ -65,15 +47,9 @@ def blas_info() -> dict:
         info = {"name": cfg.get("name"), "version": cfg.get("version")}
     except Exception:  # older NumPy
         pass
-    lib, names = _openblas()
-    if lib is not None:
-        prefix, suffix = names
-        getn = getattr(lib, f"{prefix}_get_num_threads{suffix}")
-        core = getattr(lib, f"{prefix}_get_corename{suffix}", None)
-        info["threads"] = int(getn())
-        if core is not None:
-            core.restype = ctypes.c_char_p
-            info["core"] = core().decode()
+    from minivae import blas
+
+    info.update(blas.describe())   # threads, core: from the OpenBLAS NumPy loaded
     return info
 
 

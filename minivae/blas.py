@@ -49,13 +49,23 @@ def _library():
     return _lib
 
 
+def _symbol(lib, base: str):
+    """OpenBLAS's own function ``base`` (e.g. get_num_threads) under the names builds give it:
+    scipy_openblas_<base>64_ (NumPy's ILP64 wheels), scipy_openblas_<base>, openblas_<base>."""
+    for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""), ("openblas", "")):
+        fn = getattr(lib, f"{prefix}_{base}{suffix}", None)
+        if fn is not None:
+            return fn
+    return None
+
+
 def _int_type(lib):
     """The BLAS integer: int64 for an ILP64 build (NumPy's wheels: scipy_openblas64)."""
-    for name in ("scipy_openblas_get_config64_", "openblas_get_config64_", "openblas_get_config"):
-        fn = getattr(lib, name, None)
-        if fn is not None:
-            fn.restype = ctypes.c_char_p
-            return ctypes.c_int64 if b"USE64BITINT" in fn() else ctypes.c_int32
+    fn = _symbol(lib, "get_config")
+    if fn is not None:
+        fn.restype = ctypes.c_char_p
+        if b"USE64BITINT" in fn():
+            return ctypes.c_int64
     return ctypes.c_int32
 
 
@@ -115,6 +125,21 @@ def axpby(a: float, x: np.ndarray, b: float, y: np.ndarray, tmp: np.ndarray | No
     else:
         np.multiply(x, a, out=tmp)
         y += tmp
+
+
+def describe() -> dict:
+    """OpenBLAS's current thread count and the kernel core it picked ({} without OpenBLAS)."""
+    lib = _library()
+    if not lib:
+        return {}
+    info = {}
+    getn, core = _symbol(lib, "get_num_threads"), _symbol(lib, "get_corename")
+    if getn is not None:
+        info["threads"] = int(getn())
+    if core is not None:
+        core.restype = ctypes.c_char_p
+        info["core"] = core().decode()
+    return info
 
 
 def available() -> dict:

@@ -68,14 +68,16 @@ def machine_info() -> dict:
     import numpy as np
 
     import minivae
+    from minivae import kernels
 
     info = {
         "cpu": cpu_model(), "cores": usable_cores(), "platform": platform.platform(),
         "python": sys.version.split()[0], "numpy": np.__version__, "minivae": minivae.__version__,
         "numpy_blas": blas_info(), "minivae_threads": minivae.get_num_threads(),
+        "minivae_kernels": kernels.describe(),
         "env": {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OPENBLAS_THREAD_TIMEOUT",
                                                "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                                               "MINIVAE_NUM_THREADS")},
+                                               "MINIVAE_NUM_THREADS", "MINIVAE_KERNELS")},
     }
     try:
         import torch
@@ -93,7 +95,7 @@ def print_machine(info: dict) -> None:
     print(f"# cpu: {info['cpu']}, {info['cores']} usable cores; python {info['python']}")
     print(f"# numpy {info['numpy']} with {b.get('name')} {b.get('version')} "
           f"(core {b.get('core')}, {b.get('threads')} threads); minivae {info['minivae']} "
-          f"({info['minivae_threads']} threads)")
+          f"({info['minivae_threads']} threads, C kernels {info.get('minivae_kernels')})")
     if info.get("torch"):
         print(f"# torch {info['torch']} ({info['torch_blas']}, {info['torch_threads']} threads)")
 

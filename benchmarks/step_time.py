@@ -16,7 +16,8 @@ step (minivae.set_num_threads; one BLAS thread per worker) and torch.set_num_thr
 OpenBLAS is left as installed.
 
 Also timed, for reference: minivae's unfused step (loss_and_grads, then opt.step: the phase
-split) and PyTorch with its fused Adam kernel (torch.optim.Adam(fused=True)), which is not what
+split), minivae without its compiled kernels (MINIVAE_KERNELS=0: Adam as seven NumPy passes,
+what a machine without a C compiler at install time runs) and PyTorch with its fused Adam kernel (torch.optim.Adam(fused=True)), which is not what
 the PyTorch example or most code uses, but is PyTorch at its best.
 
 GEMM floor: the time of only the matrix products a step must do (4 forward, 4 weight-gradient,
@@ -85,7 +86,7 @@ def contenders(args):
     import numpy as np
     import torch
 
-    from minivae import VAE, Adam, train_step
+    from minivae import VAE, Adam, kernels, train_step
 
     gpu = args.device == "gpu"
     if gpu:
@@ -114,6 +115,13 @@ def contenders(args):
         opt.step()
         sync_mv()
         return t1 - t0, time.perf_counter() - t1
+
+    def minivae_numpy(i):       # the same step on the NumPy twins of the compiled kernels
+        previous = kernels.set_enabled(False)
+        try:
+            return minivae_step(i)
+        finally:
+            kernels.set_enabled(previous)
 
     # torch eager, as people write it (default Adam), and with torch's fused Adam kernel
     dev = torch.device("cuda" if gpu else "cpu")
@@ -182,7 +190,9 @@ def contenders(args):
         with torch.no_grad():
             return t_ops(i)
 
-    fns = {"minivae": minivae_step, "minivae_unfused": minivae_phases, "torch": torch_step,
+    fns = {"minivae": minivae_step, "minivae_unfused": minivae_phases,
+           "minivae_no_kernels": minivae_numpy if kernels.available() and not gpu else None,
+           "torch": torch_step,
            "torch_fused_adam": torch_fused, "gemm_floor": np_floor,
            "gemm_floor_split": split_floor, "torch_gemm_floor": torch_floor}
     return {name: f for name, f in fns.items() if f is not None}
@@ -263,6 +273,9 @@ def main(argv=None) -> int:
         "ratio_minivae_to_gemm_floor": med["minivae"] / min(med["gemm_floor"], med["gemm_floor_split"]),
         "torch_gemm_floor_ms": med["torch_gemm_floor"],
         "minivae_unfused_ms": med["minivae_unfused"],
+        "minivae_no_kernels_ms": med.get("minivae_no_kernels"),
+        "ratio_minivae_no_kernels_to_torch": (med["minivae_no_kernels"] / med["torch"]
+                                              if "minivae_no_kernels" in med else None),
         "torch_fused_adam_ms": med.get("torch_fused_adam"),
         "ratio_minivae_to_torch_fused_adam": (med["minivae"] / med["torch_fused_adam"]
                                               if "torch_fused_adam" in med else None),
@@ -278,6 +291,8 @@ def main(argv=None) -> int:
               f"median of {args.steps} interleaved steps")
         print(f"{'':22}{'ms/step':>9}  {'fwd+bwd':>8}  {'adam':>6}")
         print(f"{'minivae (train_step)':22}{med['minivae']:9.3f}")
+        if "minivae_no_kernels" in med:
+            print(f"{'minivae, no C kernels':22}{med['minivae_no_kernels']:9.3f}")
         for n in ("minivae_unfused", "torch", "torch_fused_adam"):
             if n in med:
                 print(f"{n:22}{med[n]:9.3f}  {phase[n][0]:8.3f}  {phase[n][1]:6.3f}")

@@ -12,6 +12,8 @@ import math
 
 import numpy as np
 
+from . import kernels
+
 LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -52,11 +54,15 @@ def bernoulli_nll_backward(xp, scale, cache):
 # arithmetic (branch mispredictions), so the two cases are selected by exact arithmetic
 # instead. tests/test_fastpath.py checks that they agree with the plain versions.
 def bernoulli_nll_numpy(logits, x):
-    """NumPy fast path of :func:`bernoulli_nll`: same values, same cache."""
+    """NumPy fast path of :func:`bernoulli_nll`: same values, same cache. The arithmetic
+    around exp and log1p is one compiled pass where minivae._kernels was built."""
     a = np.abs(logits)
     e = np.negative(a)
     np.exp(e, out=e)                                  # e = exp(-|l|)
     t = np.log1p(e)
+    if kernels.enabled() and (views := kernels.flat(logits, x, t)):
+        kernels.bernoulli_nll_terms(*views)           # the five lines below, in one pass
+        return np.sum(t, axis=1), (logits, x, e)
     a += logits
     a *= 0.5                                          # (l + |l|) / 2 = max(l, 0), exactly
     t += a                                            # softplus(l)
@@ -70,6 +76,11 @@ def bernoulli_nll_backward_numpy(scale, cache):
     written as P (1 - x) - Q x with (P, Q) = (1, e) for l >= 0 and (e, 1) for l < 0.
     As e <= 1, P = max(e, [l >= 0]) and Q = max(e, [l < 0]) pick them exactly."""
     logits, x, e = cache
+    if (kernels.enabled() and isinstance(scale, (int, float))
+            and (views := kernels.flat(logits, x, e))):
+        num = np.empty_like(logits)
+        kernels.bernoulli_nll_grad(*views, num.reshape(-1), scale)  # the lines below, one pass
+        return num
     num = np.subtract(1.0, x)                         # 1 - x
     p = np.maximum(e, logits >= 0.0)
     num *= p                                          # P (1 - x)

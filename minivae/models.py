@@ -26,6 +26,7 @@ from functools import partial
 from . import losses, parallel
 from .backend import resolve
 from .layers import mlp, sigmoid
+from .optim import sum_into_first
 from .params import Layout, Params
 from .sampling import sample, sample_backward
 
@@ -154,10 +155,12 @@ class _Model:
                 all_done.abort()      # the others stop waiting; the team re-raises this error
                 raise
             all_done.wait()
-            _add_into([g[a:b] for g in grads])
-            if update is not None:
+            gs = tuple(g[a:b] for g in grads)
+            if update is None:
+                sum_into_first(gs)
+            else:                     # the update sums them itself, in the same pass
                 fn, arrays, args = update
-                fn(*(arr[a:b] for arr in arrays), *args)
+                fn(gs, *(arr[a:b] for arr in arrays), *args)
             return out
 
         parts = parallel.team(k).run([partial(job, j) for j in range(k)], concurrent=True)
@@ -365,12 +368,6 @@ class Autoencoder(_Model):
 
     def reconstruct(self, x):
         return self.decode(self.encode(x))
-
-
-def _add_into(buffers) -> None:
-    """buffers[0] += buffers[1] + ... (in place)."""
-    for g in buffers[1:]:
-        buffers[0] += g
 
 
 def train_step(model, opt, x, eps=None, check=True) -> LossResult:

@@ -5,7 +5,8 @@ formula so runs can be compared step for step. Each has a plain array-API versio
 (``_step_plain``, any backend) and, for NumPy, an in-place twin (``_sliced_update``) that
 allocates nothing per step, makes as few passes over memory as it can (``blas.axpby`` fuses
 y <- a x + b y), and runs on slices of the buffers in parallel threads
-(``parallel.in_slices``); ``tests/test_optim.py`` checks the two agree. ``fast=False`` forces
+(``parallel.in_slices``). Adam's has a third form, one compiled pass (:mod:`minivae.kernels`),
+used when it was built. ``tests/test_optim.py`` checks that they agree. ``fast=False`` forces
 the plain one.
 
 Weight decay is L2 added to the gradient (g <- g + wd * p), as torch's SGD/Adam/Adagrad do;
@@ -17,6 +18,7 @@ import math
 
 import numpy as np
 
+from . import kernels
 from .blas import axpby
 from .parallel import in_slices
 
@@ -47,12 +49,14 @@ class Optimizer:
             self._step_plain(self.params.data, self.params.grad)
         else:
             fn, arrays, args = update
-            in_slices(fn, arrays, *args)
+            in_slices(_one_gradient(fn), (self.params.grad, *arrays), *args)
 
     def _sliced_update(self):
         """The NumPy fast path of the step just counted in ``t``, as ``(fn, arrays, args)``:
-        ``fn(*slices_of(arrays), *args)`` updates any contiguous slice of the flat buffers,
-        so threads can share the work (``parallel.in_slices``, ``minivae.train_step``).
+        ``fn(gs, *slices_of(arrays), *args)`` updates any contiguous slice of the flat buffers,
+        so threads can share the work (``parallel.in_slices``, ``minivae.train_step``). ``gs``
+        is a tuple of that slice of k gradient buffers (k threads' parts of one batch): the
+        gradient is their sum, which fn first stores into ``gs[0]`` (params.grad's slice).
         None where only the plain step applies."""
         return None
 
@@ -103,13 +107,15 @@ class SGD(Optimizer):
         if self.weight_decay or (self.momentum and self.t == 1):
             return None
         if self.momentum:
-            return self._update_numpy_momentum, (self.params.data, self.params.grad, self.buf), ()
-        return self._update_numpy, (self.params.data, self.params.grad), ()
+            return self._update_numpy_momentum, (self.params.data, self.buf), ()
+        return self._update_numpy, (self.params.data,), ()
 
-    def _update_numpy(self, p, g):
+    def _update_numpy(self, gs, p):
+        g = sum_into_first(gs)
         axpby(-self.lr, g, 1.0, p)                     # p = p - lr g
 
-    def _update_numpy_momentum(self, p, g, buf):
+    def _update_numpy_momentum(self, gs, p, buf):
+        g = sum_into_first(gs)
         axpby(1.0, g, self.momentum, buf)              # b = mu b + g
         axpby(-self.lr, buf, 1.0, p)                   # p = p - lr b
 
@@ -153,16 +159,23 @@ class Adam(Optimizer):
         p -= step_size * self.m / (xp.sqrt(self.v) * inv_sqrt_bc2 + self.eps)
 
     def _sliced_update(self):
-        """The same update with every operation in place (no per-step allocation)."""
+        """The same update with every operation in place (no per-step allocation): one
+        compiled pass where minivae._kernels was built, else seven NumPy passes."""
         if self.weight_decay and not self.decoupled:
             return None
         P = self.params
-        return (self._update_numpy, (P.data, P.grad, self.m, self.v, self._tmp),
-                self._coefficients())
+        step_size, inv_sqrt_bc2 = self._coefficients()
+        if kernels.enabled():
+            decay = 1.0 - self.lr * self.weight_decay if self.weight_decay else 1.0
+            return (kernels.adam, (P.data, self.m, self.v),
+                    (self.b1, 1.0 - self.b1, self.b2, 1.0 - self.b2,
+                     step_size / inv_sqrt_bc2, self.eps / inv_sqrt_bc2, decay))
+        return self._update_numpy, (P.data, self.m, self.v, self._tmp), (step_size, inv_sqrt_bc2)
 
-    def _update_numpy(self, p, g, m, v, tmp, step_size, inv_sqrt_bc2):
-        """Seven passes over memory (one per line), which is what a memory-bound update costs;
-        the naive in-place form takes twelve."""
+    def _update_numpy(self, gs, p, m, v, tmp, step_size, inv_sqrt_bc2):
+        """The twin of the compiled kernel: seven passes over memory (one per line) after the
+        gradient sum; the naive in-place form takes twelve."""
+        g = sum_into_first(gs)
         if self.weight_decay:
             p *= 1.0 - self.lr * self.weight_decay
         axpby(1.0 - self.b1, g, self.b1, m)            # m = b1 m + (1 - b1) g
@@ -204,15 +217,29 @@ class Adagrad(Optimizer):
     def _sliced_update(self):
         if self.weight_decay:
             return None
-        return self._update_numpy, (self.params.data, self.params.grad, self.s, self._tmp), ()
+        return self._update_numpy, (self.params.data, self.s, self._tmp), ()
 
-    def _update_numpy(self, p, g, s, tmp):
+    def _update_numpy(self, gs, p, s, tmp):
+        g = sum_into_first(gs)
         np.multiply(g, g, out=tmp)
         s += tmp                                       # s = s + g^2
         np.sqrt(s, out=tmp)
         tmp += self.eps
         np.divide(g, tmp, out=tmp)
         axpby(-self.lr, tmp, 1.0, p)                   # p = p - lr g / (sqrt(s) + eps)
+
+
+def sum_into_first(gs):
+    """gs[0] <- gs[0] + gs[1] + ... (in place, left to right); -> gs[0]."""
+    g = gs[0]
+    for h in gs[1:]:
+        g += h
+    return g
+
+
+def _one_gradient(fn):
+    """A sliced update taking one gradient array, for ``in_slices``."""
+    return lambda g, *rest: fn((g,), *rest)
 
 
 OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adagrad": Adagrad}

@@ -59,7 +59,7 @@ def test_sequential_never_writes_to_the_callers_arrays(rng):
 
 
 @pytest.mark.parametrize("logit_scale", [1.0, 60.0])
-def test_bernoulli_twins_agree_including_extreme_logits(rng, logit_scale):
+def test_bernoulli_twins_agree_including_extreme_logits(rng, logit_scale, kernel_mode):
     l = rng.standard_normal((5, 40)) * logit_scale
     l[0, :4] = [0.0, -0.0, 800.0, -800.0]
     x = rng.random((5, 40))

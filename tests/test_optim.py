@@ -45,7 +45,7 @@ def test_adam_follows_the_bias_corrected_formula(backend):
     lambda P, fast: SGD(P, lr=0.1, fast=fast),
 ], ids=["adam", "adamw", "adagrad", "sgd"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_numpy_fast_path_equals_its_plain_twin(factory, dtype):
+def test_numpy_fast_path_equals_its_plain_twin(factory, dtype, kernel_mode):
     from minivae.backend import get_backend
 
     be = get_backend("numpy")

@@ -82,7 +82,7 @@ def test_given_eps_is_split_by_rows(monkeypatch, rng):
 
 
 @needs_pinnable_blas
-def test_thirty_adam_steps_on_two_threads_track_one_thread(monkeypatch, rng):
+def test_thirty_adam_steps_on_two_threads_track_one_thread(monkeypatch, rng, kernel_mode):
     _small_rows(monkeypatch)
     xs = [(rng.random((16, 30)) < 0.4).astype(np.float64) for _ in range(30)]
     final = {}
@@ -111,7 +111,8 @@ OPTIMIZERS = {
 @needs_pinnable_blas
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_train_step_is_loss_and_grads_then_step(monkeypatch, rng, opt_name, threads):
+def test_train_step_is_loss_and_grads_then_step(monkeypatch, rng, opt_name, threads,
+                                                 kernel_mode):
     _small_rows(monkeypatch)
     parallel.set_num_threads(threads)
     xs = [(rng.random((12, 30)) < 0.4).astype(np.float64) for _ in range(6)]
@@ -282,7 +283,8 @@ def test_in_slices_covers_every_element_once(monkeypatch):
     lambda P, fast: Adagrad(P, lr=0.05, fast=fast),
     lambda P, fast: SGD(P, lr=0.05, momentum=0.9, fast=fast),
 ], ids=["adam", "adamw", "adagrad", "sgd_momentum"])
-def test_optimizer_split_over_threads_equals_the_plain_update(monkeypatch, threads, make, rng):
+def test_optimizer_split_over_threads_equals_the_plain_update(monkeypatch, threads, make, rng,
+                                                              kernel_mode):
     parallel.set_num_threads(threads)
     monkeypatch.setattr(parallel, "MIN_SLICE", 8)         # so that a small buffer is split
     layout = Layout([("a", (37,)), ("b", (5, 4))])

@@ -65,12 +65,13 @@ def info() -> dict:
         gpu = {"name": props["name"].decode() if isinstance(props["name"], bytes) else props["name"],
                "memory_gib": round(props["totalGlobalMem"] / 2**30, 1),
                "count": cupy.cuda.runtime.getDeviceCount()}
-    from .. import blas, parallel
+    from .. import blas, kernels, parallel
 
     threads = {"minivae": parallel.get_num_threads(), "usable_cores": parallel.usable_cores(),
                **{f"blas_{k}": v for k, v in blas.available().items()}}
     return {"versions": versions, "platform": platform.platform(), "cpus": os.cpu_count(),
-            "blas": _blas(), "threads": threads, "backends": backends, "gpu": gpu}
+            "blas": _blas(), "threads": threads, "kernels": kernels.describe(),
+            "backends": backends, "gpu": gpu}
 
 
 def run(args) -> int:
@@ -91,6 +92,7 @@ def run(args) -> int:
            "one thread: NumPy's BLAS is not an OpenBLAS >= 0.3.27, so minivae cannot split")
     print(f"threads:   {t['minivae']} of {t['usable_cores']} usable cores ({how}); "
           f"fused axpby: {'yes' if t['blas_saxpby'] else 'no (NumPy fallback)'}")
+    print(f"C kernels: {d['kernels']}")
     print("backends:")
     for name, status in d["backends"].items():
         print(f"  {name:7s} {status}")

@@ -1,0 +1,86 @@
+"""Optional compiled CPU kernels (``minivae._kernels``, from minivae/_kernels.c).
+
+The NumPy step's elementwise updates are memory-bound: NumPy makes one pass over the flat
+buffers per operation, so Adam plus the sum of k threads' gradient buffers costs 7 + (k - 1)
+passes over memory. The compiled kernel makes one. It computes the same formulas, operation for
+operation, as the NumPy update in :mod:`minivae.optim` (its twin, which ``tests/test_optim.py``
+checks it against), and is used only for NumPy arrays on the CPU.
+
+pip builds the extension when it installs minivae and a C compiler is at hand; without one,
+minivae installs and runs as before, on the NumPy twins. Turn the kernels off with
+``MINIVAE_KERNELS=0`` or :func:`set_enabled` (benchmarks compare both).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+try:
+    from . import _kernels as _c
+except ImportError:  # built without a C compiler: the NumPy twins run instead
+    _c = None
+
+_enabled = os.environ.get("MINIVAE_KERNELS", "1").strip() not in ("0", "false", "no", "off")
+
+
+def available() -> bool:
+    """Whether the compiled extension was built and imports."""
+    return _c is not None
+
+
+def enabled() -> bool:
+    """Whether minivae uses the compiled kernels now (built, and not turned off)."""
+    return _c is not None and _enabled
+
+
+def set_enabled(flag: bool) -> bool:
+    """Use the compiled kernels (if built) or not; returns the previous setting."""
+    global _enabled
+    previous, _enabled = _enabled, bool(flag)
+    return previous
+
+
+@contextlib.contextmanager
+def disabled():
+    """The NumPy twins inside the block."""
+    previous = set_enabled(False)
+    try:
+        yield
+    finally:
+        set_enabled(previous)
+
+
+def describe() -> str:
+    if _c is None:
+        return "not built (NumPy twins)"
+    return "compiled, in use" if _enabled else "compiled, turned off (MINIVAE_KERNELS=0)"
+
+
+def adam(gs, p, m, v, b1, c1, b2, c2, step, eps, decay) -> None:
+    """One pass over equal-length contiguous float32/float64 arrays (GIL released):
+
+        g = gs[0] + gs[1] + ...   (stored into gs[0])
+        m <- b1 m + c1 g;   v <- b2 v + c2 g^2;   p <- decay p - step m / (sqrt(v) + eps)
+    """
+    _c.adam(gs, p, m, v, b1, c1, b2, c2, step, eps, decay)
+
+
+def bernoulli_nll_terms(logits, x, t) -> None:
+    """t <- (t + (|l| + l) / 2) - x l in one pass, given t = log1p(exp(-|l|)): the per-pixel
+    Bernoulli NLL softplus(l) - x l. Flat (n,) views of C-contiguous arrays of one dtype."""
+    _c.bernoulli_nll_terms(logits, x, t)
+
+
+def bernoulli_nll_grad(logits, x, e, out, scale: float) -> None:
+    """out <- (P (1 - x) - Q x) / (e + 1) * scale in one pass, with e = exp(-|l|) and (P, Q) =
+    (1, e) where l >= 0, else (e, 1): (sigmoid(l) - x) * scale without cancellation."""
+    _c.bernoulli_nll_grad(logits, x, e, out, scale)
+
+
+def flat(*arrays):
+    """The arrays as flat views for a kernel, or None when one is not C-contiguous or they
+    differ in dtype (the caller then runs the NumPy twin)."""
+    dtype = arrays[0].dtype
+    if not all(a.flags.c_contiguous and a.dtype == dtype for a in arrays):
+        return None
+    return tuple(a.reshape(-1) for a in arrays)

@@ -1,0 +1,189 @@
+"""The optional compiled kernels (minivae/_kernels.c): the same numbers as their NumPy twins,
+clear errors that change nothing, and minivae working the same without them."""
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from minivae import kernels, losses
+from minivae.optim import Adam
+from minivae.params import Layout, Params
+
+needs_kernels = pytest.mark.skipif(not kernels.available(),
+                                   reason="minivae._kernels was not built (no C compiler)")
+
+HYPER = dict(b1=0.9, c1=0.1, b2=0.999, c2=1e-3, step=3e-3, eps=1e-7, decay=1.0)
+
+
+def adam_numpy(gs, p, m, v, b1, c1, b2, c2, step, eps, decay):
+    """The formulas of kernels.adam, written out in NumPy (each operation rounded once)."""
+    g = gs[0]
+    for h in gs[1:]:
+        g += h
+    dt = p.dtype.type
+    m[...] = dt(b1) * m + dt(c1) * g
+    v[...] = dt(b2) * v + dt(c2) * (g * g)
+    p[...] = dt(decay) * p - dt(step) * (m / (np.sqrt(v) + dt(eps)))
+
+
+def buffers(rng, n, k, dtype):
+    gs = tuple(rng.standard_normal(n).astype(dtype) for _ in range(k))
+    p, m = (rng.standard_normal(n).astype(dtype) for _ in range(2))
+    v = np.abs(rng.standard_normal(n)).astype(dtype)
+    return gs, p, m, v
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+@pytest.mark.parametrize("n", [1, 7, 2048, 5000])     # below, at and across the kernel's block
+@pytest.mark.parametrize("decay", [1.0, 0.999])
+def test_compiled_adam_is_the_formula_to_the_last_bit(rng, dtype, k, n, decay):
+    gs, p, m, v = buffers(rng, n, k, dtype)
+    want = [a.copy() for a in (*gs, p, m, v)]
+    adam_numpy(want[:k], *want[k:], **{**HYPER, "decay": decay})
+    kernels.adam(gs, p, m, v, *{**HYPER, "decay": decay}.values())
+    # gs[0] holds the summed gradient; the others are read only
+    for got, exp in zip((*gs, p, m, v), want):
+        np.testing.assert_array_equal(got, exp)
+
+
+@needs_kernels
+def test_compiled_adam_on_two_threads_equals_one_call(rng):
+    """The GIL is released inside; threads updating disjoint slices do not disturb each other."""
+    n = 300_000
+    gs, p, m, v = buffers(rng, n, 2, np.float32)
+    one = [a.copy() for a in (*gs, p, m, v)]
+    kernels.adam(one[:2], *one[2:], *HYPER.values())
+    halves = [slice(0, n // 2), slice(n // 2, n)]
+    threads = [threading.Thread(target=kernels.adam,
+                                args=(tuple(g[s] for g in gs), p[s], m[s], v[s], *HYPER.values()))
+               for s in halves]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, exp in zip((*gs, p, m, v), one):
+        np.testing.assert_array_equal(got, exp)
+
+
+@needs_kernels
+@pytest.mark.parametrize("case, error, message", [
+    ("int_arrays", TypeError, "float32 or float64"),
+    ("mixed_dtypes", TypeError, "different dtype"),
+    ("short_m", ValueError, "m has 9 numbers, the gradient 10"),
+    ("strided_p", (ValueError, BufferError), "contiguous"),
+    ("read_only_v", (ValueError, BufferError), "read-only|not writable"),
+    ("two_dimensional", TypeError, "one-dimensional"),
+    ("no_gradients", ValueError, "1 to 64"),
+])
+def test_bad_buffers_raise_and_change_nothing(rng, case, error, message):
+    gs, p, m, v = buffers(rng, 10, 2, np.float64)
+    if case == "int_arrays":
+        gs = tuple(g.astype(np.int64) for g in gs)
+    elif case == "mixed_dtypes":
+        m = m.astype(np.float32)
+    elif case == "short_m":
+        m = m[:9]
+    elif case == "strided_p":
+        p = np.repeat(p, 2)[::2]
+    elif case == "read_only_v":
+        v.flags.writeable = False
+    elif case == "two_dimensional":
+        p = p.reshape(2, 5)
+    elif case == "no_gradients":
+        gs = ()
+    before = [a.copy() for a in (*gs, p, m, v)]
+    with pytest.raises(error, match=message):
+        kernels.adam(gs, p, m, v, *HYPER.values())
+    for a, b in zip((*gs, p, m, v), before):
+        np.testing.assert_array_equal(a, b)
+
+
+def adam_run(steps=8, n=70_000):
+    """Params after `steps` Adam steps (long enough to be split over threads)."""
+    P = Params(Layout([("w", (n,))]), "numpy", "float32")
+    r = np.random.default_rng(3)
+    P.data[...] = r.standard_normal(n)
+    opt = Adam(P, lr=1e-2, weight_decay=0.01, decoupled=True)
+    for _ in range(steps):
+        P.grad[...] = r.standard_normal(n)
+        opt.step()
+    return P.data.copy()
+
+
+@needs_kernels
+def test_adam_with_and_without_the_compiled_kernel_agree():
+    """In float32 the twins differ only where OpenBLAS's axpby rounds a * x + b * y otherwise."""
+    compiled = adam_run()
+    with kernels.disabled():
+        twin = adam_run()
+    np.testing.assert_allclose(compiled, twin, rtol=2e-6, atol=1e-7)
+
+
+def test_without_the_extension_minivae_runs_its_numpy_twins(monkeypatch):
+    reference = adam_run()
+    monkeypatch.setattr(kernels, "_c", None)          # as installed without a C compiler
+    assert not kernels.available() and not kernels.enabled()
+    assert "not built" in kernels.describe()
+    np.testing.assert_allclose(adam_run(), reference, rtol=2e-6, atol=1e-7)
+
+
+def test_the_environment_variable_turns_the_kernels_off():
+    code = "from minivae import kernels; print(kernels.enabled(), kernels.describe())"
+    env = {**os.environ, "MINIVAE_KERNELS": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.startswith("False")
+    if kernels.available():
+        assert "turned off" in out
+
+
+def bernoulli_case(rng, dtype, shape=(6, 300)):
+    l = (rng.standard_normal(shape) * 8).astype(dtype)
+    l[0, :4] = [0.0, -0.0, 90.0, -90.0]                 # both signs of 0, exp(-|l|) underflow
+    x = rng.random(shape).astype(dtype)
+    x[1] = rng.random(shape[1]) < 0.5                     # binary rows, as MNIST
+    return l, x
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_compiled_bernoulli_nll_and_gradient_are_the_numpy_twins_to_the_last_bit(rng, dtype):
+    l, x = bernoulli_case(rng, dtype)
+    nll_c, cache_c = losses.bernoulli_nll_numpy(l, x)
+    grad_c = losses.bernoulli_nll_backward_numpy(1 / 128, cache_c)
+    with kernels.disabled():
+        nll_n, cache_n = losses.bernoulli_nll_numpy(l, x)
+        grad_n = losses.bernoulli_nll_backward_numpy(1 / 128, cache_n)
+    assert nll_c.dtype == grad_c.dtype == dtype
+    np.testing.assert_array_equal(nll_c, nll_n)
+    np.testing.assert_array_equal(grad_c, grad_n)
+
+
+def test_bernoulli_on_arrays_a_kernel_cannot_take_runs_the_twin(rng):
+    """A strided x (a column slice), or a per-example scale, go to the NumPy twin: same values."""
+    l, x_wide = bernoulli_case(rng, np.float64, shape=(6, 600))
+    x = x_wide[:, ::2]
+    l = np.ascontiguousarray(l[:, :300])
+    assert not x.flags.c_contiguous and kernels.flat(l, x) is None
+    nll, cache = losses.bernoulli_nll_numpy(l, x)
+    scale = rng.random(6)
+    grad = losses.bernoulli_nll_backward_numpy(scale, cache)
+    with kernels.disabled():
+        nll_n, cache_n = losses.bernoulli_nll_numpy(l, x)
+        np.testing.assert_array_equal(grad, losses.bernoulli_nll_backward_numpy(scale, cache_n))
+    np.testing.assert_array_equal(nll, nll_n)
+    np.testing.assert_array_equal(x, x_wide[:, ::2])       # the data are never written
+
+
+@needs_kernels
+def test_bernoulli_kernels_never_write_the_logits_or_data(rng):
+    l, x = bernoulli_case(rng, np.float32)
+    l.flags.writeable = x.flags.writeable = False         # read-only inputs are accepted
+    nll, cache = losses.bernoulli_nll_numpy(l, x)
+    losses.bernoulli_nll_backward_numpy(0.5, cache)
+    assert np.isfinite(nll).all()

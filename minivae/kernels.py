@@ -6,8 +6,9 @@ passes over memory. The compiled kernel makes one. It computes the same formulas
 operation, as the NumPy update in :mod:`minivae.optim` (its twin, which ``tests/test_optim.py``
 checks it against), and is used only for NumPy arrays on the CPU.
 
-pip builds the extension when it installs minivae and a C compiler is at hand; without one,
-minivae installs and runs as before, on the NumPy twins. Turn the kernels off with
+pip builds the extension when it installs minivae and a C compiler is at hand (setup.py);
+without one, minivae installs and runs as before, on the NumPy twins. After editing
+_kernels.c, ``pip install -e .`` again rebuilds it. Turn the kernels off with
 ``MINIVAE_KERNELS=0`` or :func:`set_enabled` (benchmarks compare both).
 """
 from __future__ import annotations
@@ -15,10 +16,14 @@ from __future__ import annotations
 import contextlib
 import os
 
+import numpy as np
+
 try:
     from . import _kernels as _c
 except ImportError:  # built without a C compiler: the NumPy twins run instead
     _c = None
+
+MAX_GRADS = 64   # gradient buffers one kernel call sums (MAX_GRADS in _kernels.c)
 
 _enabled = os.environ.get("MINIVAE_KERNELS", "1").strip() not in ("0", "false", "no", "off")
 
@@ -62,6 +67,10 @@ def adam(gs, p, m, v, b1, c1, b2, c2, step, eps, decay) -> None:
         g = gs[0] + gs[1] + ...   (stored into gs[0])
         m <- b1 m + c1 g;   v <- b2 v + c2 g^2;   p <- decay p - step m / (sqrt(v) + eps)
     """
+    if len(gs) > MAX_GRADS:   # more threads than the kernel takes: add the rest in first
+        for h in gs[MAX_GRADS:]:
+            np.add(gs[0], h, out=gs[0])
+        gs = gs[:MAX_GRADS]
     _c.adam(gs, p, m, v, b1, c1, b2, c2, step, eps, decay)
 
 

@@ -9,8 +9,9 @@ d(sum of its rows' losses / B)/d params into its own gradient buffer; the k buff
 summed, slice by slice, in parallel. Adam runs on k slices of the flat buffers the same way.
 Every core does useful work, and nothing spins. (NumPy releases the GIL inside its loops and
 BLAS calls, and ctypes around its foreign calls, so plain Python threads suffice.) On the
-2-core CI machine this takes the 784-400-20 step at batch 128 from 1.30x PyTorch's time on
-one thread to 0.84x on two (benchmarks/results/step_time_cpu_b128*.json).
+2-core CI machine this takes the 784-400-20 step at batch 128 from 1.13x PyTorch's time on
+one thread to 0.71x on two (benchmarks/results/step_time_cpu_b128*.json; both with the compiled
+kernels of :mod:`minivae.kernels`).
 
 What changes. Only the order of the floating-point additions over the batch, exactly as a
 different BLAS thread count would. The random stream does not change: eps is drawn for the

@@ -187,3 +187,14 @@ def test_bernoulli_kernels_never_write_the_logits_or_data(rng):
     nll, cache = losses.bernoulli_nll_numpy(l, x)
     losses.bernoulli_nll_backward_numpy(0.5, cache)
     assert np.isfinite(nll).all()
+
+
+@needs_kernels
+def test_more_gradient_buffers_than_one_call_takes_are_all_summed(rng):
+    k = kernels.MAX_GRADS + 6                              # set_num_threads(70) on a big batch
+    gs, p, m, v = buffers(rng, 50, k, np.float64)
+    want = [a.copy() for a in (*gs, p, m, v)]
+    adam_numpy(want[:k], *want[k:], **HYPER)
+    kernels.adam(gs, p, m, v, *HYPER.values())
+    for got, exp in zip((gs[0], p, m, v), (want[0], *want[k:])):
+        np.testing.assert_allclose(got, exp, rtol=1e-13, atol=1e-15)

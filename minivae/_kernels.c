@@ -101,8 +101,8 @@ static void release_all(Views *vs)
     vs->held = 0;
 }
 
-/* Acquire obj as a C-contiguous, one-dimensional buffer (writable if asked); check its type and length
- * against the first one acquired. Returns its data pointer, or NULL with an exception set. */
+/* Acquire obj as a C-contiguous, one-dimensional buffer (writable if asked); check its type
+ * and length against the first one acquired. Returns its data pointer, or NULL with an exception set. */
 static void *acquire(Views *vs, PyObject *obj, const char *what, int writable)
 {
     Py_buffer *view = &vs->views[vs->held];
@@ -171,25 +171,39 @@ static PyObject *adam(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* Acquire the n buffers objs[i] (named names[i], writable where writable[i]) into vs and
+ * their data pointers into ptrs; on failure release them all. Returns 0, or -1 with an
+ * exception set. */
+static int acquire_all(Views *vs, PyObject **objs, const char **names, const int *writable,
+                       int n, void **ptrs)
+{
+    vs->held = 0;
+    vs->first_name = names[0];
+    for (int i = 0; i < n; i++) {
+        if ((ptrs[i] = acquire(vs, objs[i], names[i], writable[i])) == NULL) {
+            release_all(vs);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 static PyObject *bernoulli_nll_terms(PyObject *self, PyObject *args)
 {
-    PyObject *l_obj, *x_obj, *t_obj;
-    if (!PyArg_ParseTuple(args, "OOO:bernoulli_nll_terms", &l_obj, &x_obj, &t_obj)) return NULL;
-    Views vs = {.held = 0, .first_name = "the logits"};
-    void *l = NULL, *x = NULL, *t = NULL;
-    int ok = (l = acquire(&vs, l_obj, "the logits", 0)) != NULL;
-    ok = ok && (x = acquire(&vs, x_obj, "x", 0)) != NULL;
-    ok = ok && (t = acquire(&vs, t_obj, "t", 1)) != NULL;
-    if (!ok) {
-        release_all(&vs);
+    static const char *names[] = {"the logits", "x", "t"};
+    static const int writable[] = {0, 0, 1};
+    PyObject *objs[3];
+    void *a[3];
+    Views vs;
+    if (!PyArg_ParseTuple(args, "OOO:bernoulli_nll_terms", &objs[0], &objs[1], &objs[2]) ||
+        acquire_all(&vs, objs, names, writable, 3, a) < 0)
         return NULL;
-    }
     Py_ssize_t itemsize = vs.views[0].itemsize, n = vs.views[0].len / itemsize;
     Py_BEGIN_ALLOW_THREADS
     if (itemsize == 4)
-        nll_terms_f32(l, x, t, n);
+        nll_terms_f32(a[0], a[1], a[2], n);
     else
-        nll_terms_f64(l, x, t, n);
+        nll_terms_f64(a[0], a[1], a[2], n);
     Py_END_ALLOW_THREADS
     release_all(&vs);
     Py_RETURN_NONE;
@@ -197,27 +211,22 @@ static PyObject *bernoulli_nll_terms(PyObject *self, PyObject *args)
 
 static PyObject *bernoulli_nll_grad(PyObject *self, PyObject *args)
 {
-    PyObject *l_obj, *x_obj, *e_obj, *out_obj;
+    static const char *names[] = {"the logits", "x", "e", "out"};
+    static const int writable[] = {0, 0, 0, 1};
+    PyObject *objs[4];
+    void *a[4];
     double scale;
-    if (!PyArg_ParseTuple(args, "OOOOd:bernoulli_nll_grad", &l_obj, &x_obj, &e_obj, &out_obj,
-                          &scale))
+    Views vs;
+    if (!PyArg_ParseTuple(args, "OOOOd:bernoulli_nll_grad", &objs[0], &objs[1], &objs[2],
+                          &objs[3], &scale) ||
+        acquire_all(&vs, objs, names, writable, 4, a) < 0)
         return NULL;
-    Views vs = {.held = 0, .first_name = "the logits"};
-    void *l = NULL, *x = NULL, *e = NULL, *out = NULL;
-    int ok = (l = acquire(&vs, l_obj, "the logits", 0)) != NULL;
-    ok = ok && (x = acquire(&vs, x_obj, "x", 0)) != NULL;
-    ok = ok && (e = acquire(&vs, e_obj, "e", 0)) != NULL;
-    ok = ok && (out = acquire(&vs, out_obj, "out", 1)) != NULL;
-    if (!ok) {
-        release_all(&vs);
-        return NULL;
-    }
     Py_ssize_t itemsize = vs.views[0].itemsize, n = vs.views[0].len / itemsize;
     Py_BEGIN_ALLOW_THREADS
     if (itemsize == 4)
-        nll_grad_f32(l, x, e, out, n, (float)scale);
+        nll_grad_f32(a[0], a[1], a[2], a[3], n, (float)scale);
     else
-        nll_grad_f64(l, x, e, out, n, scale);
+        nll_grad_f64(a[0], a[1], a[2], a[3], n, scale);
     Py_END_ALLOW_THREADS
     release_all(&vs);
     Py_RETURN_NONE;

@@ -13,9 +13,10 @@ from .models import VAE, Autoencoder, LossResult, build_model, train_step  # noq
 from .parallel import get_num_threads, set_num_threads  # noqa: E402
 from .optim import SGD, Adagrad, Adam, make_optimizer  # noqa: E402
 from .params import Layout, Params  # noqa: E402
+from . import gradcheck  # noqa: E402  (minivae.gradcheck.check_gradients, check_layer, ...)
 
 __all__ = [
     "Backend", "BackendUnavailable", "get_backend", "VAE", "Autoencoder", "LossResult",
     "build_model", "SGD", "Adam", "Adagrad", "make_optimizer", "Layout", "Params",
-    "get_num_threads", "set_num_threads", "train_step",
+    "get_num_threads", "set_num_threads", "train_step", "gradcheck",
 ]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from minivae import VAE, Adam, Autoencoder, build_model
-from minivae.commands.gradcheck import check_model
+from minivae.gradcheck import check_model
 
 
 def data(be, B=5, D=12, seed=0, dtype=np.float64):

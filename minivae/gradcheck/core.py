@@ -1,0 +1,365 @@
+"""check_gradients: analytic gradients against Ridders-extrapolated finite differences, with
+a verdict that always rests on evidence.
+
+The rules, in the order they are applied:
+
+1. Refuse what cannot be checked (GradcheckError, a ValueError, or TypeError, naming the
+   tensor): keys of ``tensors`` and ``analytic`` that differ, shapes that differ, scalars and
+   non-arrays, integer/bool/complex/float16 tensors, read-only arrays, tensors sharing memory,
+   a non-scalar, complex or non-finite f.
+2. Determinism first: f is called three times at the point; values that differ beyond
+   round-off raise NondeterministicError (pass the noise, e.g. eps, into f).
+3. Each comparison is phi'(0) = <g, u> along one direction u in one tensor (an element, or a
+   random direction), numeric side by Ridders' method with an error estimate that includes
+   f's measured round-off noise (see :mod:`.numeric`). Pass rule:
+
+       |a - n| <= atol + rtol * max(|a|, |n|) + 3 * err(n)
+
+   and the error must be small enough to mean something: an item whose 3 * err(n) exceeds a
+   quarter of the tensor's largest gradient is *unresolved*, which is a failure.
+4. A failing element is excluded as a *kink* only if its one-sided slopes differ and the
+   analytic value equals one of them; it is a *discontinuity* if f jumps by an amount that
+   does not shrink with the step (a failure unless ``allow_discontinuities``).
+5. A failing direction is never excluded: its support is bisected (group testing) until the
+   wrong elements are found and checked one by one, so "worst at" is always an element shown
+   wrong. A direction whose halves all pass was a finite-step artefact (a kink crossed by the
+   joint step) and the halves are the evidence.
+6. No verdict without evidence: a tensor passes only if at least one comparison counted and
+   none failed; a tensor whose every item was excluded, or that is empty, fails and says why.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .numeric import (FLOAT_DTYPES, GradcheckError, Line, Tensor, check_deterministic,
+                      noise_level, refuse_overlaps, ridders, to_host)
+from .report import Check, Report
+
+# Per dtype: first relative step, most Ridders rows, the step for the noise probe, default
+# rtol, and the tolerance for "the analytic value is one of the one-sided slopes".
+SETTINGS = {
+    np.float64: dict(t0=2.0 ** -12, rows=8, tau=2.0 ** -20, rtol=1e-7, kink_rtol=1e-4),
+    np.float32: dict(t0=2.0 ** -8, rows=8, tau=2.0 ** -10, rtol=1e-2, kink_rtol=1e-2),
+}
+RESOLVE = 0.25   # an item is unresolved when 3 * err exceeds this share of the tensor's scale
+MODES = ("auto", "exact", "directions", "sparse")
+BAD = ("fail", "discontinuity", "unresolved")
+
+
+def default_rtol(dtype) -> float:
+    """rtol by dtype: 1e-7 for float64, 1e-2 for float32 (plus the measured noise term)."""
+    name = str(getattr(dtype, "name", dtype))
+    return SETTINGS[FLOAT_DTYPES.get(name, np.float64)]["rtol"]
+
+
+@dataclass
+class Item:
+    """One comparison: analytic a against numeric n +- err, along u (element or direction)."""
+
+    a: float
+    n: float
+    err: float
+    step: float
+    status: str            # ok | fail | kink | discontinuity | unresolved | mismatch
+    index: int | None      # flat index of the element; None for a direction
+    unit: float = 1.0      # divide a and n by this to get d f / d x_i (the element's u_i)
+    note: str = ""
+
+
+def check_gradients(f, tensors: dict, analytic: dict, *, mode: str = "auto", rtol=None,
+                    atol: float = 0.0, seed: int = 0, n_directions: int = 6,
+                    n_samples: int = 24, exact_max: int = 512, locate_max: int = 5,
+                    kink_check: bool = True, allow_discontinuities: bool = False,
+                    max_comparisons: int = 4000, name: str = "gradcheck") -> Report:
+    """Check ``analytic`` against finite differences of ``f`` for every tensor in ``tensors``.
+
+    f:         callable with no arguments returning a real scalar (Python float or 0-d array)
+               computed from the *current* values of the arrays in ``tensors``; the checker
+               writes steps into those arrays in place and restores them bit for bit.
+    tensors:   name -> float32/float64 array (NumPy, CuPy or array-api-strict; any strides).
+    analytic:  name -> gradient of f with respect to that tensor, same keys, same shapes.
+    mode:      "exact" (every element), "sparse" (``n_samples`` seeded elements per tensor),
+               "directions" (``n_directions`` seeded random directions; a failing one is
+               bisected to the wrong elements), or "auto" (exact up to ``exact_max``
+               elements, else directions).
+    rtol:      None picks by dtype (1e-7 float64, 1e-2 float32); atol: absolute slack
+               (default 0: f's measured round-off noise already sets the floor).
+    locate_max: stop bisecting a failing tensor after this many wrong elements are named.
+
+    Returns a :class:`Report` (one :class:`Check` per tensor). Raises GradcheckError
+    (ValueError) or TypeError when the inputs cannot be checked, NondeterministicError when f
+    is not deterministic. See the module docstring for the rules.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+    if set(tensors) != set(analytic):
+        missing, extra = sorted(set(tensors) - set(analytic)), sorted(set(analytic) - set(tensors))
+        parts = ([f"no analytic gradient given for {missing}"] if missing else []) + \
+                ([f"analytic gradients for tensors that are not checked: {extra}"] if extra else [])
+        raise GradcheckError("; ".join(parts) + " (the keys of tensors and analytic must match)")
+    Ts = [Tensor(k, t) for k, t in tensors.items()]
+    gs = {}
+    for T in Ts:
+        g = to_host(analytic[T.name])
+        if tuple(g.shape) != T.shape:
+            raise GradcheckError(f"analytic gradient for {T.name!r} has shape {tuple(g.shape)}, "
+                                 f"the tensor has {T.shape}")
+        if g.dtype.kind not in "fiu":
+            raise GradcheckError(f"analytic gradient for {T.name!r} has dtype {g.dtype}; "
+                                 f"expected real numbers")
+        gs[T.name] = g.astype(np.float64).reshape(-1)
+    refuse_overlaps(Ts)
+    eps_f = max((T.eps for T in Ts), default=float(np.finfo(np.float64).eps))
+    f0, spread = check_deterministic(f, eps=eps_f)
+    rng = np.random.default_rng(seed)
+    report = Report(name)
+    for T in Ts:
+        t_start = time.perf_counter()
+        chk = _check_tensor(f, f0, spread, T, gs[T.name], mode, rtol, atol, rng, n_directions,
+                            n_samples, exact_max, locate_max, kink_check,
+                            allow_discontinuities, max_comparisons)
+        chk.name = T.name
+        chk.dtype = np.dtype(T.dtype).name
+        report.checks.append(chk)
+        chk.seconds = time.perf_counter() - t_start
+    f_end = f()
+    if abs(float(f_end) - f0) > 64 * eps_f * max(abs(f0), 1e-300):
+        raise GradcheckError(f"f changed during the check: {f0!r} before, {float(f_end)!r} "
+                             f"after, with every tensor restored bit for bit; f keeps state "
+                             f"between calls")
+    return report
+
+
+def assert_gradients(f, tensors: dict, analytic: dict, **kwargs) -> Report:
+    """:func:`check_gradients`, for tests: raises AssertionError carrying the report's table
+    when any check fails; returns the report otherwise."""
+    report = check_gradients(f, tensors, analytic, **kwargs)
+    if not report.passed:
+        raise AssertionError("gradient check failed\n" + report.table())
+    return report
+
+
+# -- one tensor ------------------------------------------------------------------------------
+
+
+class _Tensorcheck:
+    """Comparisons for one tensor: its line search settings, noise level and counters."""
+
+    def __init__(self, f, f0, spread, T, g, rtol, atol, kink_check, allow_disc):
+        self.f, self.f0, self.T, self.g = f, f0, T, g
+        s = SETTINGS[T.dtype]
+        self.t0, self.rows, self.kink_rtol = s["t0"], s["rows"], s["kink_rtol"]
+        self.rtol = s["rtol"] if rtol is None else rtol
+        self.atol, self.kink_check, self.allow_disc = atol, kink_check, allow_disc
+        self.evals, self.comparisons = 0, 0
+        # f's round-off noise along a random direction of this tensor, floored by the spread
+        # of repeated calls and by half an ulp of f.
+        self.sigma = max(spread / 2, 0.5 * T.eps * abs(f0))
+        if T.size:
+            v = np.random.default_rng(12345).standard_normal(T.size)
+            line = Line(f, T, np.arange(T.size), T.scale * v / np.max(np.abs(v)), g)
+            self.sigma = max(self.sigma, noise_level(line, f0, s["tau"]))
+            self.evals += line.evals
+
+    def compare(self, idx, u, element: bool) -> Item:
+        self.comparisons += 1
+        line = Line(self.f, self.T, idx, u, self.g)
+        a = line.a
+        target = lambda v: 0.1 * (self.atol + self.rtol * max(abs(a), abs(v)))  # noqa: E731
+        est = ridders(line, self.f0, self.t0, self.rows, self.sigma, target, self.rtol)
+        n, err = est.value, est.error
+        unit = float(u[0]) if element else 1.0
+        step = est.t * (float(np.max(np.abs(u))) if len(u) else 0.0)
+        item = Item(a, n, err, step, "ok", int(idx[0]) if element else None, unit)
+        if est.one_sided:
+            item.note = f"{est.one_sided} differences only: f is not finite on the other side"
+        if not math.isfinite(a):
+            item.status = "fail"
+            item.note = "the analytic gradient is not finite"
+        elif not math.isfinite(n):
+            item.status = "fail"
+            item.note = "f is not finite at any step near x"
+        else:
+            differs = abs(a - n) > self.atol + self.rtol * max(abs(a), abs(n)) + 3 * err
+            wrong = differs or not est.consistent
+            if wrong:   # a direction that merely mixed in a kink is bisected, not failed
+                item.status = "fail" if element or (differs and est.consistent) else "mismatch"
+            if element and (wrong or 3 * err > RESOLVE * max(abs(a), abs(n))):
+                self._classify(item, line, est, wrong)
+        self.evals += line.evals
+        return item
+
+    def _classify(self, item, line, est, wrong):
+        """A failing or unresolved element: a discontinuity, a kink (excluded, only if the
+        element failed and the analytic value is one of the one-sided slopes), or left as a
+        failure."""
+        phi, f0, s = est.phi, self.f0, self.sigma
+        ts = sorted((t for t in phi if t > 0 and math.isfinite(phi[t]) and
+                     math.isfinite(phi.get(-t, math.nan))), reverse=True)
+        while len(ts) < 3:                      # need three steps on each side
+            t = ts[-1] / 2 if ts else self.t0
+            phi[t], phi[-t] = line(t)[0], line(-t)[0]
+            if not (math.isfinite(phi[t]) and math.isfinite(phi[-t])):
+                return
+            ts.append(t)
+        t1, t3 = ts[-3], ts[-1]
+        for sgn, side in ((1, "x + h"), (-1, "x - h")):
+            j1, j3 = abs(phi[sgn * t1] - f0), abs(phi[sgn * t3] - f0)
+            if j3 > 0.5 * j1 and j3 > 100 * s + 10 * abs(item.a) * t3:
+                item.status = "discontinuity"
+                item.note = (f"f jumps by {phi[sgn * t3] - f0:.3g} between x and {side}, and the "
+                             f"jump does not shrink with h (down to h = {t3 * item.unit:.1e})")
+                return
+        if not (self.kink_check and wrong):
+            return
+        # A kink at or near x: the analytic value is one of the one-sided slopes (resolved
+        # to 10%), and the other side tells a different story (a different slope, or one
+        # too blurred by the kink to resolve). Both sides agreeing with each other but not
+        # with the analytic value is a wrong gradient, however close.
+        a, sides = item.a, (est.fwd, est.bwd)
+        if not all(math.isfinite(q) for q, _ in sides):
+            return
+        tol = lambda q, e: self.atol + self.kink_rtol * max(abs(a), abs(q)) + 3 * e  # noqa: E731
+        big = max(abs(a), abs(sides[0][0]), abs(sides[1][0]))
+        resolved = [3 * e <= 0.1 * big for _, e in sides]
+        match = [r and abs(a - q) <= tol(q, e) for (q, e), r in zip(sides, resolved)]
+        (fp, ep), (fm, em) = sides
+        differ = abs(fp - fm) > 3 * (ep + em) + self.kink_rtol * max(abs(fp), abs(fm))
+        for k in (0, 1):
+            other = 1 - k
+            if match[k] and (differ or not resolved[other]):
+                item.status = "kink"
+                item.note = (f"kink: one-sided slopes {fp / item.unit:.6g} and "
+                             f"{fm / item.unit:.6g}, analytic matches the "
+                             f"{'right' if k == 0 else 'left'} one")
+                return
+        if not est.consistent:
+            item.note = (f"central {item.n / item.unit:.6g}, one-sided {fp / item.unit:.6g} and "
+                         f"{fm / item.unit:.6g}: the analytic value matches none")
+
+    def element(self, i) -> Item:
+        return self.compare(np.array([i]), np.array([self.T.scale[i]]), True)
+
+    def locate(self, idx, u, locate_max, budget) -> tuple[list, bool]:
+        """Bisect a failing direction's support (depth first) down to single elements.
+        Returns the items found and whether the search finished within the budget."""
+        items, stack = [], [(idx, u)]
+        while stack:
+            if sum(it.status in BAD for it in items) >= locate_max:
+                return items, True
+            if self.comparisons >= budget:
+                return items, False
+            I, U = stack.pop()
+            h = len(I) // 2
+            for J, V in ((I[h:], U[h:]), (I[:h], U[:h])):
+                if len(J) == 1:
+                    items.append(self.element(int(J[0])))
+                else:
+                    it = self.compare(J, V, False)
+                    if it.status == "ok":
+                        items.append(it)
+                    else:
+                        stack.append((J, V))
+        return items, True
+
+
+def _check_tensor(f, f0, spread, T, g, mode, rtol, atol, rng, n_directions, n_samples,
+                  exact_max, locate_max, kink_check, allow_disc, max_comparisons) -> Check:
+    if T.size == 0:
+        return Check("", False, mode=mode, note="empty tensor: nothing to compare, so no "
+                     "evidence either way; leave it out")
+    tc = _Tensorcheck(f, f0, spread, T, g, rtol, atol, kink_check, allow_disc)
+    tc.locate_max = locate_max
+    m = mode if mode != "auto" else ("exact" if T.size <= exact_max else "directions")
+    items, notes = [], []
+    if m == "directions":
+        located = False
+        for _ in range(n_directions):
+            v = rng.standard_normal(T.size)
+            u = T.scale * v / np.max(np.abs(v))
+            known = [x.index for x in items if x.index is not None and x.status != "ok"]
+            u[known] = 0.0          # look past the elements already named (wrong or kinks)
+            it = tc.compare(np.arange(T.size), u, False)
+            if it.status == "ok":
+                items.append(it)
+                continue
+            located = True
+            found, finished = tc.locate(np.arange(T.size), u, locate_max, max_comparisons)
+            items += found
+            if not any(x.status in BAD for x in found):
+                if it.status == "fail":    # a proven mismatch that no single element explains
+                    it.note = (f"<g,u> = {it.a:.6e} but the finite difference is {it.n:.6e} "
+                               f"+- {it.err:.1e}; bisection found no single wrong element (the "
+                               f"error is spread thinly over many)")
+                    items.append(it)
+                elif not finished:
+                    it.status = "fail"
+                    it.note = (f"a direction disagrees (<g,u> = {it.a:.6e}, finite difference "
+                               f"{it.n:.6e}) and bisection ran out of its {max_comparisons} "
+                               f"comparisons before finding the element")
+                    items.append(it)
+            if sum(x.status in BAD for x in items) >= locate_max:
+                break
+        m = f"directions({n_directions})" + ("->located" if located else "")
+    else:
+        if m == "exact":
+            idx = np.arange(T.size)
+        else:
+            idx = np.arange(T.size) if T.size <= n_samples else \
+                np.sort(rng.choice(T.size, size=n_samples, replace=False))
+            m = f"sparse({len(idx)})"
+        for i in idx:
+            items.append(tc.element(int(i)))
+    return _summarise(items, T, tc, m, allow_disc, notes)
+
+
+def _summarise(items, T, tc, mode, allow_disc, notes) -> Check:
+    scale = max([max(abs(it.a / it.unit), abs(it.n / it.unit)) for it in items
+                 if math.isfinite(it.n)] or [0.0])
+    for it in items:   # evidence must resolve something: 3 err vs the tensor's scale
+        e = 3 * it.err / abs(it.unit)
+        if it.status == "ok" and scale > 0 and e > RESOLVE * scale:
+            it.status = "unresolved"
+            it.note = (f"numeric derivative only known to +-{e:.2g} (tensor scale {scale:.2g})"
+                       + ("; check in float64" if T.dtype != np.float64 else ""))
+        if it.status == "discontinuity" and allow_disc:
+            it.status = "kink"
+    ok = [it for it in items if it.status == "ok"]
+    bad = [it for it in items if it.status in ("fail", "discontinuity", "unresolved")]
+    kinks = sum(it.status == "kink" for it in items)
+    chk = Check("", passed=bool(ok) and not bad, mode=mode, n_checked=len(ok) + len(bad),
+                kinks=kinks, n_failed=len(bad), evaluations=tc.evals)
+    compared = ok + bad
+    if compared:
+        err = np.array([abs(it.a - it.n) / abs(it.unit) for it in compared])
+        big = np.array([max(abs(it.a), abs(it.n)) / abs(it.unit) for it in compared])
+        chk.max_abs_error = float(np.max(err))
+        chk.max_rel_error = float(np.max(err)) / float(np.max(big)) if np.max(big) > 0 else \
+            (math.inf if np.max(err) > 0 else 0.0)
+        res = [3 * it.err / abs(it.unit) for it in ok]
+        chk.resolution = float(max(res) / scale) if res and scale > 0 else math.nan
+    pool = [it for it in bad if it.index is not None] or bad or ok
+    if pool:
+        def badness(it):
+            tol = tc.atol + tc.rtol * max(abs(it.a), abs(it.n)) + 3 * it.err
+            return abs(it.a - it.n) / tol if tol > 0 else math.inf
+        w = max(pool, key=lambda it: (badness(it) if math.isfinite(it.n) else math.inf))
+        chk.analytic, chk.numeric = w.a / w.unit, w.n / w.unit
+        chk.step = w.step
+        if w.index is not None:
+            chk.worst_index = tuple(int(k) for k in np.unravel_index(w.index, T.shape))
+        if w in bad and w.note:
+            notes.append(w.note)
+    if not compared:
+        notes.append(f"no evidence: all {kinks} compared items sit on kinks" if kinks else
+                     "no evidence: nothing could be compared")
+    if len(bad) >= 2:
+        stopped = "located" in mode and len(bad) >= tc.locate_max
+        notes.append(f"{'at least ' if stopped else ''}{len(bad)} wrong items"
+                     + (f" (the search stops at locate_max={tc.locate_max})" if stopped else ""))
+    chk.note = "; ".join(notes)
+    return chk

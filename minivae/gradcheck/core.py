@@ -169,7 +169,10 @@ class _Tensorcheck:
         self.comparisons += 1
         line = Line(self.f, self.T, idx, u, self.g)
         a = line.a
-        target = lambda v: 0.1 * (self.atol + self.rtol * max(abs(a), abs(v)))  # noqa: E731
+        # A direction through N elements sums N terms: checked to rtol / sqrt(N), an error of
+        # rtol in one element stays visible in the sum.
+        rtol = self.rtol if element else self.rtol / math.sqrt(max(len(idx), 1))
+        target = lambda v: 0.1 * (self.atol + rtol * max(abs(a), abs(v)))  # noqa: E731
         est = ridders(line, self.f0, self.t0, self.rows, self.sigma, target, self.rtol)
         n, err = est.value, est.error
         unit = float(u[0]) if element else 1.0
@@ -184,7 +187,7 @@ class _Tensorcheck:
             item.status = "fail"
             item.note = "f is not finite at any step near x"
         else:
-            differs = abs(a - n) > self.atol + self.rtol * max(abs(a), abs(n)) + 3 * err
+            differs = abs(a - n) > self.atol + rtol * max(abs(a), abs(n)) + 3 * err
             wrong = differs or not est.consistent
             if wrong:   # a direction that merely mixed in a kink is bisected, not failed
                 item.status = "fail" if element or (differs and est.consistent) else "mismatch"
@@ -276,9 +279,12 @@ def _check_tensor(f, f0, spread, T, g, mode, rtol, atol, rng, n_directions, n_sa
     tc.locate_max = locate_max
     m = mode if mode != "auto" else ("exact" if T.size <= exact_max else "directions")
     items, notes = [], []
-    if m == "directions":
-        located = False
-        for _ in range(n_directions):
+    # sparse: a sample of elements, plus one direction through the whole tensor (bisected
+    # if it fails), so a wrong element outside the sample is still caught.
+    n_dir = 1 if m == "sparse" else n_directions
+    located = False
+    if m == "directions" or (m == "sparse" and T.size > n_samples):
+        for _ in range(n_dir):
             v = rng.standard_normal(T.size)
             u = T.scale * v / np.max(np.abs(v))
             known = [x.index for x in items if x.index is not None and x.status != "ok"]
@@ -304,16 +310,18 @@ def _check_tensor(f, f0, spread, T, g, mode, rtol, atol, rng, n_directions, n_sa
                     items.append(it)
             if sum(x.status in BAD for x in items) >= locate_max:
                 break
-        m = f"directions({n_directions})" + ("->located" if located else "")
+    if m == "directions":
+        m = f"directions({n_directions})"
     else:
-        if m == "exact":
+        if m == "exact" or T.size <= n_samples:
             idx = np.arange(T.size)
         else:
-            idx = np.arange(T.size) if T.size <= n_samples else \
-                np.sort(rng.choice(T.size, size=n_samples, replace=False))
-            m = f"sparse({len(idx)})"
-        for i in idx:
-            items.append(tc.element(int(i)))
+            idx = np.sort(rng.choice(T.size, size=n_samples, replace=False))
+        if m == "sparse":
+            m = f"sparse({len(idx)})" + ("+directions(1)" if T.size > n_samples else "")
+        done = {x.index for x in items if x.index is not None}
+        items += [tc.element(int(i)) for i in idx if int(i) not in done]
+    m += "->located" if located else ""
     return _summarise(items, T, tc, m, allow_disc, notes)
 
 

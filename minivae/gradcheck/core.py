@@ -68,6 +68,7 @@ class Item:
     index: int | None      # flat index of the element; None for a direction
     unit: float = 1.0      # divide a and n by this to get d f / d x_i (the element's u_i)
     note: str = ""
+    size: float = 0.0      # for a direction: |g * u|_2, the size <g, u> has before cancelling
 
 
 def check_gradients(f, tensors: dict, analytic: dict, *, mode: str = "auto", rtol=None,
@@ -177,7 +178,8 @@ class _Tensorcheck:
         n, err = est.value, est.error
         unit = float(u[0]) if element else 1.0
         step = est.t * (float(np.max(np.abs(u))) if len(u) else 0.0)
-        item = Item(a, n, err, step, "ok", int(idx[0]) if element else None, unit)
+        item = Item(a, n, err, step, "ok", int(idx[0]) if element else None, unit,
+                    size=0.0 if element else float(np.linalg.norm(line.gi * line.u)))
         if est.one_sided:
             item.note = f"{est.one_sided} differences only: f is not finite on the other side"
         if not math.isfinite(a):
@@ -326,14 +328,20 @@ def _check_tensor(f, f0, spread, T, g, mode, rtol, atol, rng, n_directions, n_sa
 
 
 def _summarise(items, T, tc, mode, allow_disc, notes) -> Check:
-    scale = max([max(abs(it.a / it.unit), abs(it.n / it.unit)) for it in items
-                 if math.isfinite(it.n)] or [0.0])
-    for it in items:   # evidence must resolve something: 3 err vs the tensor's scale
+    # Evidence must resolve something. An element is measured against the tensor's largest
+    # gradient element (analytic or numeric), a direction against the size of its terms.
+    scale = max([float(np.max(np.abs(tc.g)))] +
+                [abs(it.n / it.unit) for it in items if it.index is not None and math.isfinite(it.n)])
+    res = []
+    for it in items:
         e = 3 * it.err / abs(it.unit)
-        if it.status == "ok" and scale > 0 and e > RESOLVE * scale:
-            it.status = "unresolved"
-            it.note = (f"numeric derivative only known to +-{e:.2g} (tensor scale {scale:.2g})"
-                       + ("; check in float64" if T.dtype != np.float64 else ""))
+        ref = scale if it.index is not None else max(abs(it.a), abs(it.n), it.size)
+        if it.status == "ok" and ref > 0:
+            res.append(e / ref)
+            if e > RESOLVE * ref:
+                it.status = "unresolved"
+                it.note = (f"numeric derivative only known to +-{e:.2g} (against {ref:.2g})"
+                           + ("; check in float64" if T.dtype != np.float64 else ""))
         if it.status == "discontinuity" and allow_disc:
             it.status = "kink"
     ok = [it for it in items if it.status == "ok"]
@@ -348,8 +356,8 @@ def _summarise(items, T, tc, mode, allow_disc, notes) -> Check:
         chk.max_abs_error = float(np.max(err))
         chk.max_rel_error = float(np.max(err)) / float(np.max(big)) if np.max(big) > 0 else \
             (math.inf if np.max(err) > 0 else 0.0)
-        res = [3 * it.err / abs(it.unit) for it in ok]
-        chk.resolution = float(max(res) / scale) if res and scale > 0 else math.nan
+        ok_res = [r for r in res if r <= RESOLVE]
+        chk.resolution = float(max(ok_res)) if ok_res else math.nan
     pool = [it for it in bad if it.index is not None] or bad or ok
     if pool:
         def badness(it):

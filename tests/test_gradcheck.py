@@ -451,3 +451,41 @@ def test_cli_exits_1_and_names_the_tensor_when_a_backward_is_wrong(capsys, monke
 def test_cli_runs_on_the_strict_backend(capsys):
     assert main(["gradcheck", "--backend", "strict", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["passed"] is True
+
+
+# -- the example and the side-by-side benchmark run ------------------------------------------
+def test_check_your_own_layer_example_passes_the_right_layer_and_fails_the_slip(capsys):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "examples" / "check_your_own_layer.py"
+    spec = importlib.util.spec_from_file_location("check_your_own_layer", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main() == 0
+    out = capsys.readouterr().out
+    assert "Swish: PASSED" in out and "SwishForgotBeta.x" in out and "FAIL" in out
+
+
+def test_checkers_benchmark_runs_each_checker_on_a_case():
+    """benchmarks/checkers.py end to end on two small cases: every column present, minivae
+    with no wrong verdict there."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    pytest.importorskip("torch")
+    pytest.importorskip("jax")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "checkers.py"
+    out = subprocess.run([sys.executable, str(script), "--only", "ReLU at 0"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    head = next(line for line in lines if line.startswith("| case |"))
+    for col in ("minivae auto", "minivae exact", "minivae directions", "minivae sparse",
+                "torch slow", "torch fast", "jax"):
+        assert col in head
+    rows = [line for line in lines if line.startswith("| ReLU at 0")]
+    assert len(rows) == 2
+    wrong = next(line for line in lines if line.startswith("| **wrong PASSED**"))
+    assert wrong.split("|")[3:7] == [" 0 "] * 4
+    named = next(line for line in lines if line.startswith("| **single wrong element named**"))
+    assert named.split("|")[3].strip() == "1 of 1"

@@ -213,6 +213,14 @@ def test_a_nan_in_the_analytic_gradient_fails():
     assert not c.passed and c.worst_index == (1,) and "not finite" in c.note
 
 
+@pytest.mark.parametrize("kw", [dict(mode="bogus"), dict(n_directions=0), dict(locate_max=0),
+                                dict(rtol=-1.0), dict(atol=float("nan")), dict(n_samples=2.5)])
+def test_bad_settings_are_refused(kw):
+    x = np.ones(3)
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        check_gradients(lambda: float(x.sum()), {"x": x}, {"x": np.ones(3)}, **kw)
+
+
 def test_a_report_with_no_checks_does_not_pass():
     r = check_gradients(lambda: 1.0, {}, {})
     assert not r.passed and "nothing was checked" in r.table()
@@ -446,6 +454,13 @@ def test_cli_exits_1_and_names_the_tensor_when_a_backward_is_wrong(capsys, monke
     failing = [line for line in out.splitlines() if "FAIL" in line and not line.startswith("minivae")]
     assert any(line.startswith("Dense.b ") for line in failing)
     assert any(line.startswith("VAE.enc.0.b ") for line in failing)
+
+
+def test_cli_full_json_keeps_every_relative_error_below_1e_7_on_the_default_vae(capsys):
+    assert main(["gradcheck", "--full", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    big = [c for c in out["checks"] if c["name"].startswith("VAE 784-400-20.")]
+    assert len(big) == 8 and all(c["passed"] and c["max_rel_error"] <= 1e-7 for c in big), big
 
 
 def test_cli_runs_on_the_strict_backend(capsys):

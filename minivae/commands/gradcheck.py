@@ -2,7 +2,8 @@
 
 Checks each layer (Dense and every activation), the reparametrized sampler, the Bernoulli and
 Gaussian likelihoods, the analytic and Monte-Carlo KL, and the whole VAE and Autoencoder end
-to end with fixed eps, against central finite differences. Exits 1 if any check fails.
+to end with fixed eps, against Ridders-extrapolated finite differences (minivae.gradcheck;
+the suite itself is minivae.gradcheck.run_all). Exits 1 if any check fails.
 
   minivae gradcheck                 # the table
   minivae gradcheck --json          # {"passed": bool, "checks": [{"name", "max_abs_error",

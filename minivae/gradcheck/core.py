@@ -97,6 +97,16 @@ def check_gradients(f, tensors: dict, analytic: dict, *, mode: str = "auto", rto
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+    for pname, v, lo in (("n_directions", n_directions, 1), ("n_samples", n_samples, 1),
+                         ("exact_max", exact_max, 0), ("locate_max", locate_max, 1),
+                         ("max_comparisons", max_comparisons, 1)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
+            raise ValueError(f"{pname} must be an integer >= {lo}; got {v!r}")
+    for pname, v in (("rtol", rtol), ("atol", atol)):
+        if v is not None and not (isinstance(v, (int, float, np.floating)) and math.isfinite(v) and v >= 0):
+            raise ValueError(f"{pname} must be a finite number >= 0; got {v!r}")
+    if not hasattr(tensors, "items") or not hasattr(analytic, "keys"):
+        raise TypeError("tensors and analytic must be dicts: name -> array")
     if set(tensors) != set(analytic):
         missing, extra = sorted(set(tensors) - set(analytic)), sorted(set(analytic) - set(tensors))
         parts = ([f"no analytic gradient given for {missing}"] if missing else []) + \

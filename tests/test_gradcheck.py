@@ -504,3 +504,140 @@ def test_checkers_benchmark_runs_each_checker_on_a_case():
     assert wrong.split("|")[3:7] == [" 0 "] * 4
     named = next(line for line in lines if line.startswith("| **single wrong element named**"))
     assert named.split("|")[3].strip() == "1 of 1"
+
+
+# -- found by a new user's attack ------------------------------------------------------------
+def test_an_element_far_smaller_than_its_neighbours_is_checked_without_crossing_zero():
+    x = np.array([1e-8, 0.5, 2.0])
+    f = lambda: float(np.sum(np.log(x)))  # noqa: E731
+    assert check_gradients(f, {"x": x}, {"x": 1 / x}).passed
+    c = check_gradients(f, {"x": x}, {"x": np.array([1.1e8, 2.0, 0.5])}).checks[0]
+    assert not c.passed and c.worst_index == (0,)
+
+
+def test_a_wrong_sign_just_beside_a_kink_is_not_excused_as_a_kink():
+    x = np.array([1e-12, 1.0, 0.5])
+    f = lambda: float(np.sum(np.abs(x)))  # noqa: E731
+    assert check_gradients(f, {"x": x}, {"x": np.ones(3)}).passed
+    assert not check_gradients(f, {"x": x}, {"x": np.array([-1.0, 1, 1])}).passed
+    y = np.array([1e-6, 1, 0.5, -0.7])
+    g = lambda: float(np.sum(np.maximum(y, 0)))  # noqa: E731
+    assert check_gradients(g, {"y": y}, {"y": np.array([1.0, 1, 1, 0])}).passed
+    assert not check_gradients(g, {"y": y}, {"y": np.array([0.0, 1, 1, 0])},
+                               allow_discontinuities=True).passed
+
+
+@pytest.mark.parametrize("mode", ["exact", "directions", "sparse", "auto"])
+def test_kinks_excused_one_by_one_must_also_add_up(mode):
+    """max over a tie: sending the gradient to both tied elements is wrong, although each
+    element alone matches a one-sided slope; sending it to one of them is right."""
+    x = np.array([1.0, 1.0, 0.5])
+    f = lambda: float(np.max(x))  # noqa: E731
+    c = check_gradients(f, {"x": x}, {"x": np.array([1.0, 1.0, 0.0])}, mode=mode).checks[0]
+    assert not c.passed and "do not add up" in c.note
+    assert check_gradients(f, {"x": x}, {"x": np.array([1.0, 0.0, 0.0])}, mode=mode).passed
+
+
+def test_huge_and_tiny_magnitudes_do_not_overflow_the_checker():
+    x = np.array([1.0, -2.0, 0.3]) * 1e155
+    assert check_gradients(lambda: float(np.sum(x / 1e155)), {"x": x}, {"x": np.full(3, 1e-155)}).passed
+    y = np.array([1.0, -2.0, 0.3])
+    assert check_gradients(lambda: float(1e200 * np.sum(y ** 2)), {"y": y}, {"y": 2e200 * y}).passed
+
+
+def test_atol_covers_gradients_below_the_noise():
+    x, y = np.array([1.0, 2, 3]), rng_(2).standard_normal(3)
+    f = lambda: float(np.sum(x ** 2) + 1e-20 * np.sum(y))  # noqa: E731
+    an = {"x": 2 * x, "y": np.full(3, 1e-20)}
+    assert not check_gradients(f, {"x": x, "y": y}, an).passed     # unresolved, said so
+    assert check_gradients(f, {"x": x, "y": y}, an, atol=1e-9).passed
+
+
+def test_more_inputs_that_cannot_be_checked_are_refused():
+    from numpy.lib.stride_tricks import as_strided
+    f = lambda: 1.0  # noqa: E731
+    with pytest.raises(TypeError, match="ndarray subclass"):
+        check_gradients(f, {"m": np.asmatrix(np.ones((2, 2)))}, {"m": np.ones((2, 2))})
+    with pytest.raises(TypeError, match="ndarray subclass"):
+        check_gradients(f, {"m": np.ma.masked_array(np.ones(3), mask=[0, 1, 0])}, {"m": np.ones(3)})
+    with pytest.raises(ValueError, match="share memory"):
+        check_gradients(f, {"v": as_strided(np.arange(12.0), (4, 3), (0, 8))}, {"v": np.ones((4, 3))})
+    x = np.ones(3)
+    for bad in ("1.0", True):
+        with pytest.raises(GradcheckError, match="real scalar"):
+            check_gradients(lambda: bad, {"x": x}, {"x": np.ones(3)})
+    with pytest.raises(GradcheckError, match="is a NoneType, not an array"):
+        check_gradients(lambda: float(x.sum()), {"x": x}, {"x": None})
+    with pytest.raises(TypeError, match="must be dicts"):
+        check_gradients(lambda: float(x.sum()), [x], [np.ones(3)])
+    with pytest.raises(ValueError, match="rtol"):
+        check_gradients(lambda: float(x.sum()), {"x": x}, {"x": np.ones(3)}, rtol="1e-3")
+    with pytest.raises(ValueError, match="seed"):
+        check_gradients(lambda: float(x.sum()), {"x": x}, {"x": np.ones(3)}, seed=-1)
+
+
+class _Lin:
+    def forward(self, params, x):
+        return x @ params["W"], x
+
+    def backward(self, params, dout, cache):
+        return dout @ params["W"].T, {"W": cache.T @ dout}
+
+
+def test_check_layer_refuses_a_broken_contract_with_one_line(rng):
+    P, x = {"W": rng.standard_normal((3, 2))}, rng.standard_normal((4, 3))
+
+    class OnlyOut(_Lin):
+        def forward(self, params, x):
+            return x @ params["W"]
+
+    class NoneGrads(_Lin):
+        def backward(self, params, dout, cache):
+            return dout @ params["W"].T, None
+
+    class ThreeDx(Bilinear):
+        def backward(self, params, dout, cache):
+            (d1, d2), g = super().backward(params, dout, cache)
+            return (d1, d2, d2), g
+
+    with pytest.raises(GradcheckError, match=r"forward must return \(out, cache\)"):
+        check_layer(OnlyOut(), P, x)
+    with pytest.raises(GradcheckError, match="backward must return"):
+        check_layer(NoneGrads(), P, x)
+    with pytest.raises(GradcheckError, match="returned 3 input gradients for 2 inputs"):
+        check_layer(ThreeDx(), {"W": rng.standard_normal((4, 3))},
+                    (rng.standard_normal((5, 4)), rng.standard_normal((5, 3))))
+    with pytest.raises(GradcheckError, match="no inputs"):
+        check_layer(_Lin(), P, ())
+    with pytest.raises(GradcheckError, match="params must be a dict"):
+        check_layer(_Lin(), [P["W"]], x)
+    with pytest.raises(GradcheckError, match="has no forward"):
+        check_layer(object(), P, x)
+    assert check_layer(_Lin(), P, x).checks[0].name == "_Lin.x"   # not an object repr
+
+
+def test_repeatability_compares_with_the_first_call_and_copies_each_result(rng):
+    P, x = {"W": rng.standard_normal((3, 2))}, rng.standard_normal((4, 3))
+
+    class Drifts(_Lin):
+        calls = 0
+
+        def backward(self, params, dout, cache):
+            Drifts.calls += 1
+            dx, g = super().backward(params, dout, cache)
+            return dx * (1.0 if Drifts.calls == 1 else 1.5), g
+
+    class Accumulates(_Lin):
+        buf = None
+
+        def backward(self, params, dout, cache):
+            dx, g = super().backward(params, dout, cache)
+            if Accumulates.buf is None:
+                Accumulates.buf = np.zeros_like(dx)
+            Accumulates.buf += dx
+            return Accumulates.buf, g
+
+    r = check_layer(Drifts(), P, x)
+    assert any(c.kind == "repeatability" and not c.passed for c in r.checks)
+    r = check_layer(Accumulates(), P, x)
+    assert not r.passed and any(c.kind == "repeatability" and not c.passed for c in r.checks)

@@ -36,7 +36,17 @@ def check_layer(layer, params: dict, x, *, seed: int = 0, rtol=None, mode="auto"
     Raises GradcheckError (ValueError) when backward returns the wrong number of input
     gradients, or when a name appears both as an input and a parameter.
     """
-    name = name or repr(layer)
+    if name is None:
+        name = repr(layer)
+        if name.startswith("<"):            # the default object repr: use the class name
+            name = type(layer).__name__
+    for meth in ("forward", "backward"):
+        if not callable(getattr(layer, meth, None)):
+            raise GradcheckError(f"{name}: a layer needs forward(params, x) and "
+                                 f"backward(params, dout, cache); it has no {meth}")
+    if not isinstance(params, dict):
+        raise GradcheckError(f"{name}: params must be a dict name -> array; got "
+                             f"{type(params).__name__}")
     if isinstance(x, dict):
         inputs, call = dict(x), (lambda p, xs: layer.forward(p, **xs))
     elif isinstance(x, (tuple, list)):
@@ -47,10 +57,22 @@ def check_layer(layer, params: dict, x, *, seed: int = 0, rtol=None, mode="auto"
     clash = set(inputs) & set(params)
     if clash:
         raise GradcheckError(f"{name}: {sorted(clash)} name both an input and a parameter")
-    first = next(iter(inputs.values()))
-    xp = array_namespace(first)
+    if not inputs:
+        raise GradcheckError(f"{name}: no inputs given; x is one array, a tuple or a dict")
+    for k, v in inputs.items():
+        if not hasattr(v, "shape"):
+            raise GradcheckError(f"{name}: input {k!r} is a {type(v).__name__}, not an array")
+    xp = array_namespace(next(iter(inputs.values())))
     rng = np.random.default_rng(seed)
-    out, cache = call(params, inputs)
+
+    def forward():
+        res = call(params, inputs)
+        if not (isinstance(res, tuple) and len(res) == 2):
+            raise GradcheckError(f"{name}: forward must return (out, cache); it returned "
+                                 f"{type(res).__name__}")
+        return res
+
+    out, cache = forward()
     outs = _as_tuple(out)
     dtypes = [dtype_name(o) for o in outs]
     G = tuple(xp.asarray(np.asarray(rng.standard_normal(tuple(o.shape)),
@@ -59,21 +81,30 @@ def check_layer(layer, params: dict, x, *, seed: int = 0, rtol=None, mode="auto"
     dout = G if isinstance(out, (tuple, list)) else G[0]
 
     def f():
-        o = _as_tuple(call(params, inputs)[0])
+        o = _as_tuple(forward()[0])
         return float(sum(float(xp.sum(ok * gk)) for ok, gk in zip(o, G)))
 
     def backward(D):
-        dx, grads = layer.backward(params, D, cache)
+        res = layer.backward(params, D, cache)
+        if not (isinstance(res, tuple) and len(res) == 2 and isinstance(res[1], dict)):
+            raise GradcheckError(f"{name}: backward must return (dx, grads) with grads a dict "
+                                 f"name -> array; it returned {type(res).__name__}")
+        dx, grads = res
         if isinstance(x, dict):
+            if not isinstance(dx, dict) or set(dx) != set(inputs):
+                raise GradcheckError(f"{name}: inputs were a dict {sorted(inputs)}, so backward "
+                                     f"must return dx as a dict with the same keys")
             dxs = dict(dx)
         else:
-            dxs = dict(zip(inputs, _as_tuple(dx) if isinstance(x, (tuple, list)) else (dx,)))
-        if len(dxs) != len(inputs):
-            raise GradcheckError(f"{name}: backward returned {len(dxs)} input gradients for "
-                                 f"{len(inputs)} inputs")
+            many = _as_tuple(dx) if isinstance(x, (tuple, list)) else (dx,)
+            if len(many) != len(inputs):
+                raise GradcheckError(f"{name}: backward returned {len(many)} input gradients "
+                                     f"for {len(inputs)} inputs")
+            dxs = dict(zip(inputs, many))
         return {**dxs, **grads}
 
     analytic = backward(dout)
+    first = {k: to_host(v).copy() for k, v in analytic.items()}
     report = check_gradients(f, {**inputs, **params}, analytic, mode=mode, rtol=rtol, seed=seed,
                              name=name, kink_check=kink_check, **kwargs)
     for c in report.checks:
@@ -83,18 +114,21 @@ def check_layer(layer, params: dict, x, *, seed: int = 0, rtol=None, mode="auto"
     report += check_backward_properties(backward, shapes if many else shapes[0],
                                         dtypes if many else dtypes[0],
                                         [*inputs.values(), *G, *params.values()], name, rng,
-                                        tuple_out=many)
+                                        tuple_out=many, first=(dout, first))
     return report
 
 
 def check_backward_properties(backward, out_shape, dtype, inputs, name, rng,
-                              tuple_out=False) -> list:
+                              tuple_out=False, first=None) -> list:
     """Linearity (b(alpha G1 + gamma G2) = alpha b(G1) + gamma b(G2)) and repeatability (b(G)
     twice is identical, and nothing in ``inputs`` changes).
 
     backward: dout -> dict of arrays. ``out_shape``/``dtype``: one shape and dtype, or lists of
     them for a layer with several outputs (then ``tuple_out=True`` and dout is a tuple).
-    Returns two :class:`Check` rows (kind "linearity" and "repeatability").
+    ``first``: (dout, result) of an earlier call, which a repeat must reproduce too.
+    Every result is copied to the host as it is returned, so a backward that reuses and
+    accumulates into its output buffers is caught. Returns two :class:`Check` rows (kind
+    "linearity" and "repeatability").
     """
     xp = array_namespace(inputs[0])
     shapes = list(out_shape) if tuple_out else [out_shape]
@@ -113,19 +147,27 @@ def check_backward_properties(backward, out_shape, dtype, inputs, name, rng,
     G1, G2 = mk(), mk()
     alpha, gamma = 0.75, -1.25
     before = [to_host(t).copy() for t in inputs]
-    b1, b2 = backward(G1), backward(G2)
-    b12 = backward(comb(G1, G2))
-    b1_again = backward(G1)
+
+    def call(G):
+        return {k: to_host(v).astype(np.float64) for k, v in backward(G).items()}
+
+    b1, b2 = call(G1), call(G2)
+    b12 = call(comb(G1, G2))
+    b1_again = call(G1)
+    pairs = [(b1_again, b1)]
+    if first is not None:
+        pairs.append((call(first[0]), {k: v.astype(np.float64) for k, v in first[1].items()}))
     lin_err, lin_rel, rep_err = 0.0, 0.0, 0.0
     for k in b1:
-        u = to_host(b12[k]).astype(np.float64)
-        w = alpha * to_host(b1[k]).astype(np.float64) + gamma * to_host(b2[k]).astype(np.float64)
+        u = b12[k]
+        w = alpha * b1[k] + gamma * b2[k]
         if not u.size:
             continue
         e = float(np.max(np.abs(u - w)))
         s = float(max(np.max(np.abs(u)), np.max(np.abs(w))))
         lin_err, lin_rel = max(lin_err, e), max(lin_rel, e / s if s else 0.0)
-        rep_err = max(rep_err, float(np.max(np.abs(to_host(b1_again[k]) - to_host(b1[k])))))
+        for again, once in pairs:
+            rep_err = max(rep_err, float(np.max(np.abs(again[k] - once[k]))))
     mutated = [i for i, (t, t0) in enumerate(zip(inputs, before))
                if not np.array_equal(to_host(t), t0)]
     eps = max(float(np.finfo(d).eps) for d in dts)

@@ -6,11 +6,12 @@ Every comparison the checker makes is one derivative of a function of one real v
     phi(t) = f(x + t u)            phi'(0) = <grad f(x), u>
 
 along a direction u in one tensor: u = s_i e_i for one element (``exact``/``sparse``), or a
-random direction (``directions``). ``s_i`` is the element's own size, |x_i|, floored at a tenth
-of the tensor's root-mean-square (1 for an all-zero tensor), so t is a *relative* step: with
-t < 1 an element never changes sign, so a step never crosses a kink or a domain edge at 0 that
-x itself has not reached (log(p) for small p, ReLU inputs), and elements of very different
-sizes each get a step that fits them.
+random direction (``directions``). ``s_i`` is the element's own size |x_i|, floored at a tenth
+of the tensor's root-mean-square (1 for an all-zero tensor), so t is a *relative* step: a step
+fits each element's size, and with t < 1 an element at least that large never changes sign, so
+a step never crosses a kink or a domain edge at 0 that x itself has not reached (log(p), ReLU
+inputs). An element smaller than the floor whose check does not come out clean is checked
+again with steps scaled to its own size (see ``core``).
 
 phi'(0) comes from central differences D(t) = (phi(t) - phi(-t)) / 2t at t0, t0/2, t0/4, ...,
 extrapolated to t = 0 with Ridders' method (C. J. F. Ridders, "Accurate computation of F'(x)
@@ -89,22 +90,34 @@ class Tensor:
                 f"tensor {name!r} is a {type(t).__name__} scalar: a scalar cannot be changed in "
                 f"place, so f would never see the step; pass a 0-d array that f reads "
                 f"(x = np.array(3.0), and f uses x[()])")
+        if isinstance(t, np.ndarray) and type(t) is not np.ndarray:
+            raise TypeError(f"tensor {name!r} is a {type(t).__module__}.{type(t).__name__} (an "
+                            f"ndarray subclass, whose indexing and masks the checker cannot "
+                            f"honour); pass a plain array that f reads")
         kind = _kind(t)
         if kind is None:
             raise TypeError(f"tensor {name!r} is a {type(t).__name__}, not a NumPy, CuPy or "
                             f"array-api-strict array")
         dt = dtype_name(t)
         if dt not in FLOAT_DTYPES:
-            why = ("has about 3 significant digits, too few for finite differences: check in "
-                   "float64 (x.astype(np.float64))" if dt == "float16" else
-                   "is not a real floating-point type: finite differences need a continuous "
-                   "input; check a float64 copy that f reads")
+            if dt == "float16":
+                why = ("has about 3 significant digits, too few for finite differences: check "
+                       "in float64 (x.astype(np.float64))")
+            elif dt.startswith("float"):
+                why = "is not supported: the checker works in float32 and float64"
+            else:
+                why = ("is not a real floating-point type: finite differences need a "
+                       "continuous input; check a float64 copy that f reads")
             raise TypeError(f"tensor {name!r} has dtype {dt}, which {why}")
         self.kind = kind
         self.mem = t._array if kind == "strict" else t
         if kind != "cupy" and not self.mem.flags.writeable:
             raise ValueError(f"tensor {name!r} is read-only: the checker must write the step "
                              f"into the memory f reads")
+        if kind != "cupy" and _overlaps_itself(self.mem):
+            raise ValueError(f"tensor {name!r} is a view whose elements share memory (a zero or "
+                             f"overlapping stride): a step in one element moves others; pass a "
+                             f"copy that f reads")
         self.shape = tuple(int(n) for n in t.shape)
         self.size = int(np.prod(self.shape, dtype=np.int64))
         self.dtype = FLOAT_DTYPES[dt]
@@ -123,7 +136,8 @@ class Tensor:
             raise GradcheckError(f"tensor {name!r} holds a non-finite value at "
                                  f"{list(np.unravel_index(bad, self.shape))}: {self.x0[bad]}")
         ax = np.abs(self.x0)
-        rms = float(np.sqrt(np.mean(ax * ax))) if self.size else 0.0
+        big = float(np.max(ax)) if self.size else 0.0
+        rms = big * float(np.sqrt(np.mean((ax / big) ** 2))) if big > 0 else 0.0
         self.scale = np.maximum(ax, 0.1 * rms if rms > 0 else 1.0)
 
     def write(self, idx, values) -> np.ndarray:
@@ -161,6 +175,18 @@ class Tensor:
         return None if self.kind == "cupy" else self.mem
 
 
+def _overlaps_itself(a: np.ndarray) -> bool:
+    """True if two elements of ``a`` share memory (only strided views can)."""
+    if a.size < 2 or a.flags.c_contiguous or a.flags.f_contiguous:
+        return False
+    if any(st == 0 and n > 1 for st, n in zip(a.strides, a.shape)):
+        return True
+    offs = np.zeros((), dtype=np.int64)
+    for n, st in zip(a.shape, a.strides):
+        offs = offs[..., None] + np.arange(n, dtype=np.int64) * st
+    return np.unique(offs).size < a.size
+
+
 def refuse_overlaps(tensors) -> None:
     """Two tensors that share memory would each move the other: the check is meaningless."""
     host = [(t.name, t.host_memory()) for t in tensors if t.host_memory() is not None]
@@ -184,6 +210,8 @@ def call_scalar(f) -> float:
             f"scalar of it, e.g. sum(G * out) for a fixed random G (check_layer does this)")
     if isinstance(v, (complex, np.complexfloating)) or "complex" in dtype_name(v):
         raise GradcheckError("f must return a real scalar; it returned a complex number")
+    if isinstance(v, (str, bytes, bool, np.bool_)) or dtype_name(v) == "bool":
+        raise GradcheckError(f"f must return a real scalar; it returned a {type(v).__name__}")
     try:
         return float(v)
     except (TypeError, ValueError) as e:
@@ -202,7 +230,7 @@ def check_deterministic(f, n: int = 3, eps: float = 2.2e-16) -> tuple[float, flo
                              f"of a non-finite value cannot be checked")
     spread = max(vals) - min(vals)
     if spread > 64 * eps * max(abs(f0), 1e-300):
-        shown = ", ".join(f"{v:.10g}" for v in vals)
+        shown = ", ".join(f"{v!r}" for v in vals)
         raise NondeterministicError(
             f"f is not deterministic: {n} calls at the same point returned {shown}. Finite "
             f"differences need the same f on every call: hold its randomness fixed (for a VAE "
@@ -230,7 +258,8 @@ class Line:
         try:
             stored = self.T.write(self.idx, self.x0 + t * self.u)
             self.evals += 1
-            v = call_scalar(self.f)
+            with np.errstate(all="ignore"):   # a step outside f's domain is handled, not warned
+                v = call_scalar(self.f)
         finally:
             self.T.restore(self.idx)
         return v, float(np.dot(self.gi, (stored - self.x0) - t * self.u))
@@ -251,7 +280,9 @@ def noise_level(line: Line, f0: float, tau: float) -> float:
         for k in range(1, 7):
             d = np.diff(d)
             gamma = math.factorial(k) ** 2 / math.factorial(2 * k)
-            sig.append(math.sqrt(gamma * float(np.mean(d * d))))
+            big = float(np.max(np.abs(d)))
+            rms = big * math.sqrt(float(np.mean((d / big) ** 2))) if big > 0 else 0.0
+            sig.append(math.sqrt(gamma) * rms)
         sides.append(float(np.median(sig[2:])))
     return min(sides) if sides else 0.0
 

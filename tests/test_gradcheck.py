@@ -553,6 +553,7 @@ def test_atol_covers_gradients_below_the_noise():
     assert check_gradients(f, {"x": x, "y": y}, an, atol=1e-9).passed
 
 
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")   # np.asmatrix
 def test_more_inputs_that_cannot_be_checked_are_refused():
     from numpy.lib.stride_tricks import as_strided
     f = lambda: 1.0  # noqa: E731
@@ -641,3 +642,9 @@ def test_repeatability_compares_with_the_first_call_and_copies_each_result(rng):
     assert any(c.kind == "repeatability" and not c.passed for c in r.checks)
     r = check_layer(Accumulates(), P, x)
     assert not r.passed and any(c.kind == "repeatability" and not c.passed for c in r.checks)
+
+
+def test_cli_seed_must_be_a_non_negative_integer(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["gradcheck", "--seed", "-1"])
+    assert e.value.code == 2 and "argument --seed: expected an integer >= 0" in capsys.readouterr().err

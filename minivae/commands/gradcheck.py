@@ -18,11 +18,23 @@ import time
 HELP = "gradient-check every layer, loss, the sampler and the whole VAE/Autoencoder (float64)"
 
 
+def _seed(text):
+    import argparse
+
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
+
+
 def add_arguments(p):
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--backend", default="numpy", choices=["numpy", "strict", "cupy"],
                    help="array backend to check on (default numpy)")
-    p.add_argument("--seed", type=int, default=0, help="seed for inputs, weights and directions")
+    p.add_argument("--seed", type=_seed, default=0, help="seed for inputs, weights and directions")
     p.add_argument("--full", action="store_true",
                    help="also check the default-size 784-400-20 VAE (random-direction mode)")
 

@@ -196,6 +196,20 @@ def cases():
     out.append(Case("ReLU at 0, gradient 5 there", {"x": xr.copy()}, relu,
                     lambda d: {"x": np.array([5.0, 2.0, 0.0, 4.0])}, bug="wrong at the kink",
                     where=("x", (0,))))
+    # found by a new user's attack on an earlier version of minivae's checker
+    xl = np.array([1e-8, 0.5, 2.0])
+    out.append(Case("log(x), x[0] = 1e-8 beside 0.5, 10% wrong", {"x": xl},
+                    lambda d: float(np.sum(np.log(d["x"]))),
+                    lambda d: {"x": np.array([1.1e8, 2.0, 0.5])}, bug="10% wrong", where=("x", (0,))))
+    xa = np.array([1e-12, 1.0, 0.5])
+    out.append(Case("abs(x) at x[0] = 1e-12, sign flipped", {"x": xa},
+                    lambda d: float(np.sum(np.abs(d["x"]))),
+                    lambda d: {"x": np.array([-1.0, 1.0, 1.0])}, bug="wrong sign", where=("x", (0,))))
+    xt = np.array([1.0, 1.0, 0.5])
+    out.append(Case("max with a tie, gradient to both", {"x": xt}, lambda d: float(np.max(d["x"])),
+                    lambda d: {"x": np.array([1.0, 1.0, 0.0])}, bug="double counted"))
+    out.append(Case("max with a tie, gradient to one", {"x": xt.copy()},
+                    lambda d: float(np.max(d["x"])), lambda d: {"x": np.array([1.0, 0.0, 0.0])}))
     a9 = np.array([1e-9])
     out.append(Case("a^3 at a = 1e-9", {"a": a9}, lambda d: float(d["a"][0] ** 3),
                     lambda d: {"a": 3 * d["a"] ** 2}))
@@ -385,7 +399,7 @@ def main(argv=None):
     md = _markdown(rows, checkers, summary)
     print("\n" + md)
     if args.save:
-        _machine.save("checkers", {"machine": info, "versions": {"minivae": minivae.__version__, **have},
+        _machine.save("checkers.json", {"machine": info, "versions": {"minivae": minivae.__version__, **have},
                                    "checkers": checkers, "rows": rows, "summary": summary})
         (_machine.RESULTS / "checkers.md").write_text(md + "\n")
         print(f"wrote {_machine.RESULTS / 'checkers.json'} and checkers.md")

@@ -648,3 +648,92 @@ def test_cli_seed_must_be_a_non_negative_integer(capsys):
     with pytest.raises(SystemExit) as e:
         main(["gradcheck", "--seed", "-1"])
     assert e.value.code == 2 and "argument --seed: expected an integer >= 0" in capsys.readouterr().err
+
+
+# -- found by the second attack ----------------------------------------------------------------
+def test_a_tie_between_two_tensors_must_add_up_too():
+    rng = rng_(0)
+    x, y = rng.standard_normal(6), rng.standard_normal(6)
+    y[2], y[4] = x[2], x[4]
+    G = rng.standard_normal(6) + 2
+    f = lambda: float(np.sum(G * np.maximum(x, y)))  # noqa: E731
+    r = check_gradients(f, {"x": x, "y": y}, {"x": G * (x >= y), "y": G * (y >= x)})
+    assert not r.passed and r.checks[-1].name == "kinks across x, y"
+    assert "do not add up" in r.checks[-1].note
+    assert check_gradients(f, {"x": x, "y": y}, {"x": G * (x >= y), "y": G * (y > x)}).passed
+
+
+def lse(x):
+    m = x.max()
+    return float(m + np.log(np.sum(np.exp(x - m))))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_data_far_from_zero_is_checked_on_its_own_scale(seed):
+    """x = 3e5 + noise: relative steps are far too big for logsumexp; the smaller retry step
+    finds the true derivative, so the right softmax passes and a 1% error fails."""
+    x = 3e5 + rng_(seed).standard_normal(8)
+    e = np.exp(x - x.max())
+    g = e / e.sum()
+    assert check_gradients(lambda: lse(x), {"x": x}, {"x": g}).passed
+    bad = g.copy()
+    bad[np.argmax(g)] *= 1.01
+    assert not check_gradients(lambda: lse(x), {"x": x}, {"x": bad}).passed
+
+
+class BatchNorm:
+    """Batch normalisation over rows (Ioffe and Szegedy 2015): x (N, D) -> out (N, D)."""
+
+    def forward(self, p, x):
+        xc = x - x.mean(0)
+        inv = 1 / np.sqrt((xc ** 2).mean(0) + 1e-5)
+        xh = xc * inv
+        return xh * p["g"] + p["b"], (xh, inv)
+
+    def backward(self, p, dout, cache):
+        xh, inv = cache
+        n = dout.shape[0]
+        dxh = dout * p["g"]
+        dx = inv / n * (n * dxh - dxh.sum(0) - xh * (dxh * xh).sum(0))
+        return dx, {"g": (dout * xh).sum(0), "b": dout.sum(0)}
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4, 1e5])
+def test_a_normalisation_layer_passes_at_any_offset_and_its_dout_is_not_its_input(offset):
+    x = offset + rng_(0).standard_normal((8, 4))      # the same stream check_layer's seed 0 once used
+    p = {"g": rng_(1).uniform(0.5, 1.5, 4), "b": np.full(4, 0.1)}
+    r = check_layer(BatchNorm(), p, x, name="BN")
+    assert r.passed, r.table()
+
+
+def test_f_in_float32_behind_float64_tensors_is_not_resolved_to_float64_claims():
+    rng = rng_(0)
+    W, X, G = rng.standard_normal((6, 5)), rng.standard_normal((4, 6)).astype(np.float32), \
+        rng.standard_normal((4, 5)).astype(np.float32)
+    f = lambda: float(np.sum(G * np.tanh(X @ W.astype(np.float32))))  # noqa: E731
+    g = (X.T.astype(np.float64) @ (G * (1 - np.tanh(X @ W.astype(np.float32)) ** 2)))
+    bad = g.copy()
+    bad[2, 3] *= 1.01
+    c = check_gradients(f, {"W": W}, {"W": bad}).checks[0]
+    assert not c.passed and "computed in float32" in c.note
+
+
+def test_suite_and_model_entry_points_refuse_bad_arguments_in_one_line():
+    from minivae.gradcheck import run_all
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        run_all("numpy", seed=-1)
+    with pytest.raises(ValueError, match="full must be True or False"):
+        run_all("numpy", 0, "yes")
+    m = VAE(12, (10,), 3, dtype="float64")
+    with pytest.raises(GradcheckError, match="must be a .B, D. array"):
+        check_model(m, [[0.5] * 12] * 3)
+    with pytest.raises(GradcheckError, match="needs a minivae VAE"):
+        check_model(None, np.ones((2, 12)))
+    with pytest.raises(TypeError, match="f must be a callable"):
+        check_gradients(3.0, {"x": np.ones(2)}, {"x": np.ones(2)})
+
+    class NotArray(_Lin):
+        def forward(self, params, x):
+            return 1.5, x
+    with pytest.raises(GradcheckError, match="out must be an array"):
+        check_layer(NotArray(), {"W": np.ones((3, 2))}, np.ones((4, 3)))

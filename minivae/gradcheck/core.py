@@ -35,17 +35,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .numeric import (FLOAT_DTYPES, GradcheckError, Line, Tensor, call_scalar,
+from .numeric import (FLOAT_DTYPES, GradcheckError, Line, MultiLine, Tensor, call_scalar,
                       check_deterministic, noise_level, refuse_overlaps, ridders, to_host)
 from .report import Check, Report
 
 # Per dtype: first relative step, most Ridders rows, the step for the noise probe, default
 # rtol, and the tolerance for "the analytic value is one of the one-sided slopes".
 SETTINGS = {
-    np.float64: dict(t0=2.0 ** -12, rows=8, tau=2.0 ** -20, rtol=1e-7, kink_rtol=1e-4),
-    np.float32: dict(t0=2.0 ** -8, rows=8, tau=2.0 ** -10, rtol=1e-2, kink_rtol=1e-2),
+    np.float64: dict(t0=2.0 ** -12, rows=8, tau=2.0 ** -20, rtol=1e-7, kink_rtol=1e-4,
+                     resolve=1e-2, retry=2.0 ** -10),
+    np.float32: dict(t0=2.0 ** -8, rows=8, tau=2.0 ** -10, rtol=1e-2, kink_rtol=1e-2,
+                     resolve=0.25, retry=2.0 ** -4),
 }
-RESOLVE = 0.25   # an item is unresolved when 3 * err exceeds this share of the tensor's scale
+# resolve: an item is unresolved when 3 * err exceeds this share of the tensor's scale.
+# retry: a comparison that is not clean, or only coarsely resolved, is done again from a
+# first step this many times smaller (data far from 0, x = 1e5 + noise, varies on a scale far
+# below |x|), and the better-resolved of the two counts.
 MODES = ("auto", "exact", "directions", "sparse")
 BAD = ("fail", "discontinuity", "unresolved")
 
@@ -98,6 +103,9 @@ def check_gradients(f, tensors: dict, analytic: dict, *, mode: str = "auto", rto
     (ValueError) or TypeError when the inputs cannot be checked, NondeterministicError when f
     is not deterministic. See the module docstring for the rules.
     """
+    if not callable(f):
+        raise TypeError(f"f must be a callable with no arguments returning a scalar; got "
+                        f"{type(f).__name__}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
     for pname, v, lo in (("n_directions", n_directions, 1), ("n_samples", n_samples, 1),
@@ -123,7 +131,11 @@ def check_gradients(f, tensors: dict, analytic: dict, *, mode: str = "auto", rto
         if not hasattr(analytic[T.name], "shape"):
             raise GradcheckError(f"analytic gradient for {T.name!r} is a "
                                  f"{type(analytic[T.name]).__name__}, not an array")
-        g = to_host(analytic[T.name])
+        try:
+            g = to_host(analytic[T.name])
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise GradcheckError(f"analytic gradient for {T.name!r} could not be read as an "
+                                 f"array ({type(e).__name__}: {e}); pass a NumPy/CuPy array") from None
         if tuple(g.shape) != T.shape:
             raise GradcheckError(f"analytic gradient for {T.name!r} has shape {tuple(g.shape)}, "
                                  f"the tensor has {T.shape}")
@@ -136,15 +148,20 @@ def check_gradients(f, tensors: dict, analytic: dict, *, mode: str = "auto", rto
     f0, spread = check_deterministic(f, eps=eps_f)
     rng = np.random.default_rng(seed)
     report = Report(name)
+    kinked = []
     for T in Ts:
         t_start = time.perf_counter()
-        chk = _check_tensor(f, f0, spread, T, gs[T.name], mode, rtol, atol, rng, n_directions,
-                            n_samples, exact_max, locate_max, kink_check,
-                            allow_discontinuities, max_comparisons)
+        chk, tc = _check_tensor(f, f0, spread, T, gs[T.name], mode, rtol, atol, rng,
+                                n_directions, n_samples, exact_max, locate_max, kink_check,
+                                allow_discontinuities, max_comparisons)
         chk.name = T.name
         chk.dtype = np.dtype(T.dtype).name
         report.checks.append(chk)
         chk.seconds = time.perf_counter() - t_start
+        if tc is not None and tc.kinks:
+            kinked.append(tc)
+    if len(kinked) >= 2:
+        report.checks.append(_joint_kinks_across(kinked, rng))
     f_end = call_scalar(f)
     if not abs(f_end - f0) <= 64 * eps_f * max(abs(f0), 1e-300):
         raise GradcheckError(f"f changed during the check: {f0!r} before, {f_end!r} "
@@ -172,9 +189,10 @@ class _Tensorcheck:
         self.f, self.f0, self.T, self.g = f, f0, T, g
         s = SETTINGS[T.dtype]
         self.t0, self.rows, self.kink_rtol = s["t0"], s["rows"], s["kink_rtol"]
+        self.resolve, self.retry = s["resolve"], s["retry"]
         self.rtol = s["rtol"] if rtol is None else rtol
         self.atol, self.kink_check, self.allow_disc = atol, kink_check, allow_disc
-        self.evals, self.comparisons = 0, 0
+        self.evals, self.comparisons, self.kinks = 0, 0, {}
         self.gmax = float(np.max(np.abs(g))) if g.size else 0.0
         # f's round-off noise along a random direction of this tensor, floored by the spread
         # of repeated calls and by half an ulp of f.
@@ -183,10 +201,33 @@ class _Tensorcheck:
             v = np.random.default_rng(12345).standard_normal(T.size)
             size = np.where(T.x0 != 0, np.abs(T.x0), T.scale)   # tiny steps never cross 0
             line = Line(f, T, np.arange(T.size), size * v / np.max(np.abs(v)), g)
-            self.sigma = max(self.sigma, noise_level(line, f0, s["tau"]))
+            # the smaller of two probes: curvature shrinks with the step, noise does not
+            # Probes at several tiny steps; a probe below f's resolution says nothing (a
+            # float32 f behind float64 tensors), curvature inflates the larger ones (data far
+            # from 0): the smallest usable estimate counts.
+            probes = [noise_level(line, f0, s["tau"] * 2.0 ** k) for k in (-8, 0, 8, 16)]
+            probes = [p for p in probes if math.isfinite(p)]
+            self.sigma = max(self.sigma, min(probes) if probes else 0.0)
             self.evals += line.evals
 
     def compare(self, idx, u, element: bool, t0: float | None = None) -> Item:
+        """One comparison along u, done again from a smaller first step when the first is
+        not clean or only coarsely resolved; the better-resolved result counts."""
+        t0 = t0 or self.t0
+        it = self._compare(idx, u, element, t0)
+        coarse = 3 * it.err > 100 * self.rtol * max(abs(it.a), abs(it.n), it.size)
+        if it.status == "ok" and it.clean and not coarse:
+            return it
+        again = self._compare(idx, u, element, t0 * self.retry)
+        better = math.isfinite(again.n) and (not math.isfinite(it.n) or again.err < it.err) \
+            and (again.clean or not it.clean)
+        if better and it.status == "ok" and it.clean:
+            # a refinement of a clean first estimate must agree with it: smaller steps can
+            # fall below f's resolution (a float32 f behind float64 tensors) and read 0
+            better = abs(again.n - it.n) <= 3 * (it.err + again.err)
+        return again if better else it
+
+    def _compare(self, idx, u, element: bool, t0: float) -> Item:
         self.comparisons += 1
         line = Line(self.f, self.T, idx, u, self.g)
         a = line.a
@@ -194,7 +235,7 @@ class _Tensorcheck:
         # rtol in one element stays visible in the sum.
         rtol = self.rtol if element else self.rtol / math.sqrt(max(len(idx), 1))
         target = lambda v: 0.1 * (self.atol + rtol * max(abs(a), abs(v)))  # noqa: E731
-        est = ridders(line, self.f0, t0 or self.t0, self.rows, self.sigma, target, self.rtol)
+        est = ridders(line, self.f0, t0, self.rows, self.sigma, target, self.rtol)
         n, err = est.value, est.error
         unit = float(u[0]) if element else 1.0
         step = est.t * (float(np.max(np.abs(u))) if len(u) else 0.0)
@@ -214,7 +255,7 @@ class _Tensorcheck:
             wrong = differs or not est.consistent
             if wrong:   # a direction that merely mixed in a kink is bisected, not failed
                 item.status = "fail" if element or (differs and est.consistent) else "mismatch"
-            if element and (wrong or 3 * err > RESOLVE * max(abs(a), abs(n))):
+            if element and (wrong or 3 * err > self.resolve * max(abs(a), abs(n))):
                 self._classify(item, line, est, wrong)
         self.evals += line.evals
         return item
@@ -279,7 +320,7 @@ class _Tensorcheck:
             return it
         again = self.compare(np.array([i]), np.array([x]), True, t0=0.5)   # |step| <= x/2
         e = 3 * again.err / x
-        if math.isfinite(again.n) and e <= max(RESOLVE * self.gmax, self.atol):
+        if math.isfinite(again.n) and e <= max(self.resolve * self.gmax, self.atol):
             again.note = (again.note + "; " if again.note else "") + \
                 f"checked with steps under |x| = {x:.2g}"
             return again
@@ -315,7 +356,7 @@ def _check_tensor(f, f0, spread, T, g, mode, rtol, atol, rng, n_directions, n_sa
                   exact_max, locate_max, kink_check, allow_disc, max_comparisons) -> Check:
     if T.size == 0:
         return Check("", False, mode=mode, note="empty tensor: nothing to compare, so no "
-                     "evidence either way; leave it out")
+                     "evidence either way; leave it out"), None
     tc = _Tensorcheck(f, f0, spread, T, g, rtol, atol, kink_check, allow_disc)
     tc.locate_max = locate_max
     m = mode if mode != "auto" else ("exact" if T.size <= exact_max else "directions")
@@ -364,7 +405,37 @@ def _check_tensor(f, f0, spread, T, g, mode, rtol, atol, rng, n_directions, n_sa
         items += [tc.element(int(i)) for i in idx if int(i) not in done]
     m += "->located" if located else ""
     items += _joint_kinks(tc, items, rng)
-    return _summarise(items, T, tc, m, allow_disc, notes)
+    tc.kinks = {it.index: it.side for it in items if it.status == "kink" and it.side}
+    return _summarise(items, T, tc, m, allow_disc, notes), tc
+
+
+def _kink_line(tc, kinks, rng) -> Line:
+    """The direction that moves every kink element toward its matched side."""
+    idx = np.array(sorted(kinks))
+    side = np.array([kinks[i] for i in idx], dtype=np.float64)
+    v = np.abs(rng.standard_normal(len(idx))) + 0.5
+    return Line(tc.f, tc.T, idx, tc.T.scale[idx] * side * v / np.max(v), tc.g)
+
+
+def _joint_kinks_across(tcs, rng) -> Check:
+    """The joint kink test over several tensors at once (a tie between max(x, y)'s two
+    inputs is a kink in each; sending the gradient to both passes each tensor alone)."""
+    line = MultiLine([_kink_line(tc, tc.kinks, rng) for tc in tcs])
+    ref = tcs[0]
+    est = ridders(line, ref.f0, ref.t0, ref.rows, max(tc.sigma for tc in tcs), lambda _: 0.0,
+                  ref.rtol)
+    q, e = est.fwd
+    a = line.a
+    tol = max(tc.kink_rtol for tc in tcs)
+    names = ", ".join(f"{tc.T.name} ({len(tc.kinks)})" for tc in tcs)
+    ok = math.isfinite(q) and abs(a - q) <= ref.atol + tol * max(abs(a), abs(q)) + 3 * e
+    return Check("kinks across " + ", ".join(tc.T.name for tc in tcs), ok,
+                 abs(a - q) if math.isfinite(q) else math.inf, mode="joint", n_checked=1,
+                 analytic=a, numeric=q, step=est.t, evaluations=line.evals,
+                 dtype=np.dtype(ref.T.dtype).name,
+                 note="" if ok else (f"the kinks in {names} do not add up: moved together "
+                                     f"toward the sides their analytic values match, f's slope "
+                                     f"is {q:.6g}, the analytic values sum to {a:.6g}"))
 
 
 def _joint_kinks(tc, items, rng) -> list:
@@ -375,11 +446,8 @@ def _joint_kinks(tc, items, rng) -> list:
     kinks = {it.index: it.side for it in items if it.status == "kink" and it.side}
     if len(kinks) < 2:
         return []
-    idx = np.array(sorted(kinks))
-    side = np.array([kinks[i] for i in idx], dtype=np.float64)
-    v = np.abs(rng.standard_normal(len(idx))) + 0.5
-    u = tc.T.scale[idx] * side * v / np.max(v)
-    line = Line(tc.f, tc.T, idx, u, tc.g)
+    line = _kink_line(tc, kinks, rng)
+    idx = line.idx
     est = ridders(line, tc.f0, tc.t0, tc.rows, tc.sigma, lambda _: 0.0, tc.rtol)
     tc.evals += line.evals
     q, e = est.fwd if idx.size else (math.nan, math.inf)
@@ -405,10 +473,13 @@ def _summarise(items, T, tc, mode, allow_disc, notes) -> Check:
         ref = scale if it.index is not None else max(abs(it.a), abs(it.n), it.size)
         if it.status == "ok" and ref > 0:
             res.append(e / ref)
-            if e > max(RESOLVE * ref, tc.atol):
+            if e > max(tc.resolve * ref, tc.atol):
                 it.status = "unresolved"
                 it.note = (f"numeric derivative only known to +-{e:.2g} (against {ref:.2g})"
-                           + ("; check in float64" if T.dtype != np.float64 else ""))
+                           + ("; check in float64" if T.dtype != np.float64 else
+                              f"; f's round-off noise is {tc.sigma / abs(tc.f0):.0e} of f: is it "
+                              f"computed in float32?" if tc.f0 and tc.sigma > 1e-10 * abs(tc.f0)
+                              else ""))
         if it.status == "discontinuity" and allow_disc:
             it.status = "kink"
     ok = [it for it in items if it.status == "ok"]
@@ -423,7 +494,7 @@ def _summarise(items, T, tc, mode, allow_disc, notes) -> Check:
         chk.max_abs_error = float(np.max(err))
         chk.max_rel_error = float(np.max(err)) / float(np.max(big)) if np.max(big) > 0 else \
             (math.inf if np.max(err) > 0 else 0.0)
-        ok_res = [r for r in res if r <= RESOLVE]
+        ok_res = [r for r in res if r <= tc.resolve]
         chk.resolution = float(max(ok_res)) if ok_res else math.nan
     pool = [it for it in bad if it.index is not None] or bad or ok
     if pool:
@@ -446,7 +517,10 @@ def _summarise(items, T, tc, mode, allow_disc, notes) -> Check:
                      "no evidence: nothing could be compared")
     if len(bad) >= 2:
         stopped = "located" in mode and len(bad) >= tc.locate_max
-        notes.append(f"{'at least ' if stopped else ''}{len(bad)} wrong items"
+        unres = sum(it.status == "unresolved" for it in bad)
+        what = "wrong items" if not unres else \
+            ("unresolved items" if unres == len(bad) else f"failed items ({unres} unresolved)")
+        notes.append(f"{'at least ' if stopped else ''}{len(bad)} {what}"
                      + (f" (bisection stops once locate_max={tc.locate_max} are found)"
                         if stopped else ""))
     chk.note = "; ".join(notes)

@@ -63,7 +63,9 @@ def check_layer(layer, params: dict, x, *, seed: int = 0, rtol=None, mode="auto"
         if not hasattr(v, "shape"):
             raise GradcheckError(f"{name}: input {k!r} is a {type(v).__name__}, not an array")
     xp = array_namespace(next(iter(inputs.values())))
-    rng = np.random.default_rng(seed)
+    # G's stream is derived from the seed, not equal to default_rng(seed): a user's own inputs
+    # drawn from default_rng(0) would otherwise be G itself.
+    rng = np.random.default_rng([seed, 0x6C61796572])
 
     def forward():
         res = call(params, inputs)
@@ -74,6 +76,9 @@ def check_layer(layer, params: dict, x, *, seed: int = 0, rtol=None, mode="auto"
 
     out, cache = forward()
     outs = _as_tuple(out)
+    if not all(hasattr(o, "shape") and hasattr(o, "dtype") for o in outs):
+        raise GradcheckError(f"{name}: forward's out must be an array or a tuple of arrays; got "
+                             f"{type(out).__name__}")
     dtypes = [dtype_name(o) for o in outs]
     G = tuple(xp.asarray(np.asarray(rng.standard_normal(tuple(o.shape)),
                                     dtype=FLOAT_DTYPES.get(d, np.float64)))

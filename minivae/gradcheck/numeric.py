@@ -133,8 +133,9 @@ class Tensor:
         self.x0 = self.orig.reshape(-1).astype(np.float64)
         if not np.all(np.isfinite(self.x0)):
             bad = int(np.flatnonzero(~np.isfinite(self.x0))[0])
-            raise GradcheckError(f"tensor {name!r} holds a non-finite value at "
-                                 f"{list(np.unravel_index(bad, self.shape))}: {self.x0[bad]}")
+            where = [int(k) for k in np.unravel_index(bad, self.shape)]
+            raise GradcheckError(f"tensor {name!r} holds a non-finite value at {where}: "
+                                 f"{self.x0[bad]}")
         ax = np.abs(self.x0)
         big = float(np.max(ax)) if self.size else 0.0
         rms = big * float(np.sqrt(np.mean((ax / big) ** 2))) if big > 0 else 0.0
@@ -251,7 +252,8 @@ class Line:
         self.u = np.asarray(u, dtype=np.float64)
         self.gi = g[self.idx]
         self.x0 = tensor.x0[self.idx]
-        self.a = float(np.dot(self.gi, self.u))
+        with np.errstate(all="ignore"):
+            self.a = float(np.dot(self.gi, self.u))
         self.evals = 0
 
     def __call__(self, t: float) -> tuple[float, float]:
@@ -262,7 +264,34 @@ class Line:
                 v = call_scalar(self.f)
         finally:
             self.T.restore(self.idx)
-        return v, float(np.dot(self.gi, (stored - self.x0) - t * self.u))
+        with np.errstate(all="ignore"):
+            return v, float(np.dot(self.gi, (stored - self.x0) - t * self.u))
+
+
+class MultiLine:
+    """phi(t) = f(x + t u) with u spread over several tensors: a list of Lines moved at once
+    (the joint test of kinks in different tensors). Same interface as :class:`Line`."""
+
+    def __init__(self, lines):
+        self.lines = lines
+        self.a = float(sum(ln.a for ln in lines))
+        self.evals = 0
+
+    def __call__(self, t: float) -> tuple[float, float]:
+        corr, done = 0.0, []
+        try:
+            for ln in self.lines:
+                stored = ln.T.write(ln.idx, ln.x0 + t * ln.u)
+                done.append(ln)
+                with np.errstate(all="ignore"):
+                    corr += float(np.dot(ln.gi, (stored - ln.x0) - t * ln.u))
+            self.evals += 1
+            with np.errstate(all="ignore"):
+                v = call_scalar(self.lines[0].f)
+        finally:
+            for ln in done:
+                ln.T.restore(ln.idx)
+        return v, corr
 
 
 def noise_level(line: Line, f0: float, tau: float) -> float:
@@ -270,12 +299,13 @@ def noise_level(line: Line, f0: float, tau: float) -> float:
     differences of phi at t = tau, 2 tau, ..., 7 tau (tau tiny) vanish for a smooth function
     and not for noise; sigma_k^2 = (k!)^2/(2k)! * mean((Delta^k phi)^2), median over k = 3..6.
     Done on each side of t = 0 separately (a kink at x itself would read as noise), and the
-    smaller side is kept."""
+    smaller side is kept. NaN when neither side is usable (f not finite, or the steps too
+    small for f to change: a float32 f behind float64 tensors)."""
     sides = []
     for sgn in (1, -1):
         vals = [line(sgn * k * tau)[0] for k in range(1, 8)]
-        if not all(math.isfinite(v) for v in vals):
-            continue
+        if not all(math.isfinite(v) for v in vals) or len(set(vals)) < len(vals):
+            continue    # not finite, or a step near f's resolution: this side says nothing
         d, sig = np.array(vals), []
         for k in range(1, 7):
             d = np.diff(d)
@@ -283,8 +313,9 @@ def noise_level(line: Line, f0: float, tau: float) -> float:
             big = float(np.max(np.abs(d)))
             rms = big * math.sqrt(float(np.mean((d / big) ** 2))) if big > 0 else 0.0
             sig.append(math.sqrt(gamma) * rms)
-        sides.append(float(np.median(sig[2:])))
-    return min(sides) if sides else 0.0
+        if np.median(sig[2:]) > 0:
+            sides.append(float(np.median(sig[2:])))
+    return min(sides) if sides else math.nan
 
 
 class _Tableau:

@@ -28,6 +28,11 @@ def run_all(backend="numpy", seed=0, full=False) -> Report:
     from ..backend import get_backend
     from ..models import VAE, Autoencoder
 
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0; got {seed!r}")
+    if not isinstance(full, bool):
+        raise ValueError(f"full must be True or False; got {full!r}")
+
     be = get_backend(backend)
     xp = be.xp
     rng = np.random.default_rng(seed)
@@ -118,6 +123,15 @@ def check_model(model, x, *, seed=0, name="model", mode="auto", **kwargs) -> Rep
     ``<name>.<tensor>`` (e.g. ``VAE.enc.0.W``). Other keyword arguments go to
     :func:`check_gradients`."""
 
+    from .numeric import GradcheckError
+
+    if not (hasattr(model, "loss_and_grads") and hasattr(model, "params")):
+        raise GradcheckError(f"check_model needs a minivae VAE or Autoencoder; got "
+                             f"{type(model).__name__}")
+    if not model.backend.is_array(x):
+        raise GradcheckError(f"x must be a (B, D) array on the model's backend "
+                             f"({model.backend.name}); got {type(x).__name__}: convert it with "
+                             f"model.backend.asarray(x)")
     eps = model.draw_eps(x.shape[0]) if hasattr(model, "draw_eps") else None
     model.loss_and_grads(x, eps)
     analytic = {k: model.xp.asarray(v, copy=True) for k, v in model.params.grad_views.items()}

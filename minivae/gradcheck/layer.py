@@ -61,7 +61,11 @@ def check_layer(layer, params: dict, x, *, seed: int = 0, rtol=None, mode="auto"
         raise GradcheckError(f"{name}: no inputs given; x is one array, a tuple or a dict")
     for k, v in inputs.items():
         if not hasattr(v, "shape"):
-            raise GradcheckError(f"{name}: input {k!r} is a {type(v).__name__}, not an array")
+            hint = (" (a list is taken as a list of inputs: pass one input as an array, "
+                    "np.asarray(x), or several as a tuple of arrays)"
+                    if isinstance(x, list) else "")
+            raise GradcheckError(f"{name}: input {k!r} is a {type(v).__name__}, not an "
+                                 f"array{hint}")
     xp = array_namespace(next(iter(inputs.values())))
     # G's stream is derived from the seed, not equal to default_rng(seed): a user's own inputs
     # drawn from default_rng(0) would otherwise be G itself.
@@ -79,6 +83,10 @@ def check_layer(layer, params: dict, x, *, seed: int = 0, rtol=None, mode="auto"
     if not all(hasattr(o, "shape") and hasattr(o, "dtype") for o in outs):
         raise GradcheckError(f"{name}: forward's out must be an array or a tuple of arrays; got "
                              f"{type(out).__name__}")
+    if not all(dtype_name(o) in FLOAT_DTYPES for o in outs):
+        raise GradcheckError(f"{name}: forward's out has dtype "
+                             f"{', '.join(dtype_name(o) for o in outs)}; a differentiable output "
+                             f"is float32 or float64")
     dtypes = [dtype_name(o) for o in outs]
     G = tuple(xp.asarray(np.asarray(rng.standard_normal(tuple(o.shape)),
                                     dtype=FLOAT_DTYPES.get(d, np.float64)))

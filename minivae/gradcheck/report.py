@@ -99,6 +99,11 @@ class Report:
             verdict = "FAILED (nothing was checked)"
         else:
             verdict = "PASSED" if self.passed else f"FAILED ({len(self.failed)} of {len(self.checks)} checks)"
+            coarse = [(c.resolution, c.name) for c in self.checks
+                      if c.passed and c.kind == "gradient" and c.resolution > 1e-6]
+            if self.passed and coarse:   # NaN resolutions compare False and drop out
+                r, who = max(coarse)
+                verdict += f" (resolved only to {r:.0e} of the largest gradient in {who})"
         out = [f"{self.name}: {verdict}", line(head), line(["-" * w for w in widths])]
         return "\n".join(out + [line(r) for r in rows])
 

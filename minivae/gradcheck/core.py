@@ -360,7 +360,7 @@ def _check_tensor(f, f0, spread, T, g, mode, rtol, atol, rng, n_directions, n_sa
     tc = _Tensorcheck(f, f0, spread, T, g, rtol, atol, kink_check, allow_disc)
     tc.locate_max = locate_max
     m = mode if mode != "auto" else ("exact" if T.size <= exact_max else "directions")
-    items, notes = [], []
+    items = []
     # sparse: a sample of elements, plus one direction through the whole tensor (bisected
     # if it fails), so a wrong element outside the sample is still caught.
     n_dir = 1 if m == "sparse" else n_directions
@@ -406,7 +406,7 @@ def _check_tensor(f, f0, spread, T, g, mode, rtol, atol, rng, n_directions, n_sa
     m += "->located" if located else ""
     items += _joint_kinks(tc, items, rng)
     tc.kinks = {it.index: it.side for it in items if it.status == "kink" and it.side}
-    return _summarise(items, T, tc, m, allow_disc, notes), tc
+    return _summarise(items, T, tc, m, allow_disc), tc
 
 
 def _kink_line(tc, kinks, rng) -> Line:
@@ -417,52 +417,58 @@ def _kink_line(tc, kinks, rng) -> Line:
     return Line(tc.f, tc.T, idx, tc.T.scale[idx] * side * v / np.max(v), tc.g)
 
 
-def _joint_kinks_across(tcs, rng) -> Check:
-    """The joint kink test over several tensors at once (a tie between max(x, y)'s two
-    inputs is a kink in each; sending the gradient to both passes each tensor alone)."""
-    line = MultiLine([_kink_line(tc, tc.kinks, rng) for tc in tcs])
+def _kinks_add_up(line, tcs):
+    """Kinks excused one by one must also add up. Move every kink element at once toward the
+    side whose slope its analytic value matched: if f is separable there (ReLU inputs on 0),
+    f's one-sided slope along that direction is the sum of the analytic terms; if it is not
+    (a gradient sent to every tied element of a max, or to both inputs of max(x, y)), it is
+    not, and that is a failure. -> (ok, analytic sum, f's slope, its error, step)."""
     ref = tcs[0]
     est = ridders(line, ref.f0, ref.t0, ref.rows, max(tc.sigma for tc in tcs), lambda _: 0.0,
                   ref.rtol)
     q, e = est.fwd
     a = line.a
     tol = max(tc.kink_rtol for tc in tcs)
-    names = ", ".join(f"{tc.T.name} ({len(tc.kinks)})" for tc in tcs)
     ok = math.isfinite(q) and abs(a - q) <= ref.atol + tol * max(abs(a), abs(q)) + 3 * e
-    return Check("kinks across " + ", ".join(tc.T.name for tc in tcs), ok,
-                 abs(a - q) if math.isfinite(q) else math.inf, mode="joint", n_checked=1,
-                 analytic=a, numeric=q, step=est.t, evaluations=line.evals,
-                 dtype=np.dtype(ref.T.dtype).name,
-                 note="" if ok else (f"the kinks in {names} do not add up: moved together "
-                                     f"toward the sides their analytic values match, f's slope "
-                                     f"is {q:.6g}, the analytic values sum to {a:.6g}"))
+    return ok, a, q, e, est.t
 
 
 def _joint_kinks(tc, items, rng) -> list:
-    """Kinks excused one by one must also add up. Move every kink element at once toward the
-    side whose slope its analytic value matched: if f is separable there (ReLU inputs on 0),
-    f's one-sided slope along that direction is the sum of the analytic terms; if it is not
-    (a gradient sent to every tied element of a max), it is not, and that is a failure."""
+    """The joint kink test within one tensor: [] or one failing Item."""
     kinks = {it.index: it.side for it in items if it.status == "kink" and it.side}
     if len(kinks) < 2:
         return []
     line = _kink_line(tc, kinks, rng)
-    idx = line.idx
-    est = ridders(line, tc.f0, tc.t0, tc.rows, tc.sigma, lambda _: 0.0, tc.rtol)
+    ok, a, q, e, t = _kinks_add_up(line, [tc])
     tc.evals += line.evals
-    q, e = est.fwd if idx.size else (math.nan, math.inf)
-    a = line.a
-    if math.isfinite(q) and abs(a - q) <= tc.atol + tc.kink_rtol * max(abs(a), abs(q)) + 3 * e:
+    if ok:
         return []
+    idx = line.idx
     where = ", ".join(str([int(k) for k in np.unravel_index(int(i), tc.T.shape)]) for i in idx[:4])
     where += ", ..." if len(idx) > 4 else ""
-    return [Item(a, q, e, est.t, "fail", None, 1.0, size=abs(a),
+    return [Item(a, q, e, t, "fail", None, 1.0, size=abs(a),
                  note=(f"the {len(idx)} kinks at {where} do not add up: moved together toward "
                        f"the sides their analytic values match, f's slope is {q:.6g}, the "
                        f"analytic values sum to {a:.6g}"))]
 
 
-def _summarise(items, T, tc, mode, allow_disc, notes) -> Check:
+def _joint_kinks_across(tcs, rng) -> Check:
+    """The joint kink test over several tensors at once (a tie between max(x, y)'s two
+    inputs is a kink in each; sending the gradient to both passes each tensor alone)."""
+    line = MultiLine([_kink_line(tc, tc.kinks, rng) for tc in tcs])
+    ok, a, q, e, t = _kinks_add_up(line, tcs)
+    names = ", ".join(f"{tc.T.name} ({len(tc.kinks)})" for tc in tcs)
+    return Check("kinks across " + ", ".join(tc.T.name for tc in tcs), ok,
+                 abs(a - q) if math.isfinite(q) else math.inf, mode="joint", n_checked=1,
+                 analytic=a, numeric=q, step=t, evaluations=line.evals,
+                 dtype=np.dtype(tcs[0].T.dtype).name,
+                 note="" if ok else (f"the kinks in {names} do not add up: moved together "
+                                     f"toward the sides their analytic values match, f's slope "
+                                     f"is {q:.6g}, the analytic values sum to {a:.6g}"))
+
+
+def _summarise(items, T, tc, mode, allow_disc) -> Check:
+    notes = []
     # Evidence must resolve something. An element is measured against the tensor's largest
     # gradient element (analytic or numeric), a direction against the size of its terms.
     scale = max([float(np.max(np.abs(tc.g)))] +

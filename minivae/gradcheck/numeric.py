@@ -65,12 +65,12 @@ def dtype_name(t) -> str:
 
 
 def to_host(a) -> np.ndarray:
-    """Any backend's array -> NumPy array on the host."""
+    """Any backend's array -> NumPy array on the host (the backend's own ``to_host``)."""
     kind = _kind(a)
-    if kind == "cupy":
-        return a.get()
-    if kind == "strict":
-        return np.asarray(a._array)
+    if kind in ("strict", "cupy"):
+        from ..backend import get_backend
+
+        return get_backend(kind).to_host(a)
     return np.asarray(a)
 
 

@@ -1,9 +1,9 @@
 """The one thing pyproject.toml cannot say: minivae's optional C extension.
 
-``minivae._kernels`` (minivae/_kernels.c) holds one-pass CPU kernels for the NumPy training
+``minivae.engine._kernels`` (minivae/engine/_kernels.c) holds one-pass CPU kernels for the NumPy training
 step. It is optional: where no C compiler is found, or the build fails, pip installs minivae
 without it, and minivae runs the NumPy twins of those kernels (same results, slower; see
-minivae/kernels.py). It uses only the Python C API (the buffer protocol), not NumPy's headers,
+minivae/engine/kernels.py). It uses only the Python C API (the buffer protocol), not NumPy's headers,
 so the build needs nothing beyond setuptools.
 """
 from setuptools import Extension, setup
@@ -22,6 +22,6 @@ class BuildExt(build_ext):
 
 
 setup(
-    ext_modules=[Extension("minivae._kernels", ["minivae/_kernels.c"], optional=True)],
+    ext_modules=[Extension("minivae.engine._kernels", ["minivae/engine/_kernels.c"], optional=True)],
     cmdclass={"build_ext": BuildExt},
 )

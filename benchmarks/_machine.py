@@ -28,7 +28,7 @@ def set_threads(n: int | None, minivae_threads: int | None = None) -> int:
     OpenBLAS is left as installed (its workers busy-wait ~0.1 s after a product; the
     benchmarks' settle time keeps that from landing on the next contender). minivae's NumPy
     step runs data-parallel on ``minivae_threads`` (default n) threads with a one-thread BLAS
-    each (see minivae/parallel.py); torch (MKL/OpenMP) uses its own pool of n.
+    each (see minivae/engine/data_parallel.py); torch (MKL/OpenMP) uses its own pool of n.
     """
     n = int(n or usable_cores())
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -47,7 +47,7 @@ def blas_info() -> dict:
         info = {"name": cfg.get("name"), "version": cfg.get("version")}
     except Exception:  # older NumPy
         pass
-    from minivae import blas
+    from minivae.engine import blas
 
     info.update(blas.describe())   # threads, core: from the OpenBLAS NumPy loaded
     return info
@@ -68,7 +68,7 @@ def machine_info() -> dict:
     import numpy as np
 
     import minivae
-    from minivae import kernels
+    from minivae.engine import kernels
 
     info = {
         "cpu": cpu_model(), "cores": usable_cores(), "platform": platform.platform(),

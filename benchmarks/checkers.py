@@ -107,9 +107,9 @@ def wrong_sampler():
 def no_bias_grad():
     original = layers.Dense.backward
 
-    def nb(self, params, dout, cache, grads=None, need_dx=True):
-        dx, g = original(self, params, dout, cache, grads=grads, need_dx=need_dx)
-        g["b"][...] = 0.0
+    def nb(self, params, dout, cache):
+        dx, g = original(self, params, dout, cache)
+        g["b"] = g["b"] * 0.0
         return dx, g
     layers.Dense.backward = nb
     return lambda: setattr(layers.Dense, "backward", original)

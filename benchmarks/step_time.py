@@ -15,8 +15,8 @@ get the same number of threads (--threads, default: the usable cores): minivae's
 step (minivae.set_num_threads; one BLAS thread per worker) and torch.set_num_threads. NumPy's
 OpenBLAS is left as installed.
 
-Also timed, for reference: minivae's unfused step (loss_and_grads, then opt.step: the phase
-split), minivae without its compiled kernels (MINIVAE_KERNELS=0: Adam as seven NumPy passes,
+Also timed, for reference: minivae's unfused step (DataParallel.loss_and_grads, then its
+optimizer_step: the phase split), minivae without its compiled kernels (MINIVAE_KERNELS=0: Adam as seven NumPy passes,
 what a machine without a C compiler at install time runs) and PyTorch with its fused Adam kernel (torch.optim.Adam(fused=True)), which is not what
 the PyTorch example or most code uses, but is PyTorch at its best.
 
@@ -86,7 +86,8 @@ def contenders(args):
     import numpy as np
     import torch
 
-    from minivae import VAE, Adam, kernels, train_step
+    from minivae import VAE, Adam, DataParallel
+    from minivae.engine import kernels
 
     gpu = args.device == "gpu"
     if gpu:
@@ -98,21 +99,22 @@ def contenders(args):
     # minivae
     model = VAE(d_in=D, hidden=(H,), latent=L, backend="cupy" if gpu else "numpy", seed=0)
     opt = Adam(model.params, lr=1e-3)
+    dp = DataParallel(model)            # minivae's fast step: threads, in-place twins
     xs = [model.backend.asarray(x) for x in host]
     sync_mv = model.backend.synchronize
 
     def minivae_step(i):        # what the trainer does: one parallel section per step
         t0 = time.perf_counter()
-        train_step(model, opt, xs[i % n_batches], check=False)
+        dp.train_step(opt, xs[i % n_batches], check=False)
         sync_mv()
         return time.perf_counter() - t0, 0.0
 
     def minivae_phases(i):      # the same, unfused, to see forward+backward and Adam apart
         t0 = time.perf_counter()
-        model.loss_and_grads(xs[i % n_batches], check=False)
+        dp.loss_and_grads(xs[i % n_batches], check=False)
         sync_mv()
         t1 = time.perf_counter()
-        opt.step()
+        dp.optimizer_step(opt)
         sync_mv()
         return t1 - t0, time.perf_counter() - t1
 
@@ -203,7 +205,7 @@ def split_gemm_floor(B, gemm_set, rng):
     in thread i with a one-thread BLAS, as minivae's data-parallel step does them."""
     import numpy as np
 
-    from minivae import parallel
+    from minivae.engine import threads as parallel
 
     k = parallel.shards(B)
     blocks = [gemm_set(np, lambda *s: np.empty(s, dtype=np.float32),

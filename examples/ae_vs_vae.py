@@ -42,8 +42,7 @@ for kind in ("autoencoder", "vae"):
 z = np.random.default_rng(0).standard_normal((36, 2)).astype(np.float32)
 fig, axes = plt.subplots(2, 2, figsize=(10, 9.5))
 for row, (kind, m) in enumerate(models.items()):
-    code = m.encode(ds.x_test)
-    code = code[0] if kind == "vae" else code          # the VAE's code is the mean of q(z|x)
+    code = m.code(ds.x_test)                           # the VAE's code is the mean of q(z|x)
     ax = axes[row, 0]
     sc = ax.scatter(code[:, 0], code[:, 1], c=ds.y_test, cmap="tab10", s=5, vmin=-0.5, vmax=9.5)
     # the unit circle and 2-sigma circle of the prior N(0, I), for scale

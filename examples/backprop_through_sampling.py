@@ -74,7 +74,7 @@ def run(out_dir, quick=False, seed=0):
 
     # ---- backward, one local gradient at a time ------------------------------------------
     dlogits = losses.bernoulli_nll_backward(xp, 1.0, r_cache)            # sigmoid(l) - x
-    dz = model.decoder.backward(P, dlogits, dec_caches)                  # (1, L)
+    dz, _ = model.decoder.backward(P, dlogits, dec_caches)               # (1, L), grads
     dmu_recon, dlogvar_recon, _ = sample_backward(dz, s_cache)           # dz, dz*eps*sigma/2
     dmu_kl, dlogvar_kl = losses.kl_normal_backward(xp, 1.0, k_cache)     # mu, (exp(lv)-1)/2
     dmu, dlogvar = dmu_recon + dmu_kl, dlogvar_recon + dlogvar_kl
@@ -129,7 +129,7 @@ def run(out_dir, quick=False, seed=0):
     zz, sc = sample(xp, np.repeat(mu, n, axis=0), np.repeat(logvar, n, axis=0), E)
     out, dc = model.decoder.forward(P, zz)
     _, rc = losses.bernoulli_nll(xp, out, np.repeat(x, n, axis=0))
-    dzz = model.decoder.backward(P, losses.bernoulli_nll_backward(xp, 1.0, rc), dc)
+    dzz, _ = model.decoder.backward(P, losses.bernoulli_nll_backward(xp, 1.0, rc), dc)
     m_, lv_, _ = sample_backward(dzz, sc)
     others = np.concatenate([m_ + dmu_kl, lv_ + dlogvar_kl], axis=1)
     print("dL/dlogvar[0] over 200 other eps: mean %.3f, std %.3f (this eps: %.3f)"

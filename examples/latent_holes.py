@@ -38,7 +38,7 @@ import time
 
 import numpy as np
 
-from minivae import VAE, Adam, Autoencoder
+from minivae import VAE, Adam, Autoencoder, train_step
 from minivae.data import load_dataset
 
 N_PRIOR = 2000
@@ -66,8 +66,7 @@ def hole_fraction(train_z, test_z, prior_z, q=0.99):
 def train(model, X, steps, rng):
     opt = Adam(model.params, lr=1e-3)
     for _ in range(steps):
-        model.loss_and_grads(X[rng.integers(0, len(X), 128)], check=False)
-        opt.step()
+        train_step(model, opt, X[rng.integers(0, len(X), 128)], check=False)   # loss_and_grads + opt.step, fast
 
 
 def run(out_dir, quick=False, seed=0):

@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from minivae import Adam, Autoencoder
+from minivae import Adam, Autoencoder, train_step
 from minivae.data import load_dataset
 
 K = 10  # code size = number of principal components
@@ -70,8 +70,7 @@ def run(out_dir, quick=False, seed=0):
         # a smaller step late, so that minibatch noise does not keep it wobbling off the optimum
         opt.lr = 3e-3 if t < 0.6 * steps else (1e-3 if t < 0.8 * steps else 3e-4)
         xb = X[rng.integers(0, len(X), 256)]
-        model.loss_and_grads(xb, check=False)
-        opt.step()
+        train_step(model, opt, xb, check=False)   # loss_and_grads + opt.step, fast
         if t in (1, 2, 5) or t % 50 == 0:
             # loss = sum of squares / 2 + const; measure the squared error directly instead
             r = X[:2000] - model.reconstruct(X[:2000])

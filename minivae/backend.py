@@ -74,7 +74,7 @@ class RNG:
             # CuPy keeps its generator state on the device with no portable form; a resumed
             # run continues from the seed: a different, equally valid noise stream.
             return {"kind": "cupy", "seed": self.seed}
-        return {"kind": "numpy", "state": _jsonable(self._gen.bit_generator.state)}
+        return {"kind": "numpy", "state": jsonable(self._gen.bit_generator.state)}
 
     def set_state(self, state: dict) -> bool:
         """Restore :meth:`get_state`'s output. Returns True if the exact stream was restored,
@@ -85,9 +85,10 @@ class RNG:
         return False
 
 
-def _jsonable(obj):
+def jsonable(obj):
+    """Dicts of NumPy integers and arrays (a bit generator's state) -> plain JSON types."""
     if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
+        return {k: jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (np.integer,)):
         return int(obj)
     if isinstance(obj, np.ndarray):
@@ -109,10 +110,6 @@ class Backend:
 
     def __repr__(self):
         return f"Backend({self.name!r})"
-
-    @property
-    def is_gpu(self) -> bool:
-        return self.name == "cupy"
 
     def dtype(self, d):
         """Map a name ("float32", "float64") or dtype to this backend's dtype object."""
@@ -160,6 +157,15 @@ class Backend:
         import cupy
 
         return isinstance(a, cupy.ndarray)
+
+    def host_memory(self, a):
+        """The NumPy array whose memory holds ``a`` (writing into it writes into ``a``), or
+        None where ``a`` lives on a device."""
+        if self.name == "cupy":
+            return None
+        if self.name == "strict":
+            return a._array
+        return a
 
     def synchronize(self) -> None:
         """Wait for queued device work (no-op on CPU). For timing only."""
@@ -218,6 +224,18 @@ def get_backend(name: str = "numpy") -> Backend:
         return _cupy_backend()
     except BackendUnavailable:
         return get_backend("numpy")
+
+
+def backend_of(a) -> Backend | None:
+    """The backend whose array ``a`` is (without importing one that is not loaded), or None."""
+    if isinstance(a, np.ndarray):
+        return get_backend("numpy")
+    mod = type(a).__module__
+    if mod.startswith("array_api_strict") and hasattr(a, "_array"):
+        return get_backend("strict")
+    if mod.startswith("cupy"):
+        return get_backend("cupy")
+    return None
 
 
 def resolve(backend) -> Backend:

@@ -311,8 +311,6 @@ def fetch(name: str, root=None, mirrors=None, opener=None, timeout: float = 30.0
 
 
 # -- the bundled default: the real MNIST test set, split 9,000 / 1,000 ------------------------------
-BUNDLED_SPLIT_SEED = 0
-
 
 def _bundled_split(n: int = 10_000, n_test: int = 1_000) -> tuple[np.ndarray, np.ndarray]:
     """(train_idx (9000,), test_idx (1000,)) into the 10,000 MNIST test images, both sorted.

@@ -83,26 +83,27 @@ def _forward(model, x, eps):
     a dict of the pieces the encoder part needs; rows are S * B, scaled for mean_B(mean_S(.)).
     """
     xp, P, L = model.xp, model.params, model.latent
-    model.check_input(x)
-    if tuple(eps.shape[1:]) != (x.shape[0], L) or eps.ndim != 3:
-        raise ValueError(f"eps has shape {tuple(eps.shape)}; expected (S, {x.shape[0]}, {L})")
+    model.check_eps(eps, x.shape[0], stacked=True)
     S, B = eps.shape[0], x.shape[0]
     h, enc_caches = model.encoder.forward(P, x)                   # (B, 2L), once per example
     mu, logvar = h[:, :L], h[:, L:]
     mu_s, logvar_s = _stack(xp, mu, S), _stack(xp, logvar, S)     # (S*B, L)
     z, s_cache = sample(xp, mu_s, logvar_s, xp.reshape(eps, (S * B, L)))
     out, dec_caches = model.decoder.forward(P, z)
-    f, r_cache = model.recon_nll(out, _stack(xp, x, S))               # f(z_s) = -log p(x|z_s), (S*B,)
-    # d mean_B mean_S f / d decoder output: 1 / (S B) per row; also fills the decoder's grads
-    dz = model.decoder.backward(P, model.recon_nll_backward(1.0 / (S * B), r_cache), dec_caches)
+    f, r_cache = model.px.nll(out, _stack(xp, x, S))              # f(z_s) = -log p(x|z_s), (S*B,)
+    # d mean_B mean_S f / d decoder output: 1 / (S B) per row; then the decoder's backward
+    dz, dec_grads = model.decoder.backward(P, model.px.nll_backward(1.0 / (S * B), r_cache),
+                                           dec_caches)
     return dict(S=S, B=B, mu=mu, logvar=logvar, mu_s=mu_s, logvar_s=logvar_s, z=z,
-                s_cache=s_cache, f=f, dz=dz, enc_caches=enc_caches)
+                s_cache=s_cache, f=f, dz=dz, enc_caches=enc_caches, dec_grads=dec_grads)
 
 
 def _encoder_backward(model, dmu, dlogvar, fw):
-    """dmu, dlogvar: (B, L) = d mean_B(loss) / d (mu, logvar) -> encoder grads; returns the copy."""
+    """dmu, dlogvar: (B, L) = d mean_B(loss) / d (mu, logvar) -> the whole gradient, written
+    into model.params.grad; returns a copy of it."""
     xp, P = model.xp, model.params
-    model.encoder.backward(P, xp.concat([dmu, dlogvar], axis=1), fw["enc_caches"], need_dx=False)
+    _, enc_grads = model.encoder.backward(P, xp.concat([dmu, dlogvar], axis=1), fw["enc_caches"])
+    P.write_grads({**enc_grads, **fw["dec_grads"]})
     return xp.asarray(P.grad, copy=True)
 
 
@@ -121,7 +122,7 @@ def pathwise(model, x, eps=None, samples: int = 1, kl: str = "analytic"):
         dL/dlogvar = mean_S dz_s * eps_s * sigma / 2 + dKL/dlogvar
     with dz_s = d f(z_s) / d z_s from the decoder's backward.
     """
-    _check(model, kl)
+    _check(model, kl, x)
     eps = draw_eps(model, samples, x.shape[0]) if eps is None else eps
     xp = model.xp
     fw = _forward(model, x, eps)
@@ -150,7 +151,7 @@ def score_function(model, x, eps=None, samples: int = 1, kl: str = "analytic",
     and b_s = 0, or with ``baseline=True`` the leave-one-out mean of the other S - 1 rewards of
     the same example (needs S >= 2). The decoder's dz is computed but not used for phi.
     """
-    _check(model, kl)
+    _check(model, kl, x)
     eps = draw_eps(model, samples, x.shape[0]) if eps is None else eps
     if baseline and eps.shape[0] < 2:
         raise ValueError("the leave-one-out baseline needs at least S = 2 samples per example")
@@ -202,8 +203,9 @@ def encoder_slice(model) -> slice:
     return slice(start, stop)
 
 
-def _check(model, kl):
+def _check(model, kl, x):
     if kl not in KL_MODES:
         raise ValueError(f"kl must be 'analytic' or 'mc', got {kl!r}")
-    if getattr(model, "kind", None) != "vae":
+    if not getattr(model, "has_prior", False):
         raise TypeError("gradient estimators need a VAE (a model that samples z)")
+    model.check_input(x)

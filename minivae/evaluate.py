@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import math
 
-from . import losses
-from .sampling import sample
+import numpy as np
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -32,8 +31,15 @@ def _batches(n: int, size: int):
 
 def _to_backend(model, x, check=True):
     """Host or backend array -> backend array of the model's dtype, validated unless the
-    caller already did (the trainer validates its test set once, not every epoch)."""
-    x = model.backend.asarray(x, dtype=model.dtype)
+    caller already did (the trainer validates its test set once, not every epoch). Floating
+    host data of another precision is converted; anything else gets the model's own errors."""
+    be = model.backend
+    if check:
+        floating = (be.xp.isdtype(x.dtype, "real floating") if be.is_array(x)
+                    else np.issubdtype(np.asarray(x).dtype, np.floating))
+        if not floating:
+            model.check_input(x if be.is_array(x) else be.asarray(np.asarray(x)))  # raises
+    x = be.asarray(x, dtype=model.dtype)
     if check:
         model.check_input(x)
     return x
@@ -41,14 +47,8 @@ def _to_backend(model, x, check=True):
 
 def log_px_given_z(model, out, x):
     """log p(x|z) from the decoder output. out: (R, D) or (R, 2D); x: (R, D) -> (R,)."""
-    nll, _ = model.recon_nll(out, x)
+    nll, _ = model.px.nll(out, x)
     return -nll
-
-
-def log_normal(xp, z, mu, logvar):
-    """log N(z; mu, diag(exp(logvar))) summed over the last axis. (..., L) -> (...)."""
-    d = z - mu
-    return -0.5 * xp.sum(d * d * xp.exp(-logvar) + logvar + LOG_2PI, axis=-1)
 
 
 def log_std_normal(xp, z):
@@ -71,15 +71,9 @@ def elbo(model, x, batch_size: int = 1000, rng=None, check: bool = True) -> dict
     recon_sum = xp.zeros((), dtype=model.dtype)
     kl_sum = xp.zeros((), dtype=model.dtype)
     for i, j in _batches(n, batch_size):
-        xb = x[i:j, :]
-        if model.kind == "autoencoder":
-            out, _ = model.decoder.forward(model.params, model.encode(xb))
-        else:
-            mu, logvar = model.encode(xb)
-            z, _ = sample(xp, mu, logvar, rng.normal((j - i, model.latent), model.dtype))
-            out = model.decode_logits(z)
-            kl_sum = kl_sum + xp.sum(losses.kl_normal(xp, mu, logvar)[0])
-        recon_sum = recon_sum + xp.sum(-log_px_given_z(model, out, xb))
+        recon, kl = model.loss_terms(x[i:j, :], rng, check=False)   # one z per example
+        recon_sum = recon_sum + xp.sum(recon)
+        kl_sum = kl_sum + xp.sum(kl)
     recon, kl = float(recon_sum) / n, float(kl_sum) / n   # the one read-back
     return {"loss": recon + kl, "recon": recon, "kl": kl}
 
@@ -92,7 +86,7 @@ def iwae(model, x, k: int = 100, max_rows: int = 4096, rng=None) -> float:
     Examples go through in blocks of B = max(1, max_rows // k) and the samples in chunks of
     k_c = max(1, max_rows // B), so one pass holds at most max(max_rows, B) decoder rows.
     """
-    if model.kind != "vae":
+    if not model.has_prior:
         raise ValueError("the importance-weighted bound needs a VAE (an Autoencoder has no q(z|x))")
     if int(k) < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -135,7 +129,7 @@ def iwae(model, x, k: int = 100, max_rows: int = 4096, rng=None) -> float:
 def evaluate(model, x, k: int = 0, batch_size: int = 1000, seed: int = 0) -> dict:
     """The ELBO terms and, when k > 0, the IWAE_k bound: a dict of host floats (nats/example)."""
     out = elbo(model, x, batch_size, rng=model.backend.rng(seed))
-    if k and model.kind == "vae":
+    if k and model.has_prior:
         out[f"iwae_{k}"] = iwae(model, x, k, rng=model.backend.rng(seed + 1))
         out[f"nll_{k}"] = -out[f"iwae_{k}"]
     return out

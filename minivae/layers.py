@@ -1,30 +1,23 @@
-"""Dense layers and activations, each a forward/backward pair.
+"""Dense layers and activations, each a forward/backward pair (the reference maths).
 
-The contract (see DESIGN.md):
+The contract (CS231n's, see DESIGN.md):
 
-    out, cache = layer.forward(params, x)            # cache: exactly what backward needs
-    dx, grads  = layer.backward(params, dout, cache) # never mutates its inputs
+    out, cache = layer.forward(params, x)             # cache: exactly what backward needs
+    dx, grads  = layer.backward(params, dout, cache)  # never mutates its inputs
 
-``params`` is a dict of named views (``{"W": ..., "b": ...}``; ``{}`` for activations).
-``backward(..., grads=g)`` writes the parameter gradients into the given views ``g`` (views of
-the model's flat gradient buffer) instead of allocating; ``need_dx=False`` skips the input
-gradient (the first layer of a network does not need it).
+``params`` is a dict of named arrays (``{"W": ..., "b": ...}``; ``{}`` for activations);
+``dout`` = dL/dout, the upstream gradient, has the shape of ``out``; ``grads`` is a dict of new
+arrays shaped like ``params`` (``{}`` for activations). Shapes: ``B`` is the batch size. A Dense
+layer stores ``W`` as (D_in, D_out), so the forward is ``x @ W + b`` with no transpose.
 
-In-place variants ``forward_`` / ``backward_`` (torch's trailing-underscore convention) may
-overwrite their array argument (``x`` / ``dout``); :class:`Sequential` uses them only on
-temporaries it made itself. By default they are the plain methods; ReLU overrides them with a
-NumPy fast path (``np.maximum(x, 0, out=x)``), tested against the plain twin in
-``tests/test_fastpath.py``. Dense writes its gradients straight into the flat buffer views with
-``np.matmul(..., out=view)`` on NumPy.
-
-Shapes: ``B`` is the batch size. A Dense layer stores ``W`` as (D_in, D_out) so the forward is
-``x @ W + b`` with no transpose.
+Everything here is written against the array API (``self.xp``): it runs unchanged on NumPy,
+CuPy and array-api-strict. The faster NumPy forms of these functions (in place, straight into
+the flat gradient buffer) live in :mod:`minivae.engine`, each tied to the function here by a
+test; nothing here imports them.
 """
 from __future__ import annotations
 
 import math
-
-import numpy as np
 
 from .backend import resolve
 
@@ -42,13 +35,13 @@ class Layer:
     def init(self, params: dict, rng) -> None:
         """Fill the parameter views in place (no-op for activations)."""
 
-    def forward_(self, params, x):
-        """``forward`` that may overwrite ``x`` (a temporary the caller will not reuse)."""
-        return self.forward(params, x)
+    def forward(self, params, x):
+        """x: (B, D_in) -> (out (B, D_out), cache)."""
+        raise NotImplementedError
 
-    def backward_(self, params, dout, cache, grads=None, need_dx=True):
-        """``backward`` that may overwrite ``dout`` (a temporary the caller will not reuse)."""
-        return self.backward(params, dout, cache, grads=grads, need_dx=need_dx)
+    def backward(self, params, dout, cache):
+        """dout: dL/dout (B, D_out) -> (dL/dx (B, D_in), {name: dL/dparam})."""
+        raise NotImplementedError
 
     def __repr__(self):
         return type(self).__name__ + "()"
@@ -101,34 +94,17 @@ class Dense(Layer):
         out += params["b"]  # in place: no second (B, D_out) temporary
         return out, x
 
-    def backward(self, params, dout, cache, grads=None, need_dx=True):
+    def backward(self, params, dout, cache):
         xp, x = self.xp, cache
-        if grads is not None and self.backend.name == "numpy":
-            return _dense_backward_numpy(params, dout, x, grads, need_dx)
-        dW = xp.matmul(xp.matrix_transpose(x), dout)
-        db = xp.sum(dout, axis=0)
-        if grads is None:
-            grads = {"W": dW, "b": db}
-        else:
-            grads["W"][...] = dW
-            grads["b"][...] = db
-        dx = xp.matmul(dout, xp.matrix_transpose(params["W"])) if need_dx else None
-        return dx, grads
-
-
-def _dense_backward_numpy(params, dout, x, grads, need_dx):
-    """NumPy twin of Dense.backward: the products land straight in the gradient views."""
-    np.matmul(x.T, dout, out=grads["W"])
-    np.sum(dout, axis=0, out=grads["b"])
-    dx = np.matmul(dout, params["W"].T) if need_dx else None
-    return dx, grads
+        dx = xp.matmul(dout, xp.matrix_transpose(params["W"]))     # G W^T   (B, D_in)
+        dW = xp.matmul(xp.matrix_transpose(x), dout)                # x^T G   (D_in, D_out)
+        db = xp.sum(dout, axis=0)                                   # sum_B G (D_out,)
+        return dx, {"W": dW, "b": db}
 
 
 class Activation(Layer):
-    """Elementwise ``out = f(x)``, x: (B, D) -> out: (B, D); no parameters."""
-
-    def backward(self, params, dout, cache, grads=None, need_dx=True):
-        return self._dx(dout, cache), ({} if grads is None else grads)
+    """Elementwise ``out = f(x)``, x: (B, D) -> out: (B, D); no parameters, so backward
+    returns dL/dx = dout * f'(x) and no gradients ({})."""
 
 
 class ReLU(Activation):
@@ -138,21 +114,8 @@ class ReLU(Activation):
         out = self.xp.maximum(x, 0.0)
         return out, out  # out > 0 exactly where x > 0
 
-    def _dx(self, dout, out):
-        return dout * self.xp.astype(out > 0.0, dout.dtype)
-
-    # NumPy fast path: no new (B, D) arrays at all
-    def forward_(self, params, x):
-        if self.backend.name != "numpy":
-            return self.forward(params, x)
-        np.maximum(x, 0.0, out=x)
-        return x, x
-
-    def backward_(self, params, dout, cache, grads=None, need_dx=True):
-        if self.backend.name != "numpy":
-            return self.backward(params, dout, cache, grads=grads, need_dx=need_dx)
-        np.multiply(dout, cache > 0.0, out=dout)
-        return dout, ({} if grads is None else grads)
+    def backward(self, params, dout, out):
+        return dout * self.xp.astype(out > 0.0, dout.dtype), {}
 
 
 class LeakyReLU(Activation):
@@ -169,8 +132,8 @@ class LeakyReLU(Activation):
         out = self.xp.where(x > 0.0, x, x * self.alpha)
         return out, x
 
-    def _dx(self, dout, x):
-        return self.xp.where(x > 0.0, dout, dout * self.alpha)
+    def backward(self, params, dout, x):
+        return self.xp.where(x > 0.0, dout, dout * self.alpha), {}
 
 
 class Tanh(Activation):
@@ -180,8 +143,8 @@ class Tanh(Activation):
         out = self.xp.tanh(x)
         return out, out
 
-    def _dx(self, dout, out):
-        return dout * (1.0 - out * out)
+    def backward(self, params, dout, out):
+        return dout * (1.0 - out * out), {}
 
 
 class Sigmoid(Activation):
@@ -191,8 +154,8 @@ class Sigmoid(Activation):
         out = sigmoid(self.xp, x)
         return out, out
 
-    def _dx(self, dout, out):
-        return dout * out * (1.0 - out)
+    def backward(self, params, dout, out):
+        return dout * out * (1.0 - out), {}
 
 
 class Softplus(Activation):
@@ -201,8 +164,8 @@ class Softplus(Activation):
     def forward(self, params, x):
         return softplus(self.xp, x), x
 
-    def _dx(self, dout, x):
-        return dout * sigmoid(self.xp, x)
+    def backward(self, params, dout, x):
+        return dout * sigmoid(self.xp, x), {}
 
 
 def sigmoid(xp, x):
@@ -250,34 +213,24 @@ class Sequential:
         return [(f"{n}.{p}", s) for n, l in self for p, s in l.param_shapes().items()]
 
     def forward(self, P, x):
-        """P: Params. x: (B, D_in) -> out: (B, D_out), caches: list.
-
-        A layer right after a Dense gets the Dense output, a fresh array nothing else holds,
-        so it may work in place (``forward_``); the caller's ``x`` is never written to.
-        """
+        """P: Params. x: (B, D_in) -> (out (B, D_out), caches: one per layer)."""
         caches = []
-        for i, (name, layer) in enumerate(self):
-            owned = i > 0 and isinstance(self.layers[i - 1], Dense)
-            fwd = layer.forward_ if owned else layer.forward
-            x, c = fwd(P.group(name), x)
-            caches.append(c)
+        for name, layer in self:
+            x, cache = layer.forward(P.group(name), x)
+            caches.append(cache)
         return x, caches
 
-    def backward(self, P, dout, caches, need_dx=True, overwrite_dout=False):
-        """Writes every parameter gradient into P.grad; returns dL/dx (or None).
+    def backward(self, P, dout, caches):
+        """dout: dL/dout (B, D_out) -> (dL/dx (B, D_in), {full parameter name: gradient}).
 
-        ``overwrite_dout=True``: the caller hands over ``dout`` as scratch space. Below the
-        last layer dout is always a temporary made here, so those layers may work in place.
+        The chain rule, layer by layer from the last: each layer turns dL/d(its output) into
+        dL/d(its input), which is the previous layer's dL/d(output).
         """
-        for i in reversed(range(len(self.layers))):
-            name, layer = self.names[i], self.layers[i]
-            first, last = i == 0, i == len(self.layers) - 1
-            bwd = layer.backward_ if overwrite_dout or not last else layer.backward
-            dout, _ = bwd(
-                P.group(name), dout, caches[i], grads=P.group(name, grad=True),
-                need_dx=need_dx or not first,
-            )
-        return dout
+        grads = {}
+        for (name, layer), cache in reversed(list(zip(self, caches))):
+            dout, g = layer.backward(P.group(name), dout, cache)
+            grads.update({f"{name}.{p}": v for p, v in g.items()})
+        return dout, grads
 
 
 def mlp(sizes, activation="relu", out_activation=None, prefix="mlp", init=None, backend="numpy"):

@@ -49,7 +49,7 @@ def make_model(d_in: int = 5, latent: int = 3, x_sigma: float = 0.8, logvar: flo
 
 def _check(model):
     names = set(model.params.layout.names)
-    if model.kind != "vae" or names != {"enc.0.W", "enc.0.b", "dec.0.W", "dec.0.b"} \
+    if not model.has_prior or names != {"enc.0.W", "enc.0.b", "dec.0.W", "dec.0.b"} \
             or model.likelihood != "gaussian":
         raise ValueError("linear_gaussian needs a VAE with hidden=() and likelihood='gaussian' "
                          "(see make_model)")

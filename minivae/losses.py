@@ -1,8 +1,15 @@
 """Likelihoods and KL terms of the ELBO, each a forward/backward pair, per example in nats.
 
 Every forward returns ``(per_example, cache)`` with ``per_example`` of shape (B,): the term for
-each example, summed over its dimensions. Every backward takes ``(xp, scale, cache)`` with ``scale``, dL/d(per_example):
-a float (e.g. 1/B for a batch mean) or a (B,) array, and returns the input gradients.
+each example, summed over its dimensions. Every backward takes ``(xp, dout, cache)`` with
+``dout`` = dL/d(per_example), the upstream gradient: a (B,) array, or one number for all
+examples (e.g. 1/B for a batch mean), and returns the input gradients.
+
+The likelihoods are also wrapped as small objects (:class:`Bernoulli`, :class:`Gaussian`,
+:class:`GaussianLearned`, by name in :data:`LIKELIHOODS`) that know the decoder's output width,
+the mean of p(x|z) and the data they accept, so the models never branch on a likelihood's name.
+The faster NumPy forms of the Bernoulli pair (in place, one compiled pass) live in
+:mod:`minivae.engine`; nothing here imports them.
 
     ELBO(x) = E_q[log p(x|z)] - KL(q(z|x) || p(z)),  loss = mean_B(-ELBO) = mean_B(recon + KL)
 """
@@ -10,16 +17,14 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
-from . import kernels
+from .layers import sigmoid
 
 LOG_2PI = math.log(2.0 * math.pi)
 
 
-def _col(xp, scale):
-    """Broadcast a per-example scale (B,) against (B, D); floats pass through."""
-    return scale if isinstance(scale, (int, float)) else xp.expand_dims(scale, axis=1)
+def _col(xp, dout):
+    """Broadcast a per-example upstream gradient (B,) against (B, D); numbers pass through."""
+    return dout if isinstance(dout, (int, float)) else xp.expand_dims(dout, axis=1)
 
 
 # -- Bernoulli ---------------------------------------------------------------------------
@@ -36,7 +41,7 @@ def bernoulli_nll(xp, logits, x):
     return nll, (logits, x, e)
 
 
-def bernoulli_nll_backward(xp, scale, cache):
+def bernoulli_nll_backward(xp, dout, cache):
     """d nll / d logits = sigmoid(l) - x   -> (B, D).
 
     Written over the common denominator 1 + e, e = exp(-|l|), so that no large numbers cancel:
@@ -45,52 +50,7 @@ def bernoulli_nll_backward(xp, scale, cache):
     """
     logits, x, e = cache
     num = xp.where(logits >= 0.0, (1.0 - x) - x * e, e * (1.0 - x) - x)
-    return num / (1.0 + e) * _col(xp, scale)
-
-
-# NumPy twins of the pair above (the step's largest elementwise work, on (B, D) arrays): the
-# same formulas with each operation in place, so no (B, D) temporaries beyond the outputs, and
-# no data-dependent branch: NumPy's where= / np.where on a random mask run ~20x slower than
-# arithmetic (branch mispredictions), so the two cases are selected by exact arithmetic
-# instead. tests/test_fastpath.py checks that they agree with the plain versions.
-def bernoulli_nll_numpy(logits, x):
-    """NumPy fast path of :func:`bernoulli_nll`: same values, same cache. The arithmetic
-    around exp and log1p is one compiled pass where minivae._kernels was built."""
-    a = np.abs(logits)
-    e = np.negative(a)
-    np.exp(e, out=e)                                  # e = exp(-|l|)
-    t = np.log1p(e)
-    if kernels.enabled() and (views := kernels.flat(logits, x, t)):
-        kernels.bernoulli_nll_terms(*views)           # the five lines below, in one pass
-        return np.sum(t, axis=1), (logits, x, e)
-    a += logits
-    a *= 0.5                                          # (l + |l|) / 2 = max(l, 0), exactly
-    t += a                                            # softplus(l)
-    np.multiply(x, logits, out=a)
-    t -= a                                            # softplus(l) - x l
-    return np.sum(t, axis=1), (logits, x, e)
-
-
-def bernoulli_nll_backward_numpy(scale, cache):
-    """NumPy fast path of :func:`bernoulli_nll_backward`: the same numerators over 1 + e,
-    written as P (1 - x) - Q x with (P, Q) = (1, e) for l >= 0 and (e, 1) for l < 0.
-    As e <= 1, P = max(e, [l >= 0]) and Q = max(e, [l < 0]) pick them exactly."""
-    logits, x, e = cache
-    if (kernels.enabled() and isinstance(scale, (int, float))
-            and (views := kernels.flat(logits, x, e))):
-        num = np.empty_like(logits)
-        kernels.bernoulli_nll_grad(*views, num.reshape(-1), scale)  # the lines below, one pass
-        return num
-    num = np.subtract(1.0, x)                         # 1 - x
-    p = np.maximum(e, logits >= 0.0)
-    num *= p                                          # P (1 - x)
-    np.maximum(e, logits < 0.0, out=p)
-    p *= x                                            # Q x
-    num -= p
-    np.add(e, 1.0, out=p)
-    num /= p
-    num *= scale if isinstance(scale, (int, float)) else scale[:, None]
-    return num
+    return num / (1.0 + e) * _col(xp, dout)
 
 
 # -- Gaussian ----------------------------------------------------------------------------
@@ -110,14 +70,14 @@ def gaussian_nll(xp, mean, x, logvar=0.0):
     return nll, (r, inv_var)
 
 
-def gaussian_nll_backward(xp, scale, cache):
+def gaussian_nll_backward(xp, dout, cache):
     """-> (dmean (B, D), dlogvar (B, D) or None for a fixed variance).
 
         d/dmean   = -(x - mean) exp(-logvar)
         d/dlogvar = 1/2 (1 - (x - mean)^2 exp(-logvar))
     """
     r, inv_var = cache
-    s = _col(xp, scale)
+    s = _col(xp, dout)
     rw = r * inv_var
     dmean = -rw * s
     if isinstance(inv_var, float):
@@ -137,10 +97,10 @@ def kl_normal(xp, mu, logvar):
     return kl, (mu, var)
 
 
-def kl_normal_backward(xp, scale, cache):
+def kl_normal_backward(xp, dout, cache):
     """-> (dmu, dlogvar), each (B, L):  dKL/dmu = mu,  dKL/dlogvar = (exp(logvar) - 1) / 2."""
     mu, var = cache
-    s = _col(xp, scale)
+    s = _col(xp, dout)
     return mu * s, 0.5 * (var - 1.0) * s
 
 
@@ -157,7 +117,7 @@ def kl_monte_carlo(xp, z, mu, logvar):
     return kl, (z, d, inv_var)
 
 
-def kl_monte_carlo_backward(xp, scale, cache):
+def kl_monte_carlo_backward(xp, dout, cache):
     """Partial derivatives, holding the other arguments fixed -> (dz, dmu, dlogvar):
 
         d/dz      = z - (z - mu) exp(-logvar)
@@ -167,7 +127,101 @@ def kl_monte_carlo_backward(xp, scale, cache):
     The pathwise gradient adds dz's path through the sampler (sampling.sample_backward).
     """
     z, d, inv_var = cache
-    s = _col(xp, scale)
+    s = _col(xp, dout)
     dw = d * inv_var
     return (z - dw) * s, dw * s, (0.5 * d * dw - 0.5) * s
 
+
+
+# -- likelihoods as objects: what a model needs to know about p(x|z) ------------------------
+class Bernoulli:
+    """p(x|z) = prod_D Bernoulli(x_d; sigmoid(l_d)); the decoder outputs logits l: (B, D).
+
+    Data must lie in [0, 1] (grey levels are read as probabilities, as the PyTorch example
+    does). Source: Kingma & Welling 2014, appendix C.1.
+    """
+
+    data_range = (0.0, 1.0)
+
+    def __init__(self, xp, d: int):
+        self.xp, self.d = xp, int(d)
+
+    @property
+    def out_width(self) -> int:
+        return self.d
+
+    def nll(self, out, x):
+        """out: logits (B, D), x: (B, D) -> (-log p(x|z) (B,), cache)."""
+        return bernoulli_nll(self.xp, out, x)
+
+    def nll_backward(self, dout, cache):
+        """dout: dL/d nll, (B,) or a number -> dL/d logits (B, D)."""
+        return bernoulli_nll_backward(self.xp, dout, cache)
+
+    def mean(self, out):
+        """E[x|z] = sigmoid(logits), (B, D)."""
+        return sigmoid(self.xp, out)
+
+
+class Gaussian:
+    """p(x|z) = N(x; mean, sigma^2 I) with a fixed sigma; the decoder outputs the mean (B, D)."""
+
+    data_range = None
+
+    def __init__(self, xp, d: int, x_sigma: float = 1.0):
+        self.xp, self.d = xp, int(d)
+        self.logvar = 2.0 * math.log(x_sigma)
+
+    @property
+    def out_width(self) -> int:
+        return self.d
+
+    def nll(self, out, x):
+        return gaussian_nll(self.xp, out, x, self.logvar)
+
+    def nll_backward(self, dout, cache):
+        return gaussian_nll_backward(self.xp, dout, cache)[0]
+
+    def mean(self, out):
+        return out
+
+
+class GaussianLearned:
+    """p(x|z) = N(x; mean, diag(exp(logvar))), both from the decoder: out (B, 2D) = mean | logvar."""
+
+    data_range = None
+
+    def __init__(self, xp, d: int):
+        self.xp, self.d = xp, int(d)
+
+    @property
+    def out_width(self) -> int:
+        return 2 * self.d
+
+    def nll(self, out, x):
+        D = self.d
+        return gaussian_nll(self.xp, out[:, :D], x, out[:, D:])
+
+    def nll_backward(self, dout, cache):
+        """-> dL/d out (B, 2D): the mean's and the log variance's gradients side by side."""
+        dmean, dlogvar = gaussian_nll_backward(self.xp, dout, cache)
+        return self.xp.concat([dmean, dlogvar], axis=1)
+
+    def mean(self, out):
+        return out[:, : self.d]
+
+
+#: likelihood name -> class (the CLI's --likelihood choices)
+LIKELIHOODS = {"bernoulli": Bernoulli, "gaussian": Gaussian, "gaussian_learned": GaussianLearned}
+
+
+def make_likelihood(name: str, xp, d: int, x_sigma: float = 1.0):
+    """The observation model called ``name`` for data of width d. Raises ValueError for an
+    unknown name or a sigma that is not a positive finite number."""
+    if name not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {', '.join(LIKELIHOODS)}, got {name!r}")
+    if name == "gaussian":
+        if not (isinstance(x_sigma, (int, float)) and math.isfinite(x_sigma) and x_sigma > 0):
+            raise ValueError(f"x_sigma must be a positive finite number, got {x_sigma!r}")
+        return Gaussian(xp, d, float(x_sigma))
+    return LIKELIHOODS[name](xp, d)

@@ -87,6 +87,12 @@ class Params:
             self._groups[key] = {n[len(p):]: v for n, v in src.items() if n.startswith(p)}
         return self._groups[key]
 
+    def write_grads(self, grads: dict) -> None:
+        """Copy each gradient ``{full name: array}`` into its view of ``grad``."""
+        views = self.grad_views
+        for name, g in grads.items():
+            views[name][...] = g
+
     def with_own_grad(self) -> "Params":
         """A Params that shares these parameters (``data`` and its views) but has its own
         gradient buffer: what one thread of a data-parallel step writes into."""

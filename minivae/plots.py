@@ -83,8 +83,7 @@ def latent_scatter(model, x, y, path, classes=None, max_points: int = 5000):
     """Codes of x coloured by label y; PCA to two dimensions when latent > 2."""
     plt = _plt()
     x, y = np.asarray(_host(model, x)[:max_points]), np.asarray(y[:max_points])
-    code = model.encode(_dev(model, x))
-    mu = _host(model, code[0] if isinstance(code, tuple) else code).astype(np.float64)
+    mu = _host(model, model.code(_dev(model, x))).astype(np.float64)   # VAE: the mean of q(z|x)
     if mu.shape[1] > 2:
         c = mu - mu.mean(axis=0)
         _, s, vt = np.linalg.svd(c, full_matrices=False)
@@ -152,10 +151,10 @@ def save_all(model, ds, history, out, x_test=None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     x = ds.x_test if x_test is None else x_test
     paths = [reconstructions(model, x, out / "reconstructions.png", ds.image_shape)]
-    if model.kind == "vae":
+    if model.has_prior:
         paths.append(samples(model, out / "samples.png", ds.image_shape))
     paths.append(latent_scatter(model, x, ds.y_test, out / "latent.png", ds.classes))
-    if model.kind == "vae" and model.latent == 2:
+    if model.has_prior and model.latent == 2:
         paths.append(manifold(model, out / "manifold.png", ds.image_shape))
     if history:
         paths.append(curves(history, out / "curves.png"))

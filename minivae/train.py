@@ -42,11 +42,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, parallel
-from .backend import get_backend
+from . import __version__
+from .backend import get_backend, jsonable
 from .data import BINARIZE, binarize, load_dataset
 from .evaluate import elbo
-from .models import build_model, train_step
+from .engine import threads, train_step
+from .models import MODELS, build_model
 from .optim import make_optimizer
 from .params import Layout
 
@@ -96,8 +97,8 @@ class TrainConfig:
                                         else [self.hidden])]
         if self.binarize not in BINARIZE:
             raise ValueError(f"binarize must be one of {', '.join(BINARIZE)}, got {self.binarize!r}")
-        if self.model not in ("vae", "autoencoder"):
-            raise ValueError(f"model must be 'vae' or 'autoencoder', got {self.model!r}")
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
         for name in ("epochs", "batch_size", "latent", "log_every", "eval_batch"):
             if int(getattr(self, name)) < (0 if name == "epochs" else 1):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -210,7 +211,7 @@ class Trainer:
         self.ds, x_tr, x_te = prepare_data(cfg, dataset)
         mk = dict(d_in=self.ds.dim, hidden=cfg.hidden, latent=cfg.latent,
                   activation=cfg.activation, likelihood=cfg.likelihood, init=cfg.init)
-        if cfg.model == "vae":
+        if MODELS[cfg.model].has_prior:                 # a KL term, weighted by beta
             mk["beta"] = cfg.beta
         self.model = build_model({"kind": cfg.model, **mk}, backend=self.backend,
                                  dtype=cfg.dtype, seed=cfg.seed)
@@ -303,7 +304,7 @@ class Trainer:
             xb = xp.take(self.x_train, perm_dev[self.pos:j], axis=0)
             if cfg.binarize == "dynamic":
                 xb = xp.astype(model.rng.uniform(tuple(xb.shape), model.dtype) < xb, model.dtype)
-            if model.kind == "vae":
+            if model.has_prior:                        # a KL term to warm up
                 model.beta = self.beta_at(self.step)
             r = train_step(model, self.opt, xb, check=False)
             b = j - self.pos
@@ -328,7 +329,7 @@ class Trainer:
         # One BLAS thread here too: OpenBLAS's own workers would busy-wait ~0.1 s after the
         # evaluation's products, right when the next epoch's threads need the cores
         # (measured: 10 epochs of the default run 3.2 s -> 2.6-2.9 s on 2 cores).
-        with parallel.one_blas_thread():
+        with threads.one_blas_thread():
             test = elbo(model, self.x_test, cfg.eval_batch, check=False)
         self._check_finite([test["loss"]], where="test loss")
         self.epoch += 1
@@ -376,10 +377,6 @@ class Trainer:
         finally:
             signal.signal(signal.SIGINT, previous)
 
-    def request_stop(self) -> None:
-        """Stop after the current step as Ctrl-C does (for callers and tests)."""
-        self._stop = True
-
     # -- persistence --------------------------------------------------------------------------------
     def save(self) -> Path:
         """Atomically write the whole training state to ``out/checkpoint.npz``."""
@@ -397,7 +394,7 @@ class Trainer:
                 "train_config": self.cfg.to_json(), "epoch": self.epoch, "step": self.step,
                 "pos": self.pos, "in_epoch": self.perm is not None,
                 "rng": {"model": self.model.rng.get_state(),
-                        "shuffle": _jsonable(self.shuffle.bit_generator.state)},
+                        "shuffle": jsonable(self.shuffle.bit_generator.state)},
                 "history": self.history}
         path = self.out / CHECKPOINT
         save_checkpoint(path, arrays, meta)
@@ -458,14 +455,6 @@ def _atomic_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 def train(config: TrainConfig | None = None, **kw) -> Trainer:

@@ -36,11 +36,11 @@ def rng():
 
 @pytest.fixture(params=["compiled", "numpy"])
 def kernel_mode(request, monkeypatch):
-    """The NumPy fast paths twice: with minivae's compiled kernels (minivae/_kernels.c) and
+    """The NumPy fast paths twice: with minivae's compiled kernels (minivae/engine/_kernels.c) and
     with their NumPy twins. "compiled" is skipped, with the reason, where it was not built."""
-    from minivae import kernels
+    from minivae.engine import kernels
 
     if request.param == "compiled" and not kernels.available():
-        pytest.skip("minivae._kernels was not built (no C compiler at install time)")
+        pytest.skip("minivae.engine._kernels was not built (no C compiler at install time)")
     monkeypatch.setattr(kernels, "_enabled", request.param == "compiled")
     return request.param

@@ -129,18 +129,18 @@ def test_leave_one_out_baseline_is_computed_per_example(setup):
     loo = est.score_function(model, x, eps, kl="analytic", baseline=True)
     # adding a constant c to every reward changes the plain estimator but not the LOO one
     shift = 1000.0
-    orig = model.recon_nll
+    orig = model.px.nll
 
     def shifted(out, xx):
         f, cache = orig(out, xx)
         return f + shift, cache
-    model.recon_nll = shifted
+    model.px.nll = shifted
     try:
         assert not np.allclose(est.score_function(model, x, eps), plain)
         np.testing.assert_allclose(est.score_function(model, x, eps, baseline=True), loo,
                                    rtol=1e-9, atol=1e-9)
     finally:
-        del model.recon_nll
+        del model.px.nll
 
 
 def test_bad_arguments_are_clear_errors(setup):

@@ -1,4 +1,4 @@
-"""The optional compiled kernels (minivae/_kernels.c): the same numbers as their NumPy twins,
+"""The optional compiled kernels (minivae/engine/_kernels.c): the same numbers as their NumPy twins,
 clear errors that change nothing, and minivae working the same without them."""
 import os
 import subprocess
@@ -8,12 +8,17 @@ import threading
 import numpy as np
 import pytest
 
-from minivae import kernels, losses
+from minivae import losses
+from minivae.engine import kernels
+from minivae.engine import numpy_twins as nt
+from minivae.engine.optim import adam_update
 from minivae.optim import Adam
 from minivae.params import Layout, Params
 
+PX = losses.Bernoulli(np, 1)      # the twins read nothing from it
+
 needs_kernels = pytest.mark.skipif(not kernels.available(),
-                                   reason="minivae._kernels was not built (no C compiler)")
+                                   reason="minivae.engine._kernels was not built (no C compiler)")
 
 HYPER = dict(b1=0.9, c1=0.1, b2=0.999, c2=1e-3, step=3e-3, eps=1e-7, decay=1.0)
 
@@ -111,7 +116,8 @@ def adam_run(steps=8, n=70_000):
     opt = Adam(P, lr=1e-2, weight_decay=0.01, decoupled=True)
     for _ in range(steps):
         P.grad[...] = r.standard_normal(n)
-        opt.step()
+        opt.start_step()
+        adam_update(opt, 0, n, (P.grad,))            # the engine's update
     return P.data.copy()
 
 
@@ -133,7 +139,7 @@ def test_without_the_extension_minivae_runs_its_numpy_twins(monkeypatch):
 
 
 def test_the_environment_variable_turns_the_kernels_off():
-    code = "from minivae import kernels; print(kernels.enabled(), kernels.describe())"
+    code = "from minivae.engine import kernels; print(kernels.enabled(), kernels.describe())"
     env = {**os.environ, "MINIVAE_KERNELS": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout
@@ -154,11 +160,11 @@ def bernoulli_case(rng, dtype, shape=(6, 300)):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_compiled_bernoulli_nll_and_gradient_are_the_numpy_twins_to_the_last_bit(rng, dtype):
     l, x = bernoulli_case(rng, dtype)
-    nll_c, cache_c = losses.bernoulli_nll_numpy(l, x)
-    grad_c = losses.bernoulli_nll_backward_numpy(1 / 128, cache_c)
+    nll_c, cache_c = nt.bernoulli_nll(PX, l, x)
+    grad_c = nt.bernoulli_nll_backward(PX, 1 / 128, cache_c)
     with kernels.disabled():
-        nll_n, cache_n = losses.bernoulli_nll_numpy(l, x)
-        grad_n = losses.bernoulli_nll_backward_numpy(1 / 128, cache_n)
+        nll_n, cache_n = nt.bernoulli_nll(PX, l, x)
+        grad_n = nt.bernoulli_nll_backward(PX, 1 / 128, cache_n)
     assert nll_c.dtype == grad_c.dtype == dtype
     np.testing.assert_array_equal(nll_c, nll_n)
     np.testing.assert_array_equal(grad_c, grad_n)
@@ -170,12 +176,12 @@ def test_bernoulli_on_arrays_a_kernel_cannot_take_runs_the_twin(rng):
     x = x_wide[:, ::2]
     l = np.ascontiguousarray(l[:, :300])
     assert not x.flags.c_contiguous and kernels.flat(l, x) is None
-    nll, cache = losses.bernoulli_nll_numpy(l, x)
+    nll, cache = nt.bernoulli_nll(PX, l, x)
     scale = rng.random(6)
-    grad = losses.bernoulli_nll_backward_numpy(scale, cache)
+    grad = nt.bernoulli_nll_backward(PX, scale, cache)
     with kernels.disabled():
-        nll_n, cache_n = losses.bernoulli_nll_numpy(l, x)
-        np.testing.assert_array_equal(grad, losses.bernoulli_nll_backward_numpy(scale, cache_n))
+        nll_n, cache_n = nt.bernoulli_nll(PX, l, x)
+        np.testing.assert_array_equal(grad, nt.bernoulli_nll_backward(PX, scale, cache_n))
     np.testing.assert_array_equal(nll, nll_n)
     np.testing.assert_array_equal(x, x_wide[:, ::2])       # the data are never written
 
@@ -184,8 +190,8 @@ def test_bernoulli_on_arrays_a_kernel_cannot_take_runs_the_twin(rng):
 def test_bernoulli_kernels_never_write_the_logits_or_data(rng):
     l, x = bernoulli_case(rng, np.float32)
     l.flags.writeable = x.flags.writeable = False         # read-only inputs are accepted
-    nll, cache = losses.bernoulli_nll_numpy(l, x)
-    losses.bernoulli_nll_backward_numpy(0.5, cache)
+    nll, cache = nt.bernoulli_nll(PX, l, x)
+    nt.bernoulli_nll_backward(PX, 0.5, cache)
     assert np.isfinite(nll).all()
 
 

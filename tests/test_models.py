@@ -170,7 +170,7 @@ def test_host_array_given_to_a_strict_model():
 def test_bad_constructor_arguments():
     with pytest.raises(ValueError, match="likelihood must be one of"):
         VAE(likelihood="poisson")
-    with pytest.raises(ValueError, match="layer sizes must be positive"):
+    with pytest.raises(ValueError, match="latent must be >= 1, got 0"):
         VAE(latent=0)
     with pytest.raises(ValueError, match="an Autoencoder draws no noise"):
         ae = Autoencoder(12, (8,), 3, dtype="float64")
@@ -187,3 +187,152 @@ def test_bad_input_leaves_parameters_and_gradients_untouched(small):
         small.loss_and_grads(small.backend.asarray(xb))
     assert np.array_equal(small.backend.to_host(small.params.data), p0)
     assert np.array_equal(small.backend.to_host(small.params.grad), g0)
+
+
+# -- one validation path: every entry point gives the same clear error -------------------------
+def _entry_points():
+    """name -> fn(model, x) for every public way data gets into a model."""
+    import minivae
+    from minivae import estimators, evaluate
+
+    return {
+        "loss_and_grads": lambda m, x: m.loss_and_grads(x),
+        "train_step": lambda m, x: minivae.train_step(m, Adam(m.params), x),
+        "DataParallel": lambda m, x: minivae.DataParallel(m).loss_and_grads(x),
+        "encode": lambda m, x: m.encode(x),
+        "code": lambda m, x: m.code(x),
+        "reconstruct": lambda m, x: m.reconstruct(x),
+        "elbo": lambda m, x: m.elbo(x),
+        "loss_terms": lambda m, x: m.loss_terms(x),
+        "pathwise": lambda m, x: estimators.pathwise(m, x),
+        "score_function": lambda m, x: estimators.score_function(m, x, samples=2, baseline=True),
+        "evaluate.elbo": lambda m, x: evaluate.elbo(m, x),
+        "evaluate.iwae": lambda m, x: evaluate.iwae(m, x, k=3),
+        "evaluate": lambda m, x: evaluate.evaluate(m, x, k=2),
+    }
+
+
+ENTRY = list(_entry_points())
+IMAGES = np.random.default_rng(5).integers(0, 256, size=(4, 12))
+
+
+def _bad(kind, be):
+    x = IMAGES / 255.0
+    if kind == "uint8":
+        return be.asarray(IMAGES.astype(np.uint8)), TypeError, "dtype .*uint8.*scaled to \\[0, 1\\]"
+    if kind == "x255":
+        return be.asarray(x * 255.0), ValueError, r"outside \[0, 1\]"
+    if kind == "nan_pixel":
+        x = x.copy()
+        x[1, 4] = np.nan
+        return be.asarray(x), ValueError, "contains NaN or Inf"
+    if kind == "wrong_width":
+        return be.asarray(x[:, :10]), ValueError, r"shape \(4, 10\); expected \(batch, 12\)"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("entry", ENTRY)
+@pytest.mark.parametrize("kind", ["uint8", "x255", "nan_pixel", "wrong_width"])
+def test_every_entry_point_refuses_bad_data_the_same_way(cpu_backend, entry, kind):
+    m = VAE(12, (8,), 3, backend=cpu_backend, dtype="float64", seed=1)
+    x, error, message = _bad(kind, cpu_backend)
+    p0 = cpu_backend.to_host(m.params.data).copy()
+    with pytest.raises(error, match=message):
+        _entry_points()[entry](m, x)
+    np.testing.assert_array_equal(cpu_backend.to_host(m.params.data), p0)   # nothing changed
+
+
+@pytest.mark.parametrize("entry", [e for e in ENTRY if not e.startswith("evaluate")])
+def test_on_strict_a_numpy_array_is_refused_with_the_conversion_hint(entry):
+    """(evaluation converts host arrays on purpose: it takes a data set from disk)"""
+    m = VAE(12, (8,), 3, backend="strict", dtype="float64", seed=1)
+    with pytest.raises(TypeError, match=r"numpy.ndarray.*backend 'strict'.*model.backend.asarray"):
+        _entry_points()[entry](m, IMAGES / 255.0)
+
+
+@pytest.mark.parametrize("method", ["decode", "decode_logits"])
+def test_decoding_validates_its_codes(cpu_backend, method):
+    m = VAE(12, (8,), 3, backend=cpu_backend, dtype="float64", seed=1)
+    fn = getattr(m, method)
+    z = np.zeros((2, 3))
+    with pytest.raises(ValueError, match=r"z has shape \(2, 4\); expected \(batch, 3\)"):
+        fn(cpu_backend.asarray(np.zeros((2, 4))))
+    z[0, 1] = np.nan
+    with pytest.raises(ValueError, match="z contains NaN or Inf"):
+        fn(cpu_backend.asarray(z))
+    with pytest.raises(TypeError, match="z has dtype .*int"):
+        fn(cpu_backend.asarray(np.zeros((2, 3), dtype=np.int32)))
+    with pytest.raises(TypeError, match="z has dtype .*float32 but the model uses .*float64"):
+        fn(cpu_backend.asarray(np.zeros((2, 3), dtype=np.float32)))
+    if cpu_backend.name != "numpy":
+        with pytest.raises(TypeError, match="model.backend.asarray"):
+            fn(np.zeros((2, 3)))
+    assert fn(cpu_backend.asarray(np.zeros((2, 3)))).shape == (2, 12)
+
+
+@pytest.mark.parametrize("n, error, message", [
+    (2.7, TypeError, "n must be a whole number, got 2.7"),
+    (-1, ValueError, "n must be >= 1, got -1"),
+    (0, ValueError, "n must be >= 1, got 0"),
+    (True, TypeError, "n must be a whole number"),
+    ("3", TypeError, "n must be a whole number"),
+])
+def test_sample_takes_a_whole_number_of_examples(n, error, message):
+    m = VAE(12, (8,), 3, dtype="float64")
+    with pytest.raises(error, match=message):
+        m.sample(n)
+    assert m.sample(np.int64(3)).shape == (3, 12)
+
+
+@pytest.mark.parametrize("where", ["loss_and_grads", "train_step", "elbo", "pathwise"])
+def test_eps_with_nan_is_refused(cpu_backend, where):
+    import minivae
+    from minivae import estimators
+
+    m = VAE(12, (8,), 3, backend=cpu_backend, dtype="float64", seed=1)
+    x = data(cpu_backend, B=4)
+    eps = np.zeros((4, 3))
+    eps[2, 1] = np.nan
+    call = {"loss_and_grads": lambda: m.loss_and_grads(x, cpu_backend.asarray(eps)),
+            "train_step": lambda: minivae.train_step(m, Adam(m.params), x,
+                                                     cpu_backend.asarray(eps)),
+            "elbo": lambda: m.elbo(x, cpu_backend.asarray(eps)),
+            "pathwise": lambda: estimators.pathwise(m, x, cpu_backend.asarray(eps[None]))}
+    with pytest.raises(ValueError, match="eps contains NaN or Inf"):
+        call[where]()
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(beta=-1), "beta must be a finite number >= 0, got -1"),
+    (dict(beta=float("nan")), "beta must be a finite number >= 0, got nan"),
+    (dict(beta=float("inf")), "beta must be a finite number >= 0"),
+    (dict(x_sigma=0), "x_sigma must be a positive finite number, got 0"),
+    (dict(x_sigma=-2.0, likelihood="gaussian"), "x_sigma must be a positive finite number"),
+    (dict(x_sigma=float("nan")), "x_sigma must be a positive finite number"),
+    (dict(hidden=(400, 0)), "each hidden size must be >= 1, got 0"),
+    (dict(d_in=7.5), "d_in must be a whole number"),
+    (dict(init="kaiming"), "init must be one of he, glorot, torch"),
+])
+def test_constructor_refuses_numbers_and_names_that_mean_nothing(kw, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        VAE(**kw)
+
+
+def test_setting_beta_later_is_validated_too():
+    m = VAE(12, (8,), 3)
+    with pytest.raises(ValueError, match="beta must be a finite number >= 0"):
+        m.beta = float("nan")
+    assert m.beta == 1.0
+    m.beta = 0.25
+    assert m.beta == 0.25
+
+
+def test_behaviour_not_names_tells_the_models_apart():
+    vae, ae = VAE(12, (8,), 3, dtype="float64"), Autoencoder(12, (8,), 3, dtype="float64")
+    assert vae.has_prior and not ae.has_prior
+    x = data(vae.backend, B=4)
+    assert vae.code(x).shape == ae.code(x).shape == (4, 3)
+    np.testing.assert_array_equal(vae.code(x), vae.encode(x)[0])     # the mean of q(z|x)
+    assert vae.draw_code(5).shape == (5, 3)
+    with pytest.raises(TypeError, match="no prior"):
+        ae.draw_code(5)

@@ -25,6 +25,9 @@ import json
 
 import numpy as np
 
+from ..layers import ACTIVATIONS
+from ..losses import LIKELIHOODS
+from ..models import MODELS
 from . import layer_sizes
 
 HELP = "compare loss and gradients with the same model in PyTorch (or JAX), per tensor"
@@ -46,11 +49,11 @@ def add_arguments(p):
     p.add_argument("--dtype", default="float64", choices=["float64", "float32"],
                    help="precision of both computations (default float64)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.add_argument("--model", default="vae", choices=["vae", "autoencoder"])
+    p.add_argument("--model", default="vae", choices=list(MODELS))
     p.add_argument("--likelihood", default="bernoulli",
-                   choices=["bernoulli", "gaussian", "gaussian_learned"])
+                   choices=list(LIKELIHOODS))
     p.add_argument("--activation", default="relu",
-                   choices=["relu", "leaky_relu", "tanh", "sigmoid", "softplus"])
+                   choices=list(ACTIVATIONS))
     p.add_argument("--hidden", type=layer_sizes, default=[400], metavar="SIZES",
                    help="hidden widths, e.g. 400 or 512,256 (default 400)")
     p.add_argument("--latent", type=_positive_int, default=20, help="latent size (default 20)")
@@ -63,9 +66,9 @@ def add_arguments(p):
 
 def build(args):
     """The model and a seeded batch (x, eps) that ``args`` describe."""
-    from ..models import VAE, Autoencoder
+    from ..models import MODELS
 
-    cls = VAE if args.model == "vae" else Autoencoder
+    cls = MODELS[args.model]
     model = cls(d_in=args.d_in, hidden=args.hidden, latent=args.latent,
                 activation=args.activation, likelihood=args.likelihood,
                 backend=args.backend, dtype=args.dtype, seed=args.seed)
@@ -76,7 +79,7 @@ def build(args):
     else:
         x = rng.random(shape).astype(args.dtype)
     eps = rng.standard_normal((args.batch, args.latent)).astype(args.dtype) \
-        if args.model == "vae" else None
+        if cls.has_prior else None
     return model, x, eps
 
 

@@ -48,7 +48,7 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(res))
         return 0
-    print(f"{args.checkpoint}: {model.kind}, epoch {meta['epoch']}, {res['n']} test examples of {ds.name}")
+    print(f"{args.checkpoint}: {type(model).__name__}, epoch {meta['epoch']}, {res['n']} test examples of {ds.name}")
     print(f"  loss = -ELBO   {res['loss']:9.2f} nats/example "
           f"(recon {res['recon']:.2f} + KL {res['kl']:.2f})")
     if f"nll_{args.k}" in res:

@@ -65,7 +65,7 @@ def info() -> dict:
         gpu = {"name": props["name"].decode() if isinstance(props["name"], bytes) else props["name"],
                "memory_gib": round(props["totalGlobalMem"] / 2**30, 1),
                "count": cupy.cuda.runtime.getDeviceCount()}
-    from .. import blas, kernels, parallel
+    from ..engine import blas, kernels, threads as parallel
 
     threads = {"minivae": parallel.get_num_threads(), "usable_cores": parallel.usable_cores(),
                **{f"blas_{k}": v for k, v in blas.available().items()}}

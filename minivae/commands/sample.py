@@ -27,7 +27,7 @@ def run(args) -> int:
     if not 1 <= args.n <= 10_000:
         raise UserError(f"-n must be between 1 and 10000, got {args.n}")
     model, meta = load_model(args.checkpoint, backend=args.device)
-    if model.kind != "vae":
+    if not model.has_prior:
         raise UserError("sampling needs a VAE; this checkpoint holds an autoencoder")
     ck = Path(args.checkpoint)
     out = Path(args.out) if args.out else (ck if ck.is_dir() else ck.parent) / "samples.png"

@@ -17,6 +17,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..layers import ACTIVATIONS, INITS
+from ..losses import LIKELIHOODS
+from ..models import MODELS
+from ..optim import OPTIMIZERS
 from . import layer_sizes
 
 HELP = "train a VAE on MNIST-like data; metrics, checkpoint and figures go to --out"
@@ -48,21 +52,21 @@ def add_arguments(p):
                    help="none: grey levels as Bernoulli targets, as the PyTorch example (default); "
                         "static: one fixed 0/1 draw; dynamic: redrawn every epoch")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="vae", choices=["vae", "autoencoder"])
+    g.add_argument("--model", default="vae", choices=list(MODELS))
     g.add_argument("--hidden", type=layer_sizes, default=[400], metavar="H[,H...]",
                    help="hidden layer widths (default 400)")
     g.add_argument("--latent", type=_positive(int), default=20, help="latent size (default 20)")
     g.add_argument("--activation", default="relu",
-                   choices=["relu", "leaky_relu", "tanh", "sigmoid", "softplus"])
+                   choices=list(ACTIVATIONS))
     g.add_argument("--likelihood", default="bernoulli",
-                   choices=["bernoulli", "gaussian", "gaussian_learned"])
-    g.add_argument("--init", default=None, choices=["he", "glorot", "torch"],
+                   choices=list(LIKELIHOODS))
+    g.add_argument("--init", default=None, choices=list(INITS),
                    help="weight init (default: He for ReLU; 'torch' = PyTorch nn.Linear's)")
     g.add_argument("--beta", type=float, default=1.0, help="KL weight (beta-VAE), default 1")
     g.add_argument("--warmup", type=float, default=0.0, metavar="EPOCHS",
                    help="KL warm-up: beta ramps linearly from 0 over this many epochs (default 0)")
     g = p.add_argument_group("optimization")
-    g.add_argument("--optimizer", default="adam", choices=["adam", "sgd", "adagrad"])
+    g.add_argument("--optimizer", default="adam", choices=list(OPTIMIZERS))
     g.add_argument("--lr", type=_positive(float), default=1e-3, help="learning rate (default 1e-3)")
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--epochs", type=_positive(int), default=None,
@@ -94,7 +98,7 @@ def run(args) -> int:
     from ..train import Diverged, TrainConfig, Trainer
 
     if args.threads:
-        from ..parallel import set_num_threads
+        from ..engine import set_num_threads
 
         set_num_threads(args.threads)
     out = Path(args.out)
@@ -125,7 +129,7 @@ def run(args) -> int:
             log_every=args.log_every, out=str(out), progress=not args.no_progress,
             figures=not args.no_figures)
         t = Trainer(cfg)
-        print(f"training {t.model.kind} {t.ds.dim}-{'-'.join(map(str, cfg.hidden))}-"
+        print(f"training {type(t.model).__name__} {t.ds.dim}-{'-'.join(map(str, cfg.hidden))}-"
               f"{cfg.latent} ({t.model.n_params():,} parameters) on {t.ds.name} "
               f"({t.n_train} train / {t.x_test.shape[0]} test), backend {t.backend.name}")
     try:

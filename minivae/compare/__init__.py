@@ -12,10 +12,12 @@ has width 2L, columns [:L] mu and [L:] logvar) and is fed the same eps. Its loss
 gradients come back in minivae's flat layout (``model.params.layout``), so the two gradient
 buffers can be compared tensor by tensor.
 
-The twins' likelihoods and KL use the frameworks' own implementations
-(torch: ``binary_cross_entropy_with_logits``, ``torch.distributions``; jax:
+The twins' likelihoods use the frameworks' own implementations (torch:
+``binary_cross_entropy_with_logits``, ``torch.distributions.Normal``; jax:
 ``jax.nn.log_sigmoid``, ``jax.scipy.stats.norm``), not a copy of minivae's formulas, so
-agreement is evidence, not an echo. JAX is optional (``pip install 'minivae[jax]'``); float64
+agreement is evidence, not an echo. The KL term: torch's twin uses
+``torch.distributions.kl_divergence``; JAX has no KL function, so its twin writes the closed
+form 1/2 sum(mu^2 + exp(logvar) - 1 - logvar) out itself; its *gradient* is still JAX's. JAX is optional (``pip install 'minivae[jax]'``); float64
 is switched on in JAX when its twin is built.
 
 Relative difference, per tensor (this is what ``minivae compare`` reports):
@@ -141,7 +143,7 @@ def compare(model, x, eps=None, against: str = "torch") -> Comparison:
     be = model.backend
     tw = twin(model, against)
     x_dev = be.asarray(np.asarray(be.to_host(x) if be.is_array(x) else x), dtype=model.dtype)
-    if model.kind == "vae" and eps is None:
+    if model.has_prior and eps is None:
         eps = model.draw_eps(x_dev.shape[0])
     eps_dev = None if eps is None else be.asarray(
         np.asarray(be.to_host(eps) if be.is_array(eps) else eps), dtype=model.dtype)

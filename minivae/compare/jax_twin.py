@@ -56,7 +56,7 @@ class JaxTwin:
         m = self.model
         by_name = dict(zip(self.layout.names, params))
         h = self._net(m.encoder, by_name, x)
-        if m.kind == "autoencoder":
+        if not m.has_prior:
             return jnp.mean(self._recon(self._net(m.decoder, by_name, h), x))
         L = m.latent
         mu, logvar = h[:, :L], h[:, L:]

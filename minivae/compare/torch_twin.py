@@ -69,7 +69,7 @@ class TorchTwin:
         """The model's loss, mean_B(recon + beta KL), as a torch scalar."""
         m = self.model
         h = self._net(m.encoder, x)
-        if m.kind == "autoencoder":
+        if not m.has_prior:
             return self._recon(self._net(m.decoder, h), x).mean()
         L = m.latent
         mu, logvar = h[:, :L], h[:, L:]

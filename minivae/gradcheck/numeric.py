@@ -29,6 +29,8 @@ import math
 
 import numpy as np
 
+from ..backend import backend_of
+
 FLOAT_DTYPES = {"float32": np.float32, "float64": np.float64}
 CON = 2.0     # Ridders: each row halves the step
 SAFE = 2.0    # ... and stops when the new diagonal is SAFE times worse than the best error
@@ -45,17 +47,6 @@ class NondeterministicError(GradcheckError):
 # -- the tensors: perturb them in the memory f reads, or refuse ---------------------------
 
 
-def _kind(t) -> str | None:
-    mod = type(t).__module__
-    if isinstance(t, np.ndarray):
-        return "numpy"
-    if mod.startswith("array_api_strict") and hasattr(t, "_array"):
-        return "strict"
-    if mod.startswith("cupy"):
-        return "cupy"
-    return None
-
-
 def dtype_name(t) -> str:
     """"float64", "int32", ... for an array of any backend ("" for a Python number)."""
     d = getattr(t, "dtype", None)
@@ -66,12 +57,8 @@ def dtype_name(t) -> str:
 
 def to_host(a) -> np.ndarray:
     """Any backend's array -> NumPy array on the host (the backend's own ``to_host``)."""
-    kind = _kind(a)
-    if kind in ("strict", "cupy"):
-        from ..backend import get_backend
-
-        return get_backend(kind).to_host(a)
-    return np.asarray(a)
+    be = backend_of(a)
+    return np.asarray(a) if be is None else be.to_host(a)
 
 
 class Tensor:
@@ -94,8 +81,8 @@ class Tensor:
             raise TypeError(f"tensor {name!r} is a {type(t).__module__}.{type(t).__name__} (an "
                             f"ndarray subclass, whose indexing and masks the checker cannot "
                             f"honour); pass a plain array that f reads")
-        kind = _kind(t)
-        if kind is None:
+        be = backend_of(t)
+        if be is None:
             raise TypeError(f"tensor {name!r} is a {type(t).__name__}, not a NumPy, CuPy or "
                             f"array-api-strict array")
         dt = dtype_name(t)
@@ -109,12 +96,13 @@ class Tensor:
                 why = ("is not a real floating-point type: finite differences need a "
                        "continuous input; check a float64 copy that f reads")
             raise TypeError(f"tensor {name!r} has dtype {dt}, which {why}")
-        self.kind = kind
-        self.mem = t._array if kind == "strict" else t
-        if kind != "cupy" and not self.mem.flags.writeable:
+        self.backend = be
+        self.host = be.host_memory(t)      # the NumPy memory f reads; None on a GPU
+        self.mem = t if self.host is None else self.host
+        if self.host is not None and not self.mem.flags.writeable:
             raise ValueError(f"tensor {name!r} is read-only: the checker must write the step "
                              f"into the memory f reads")
-        if kind != "cupy" and _overlaps_itself(self.mem):
+        if self.host is not None and _overlaps_itself(self.mem):
             raise ValueError(f"tensor {name!r} is a view whose elements share memory (a zero or "
                              f"overlapping stride): a step in one element moves others; pass a "
                              f"copy that f reads")
@@ -126,7 +114,7 @@ class Tensor:
         # A flat view of the same memory where one exists (C-contiguous layouts), else None:
         # then writes go through multi-indices, which reach any strides.
         self.flat = None
-        if kind != "cupy" and self.shape != ():
+        if self.host is not None and self.shape != ():
             flat = self.mem.reshape(-1)
             if flat.size and np.shares_memory(flat, self.mem):
                 self.flat = flat
@@ -153,7 +141,7 @@ class Tensor:
             self.mem[...] = self._dev(full.reshape(self.shape))
         else:
             ix = np.unravel_index(idx, self.shape)
-            if self.kind == "cupy":
+            if self.host is None:
                 ix = tuple(self._dev(i) for i in ix)
             self.mem[ix] = self._dev(v)
         return v.astype(np.float64)
@@ -165,15 +153,11 @@ class Tensor:
             self.write(idx, self.x0[idx])
 
     def _dev(self, a):
-        if self.kind == "cupy":
-            import cupy
-
-            return cupy.asarray(a)
-        return a
+        return a if self.host is not None else self.backend.asarray(a)
 
     def host_memory(self):
         """The NumPy array whose memory f reads (None on a GPU)."""
-        return None if self.kind == "cupy" else self.mem
+        return self.host
 
 
 def _overlaps_itself(a: np.ndarray) -> bool:

@@ -245,7 +245,7 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "minivae._kernels",
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "minivae.engine._kernels",
                                     "One-pass CPU kernels for minivae's NumPy step.", -1,
                                     methods};
 

@@ -11,7 +11,7 @@ Every core does useful work, and nothing spins. (NumPy releases the GIL inside i
 BLAS calls, and ctypes around its foreign calls, so plain Python threads suffice.) On the
 2-core CI machine this takes the 784-400-20 step at batch 128 from 1.13x PyTorch's time on
 one thread to 0.71x on two (benchmarks/results/step_time_cpu_b128*.json; both with the compiled
-kernels of :mod:`minivae.kernels`).
+kernels of :mod:`minivae.engine.kernels`).
 
 What changes. Only the order of the floating-point additions over the batch, exactly as a
 different BLAS thread count would. The random stream does not change: eps is drawn for the
@@ -24,7 +24,7 @@ one-thread step.
 With 1 thread the step runs on the calling thread as before, also with a one-thread BLAS.
 The BLAS thread count is process-wide: while a minivae step runs, other threads' NumPy
 products also get one BLAS thread; it is restored when the step ends. Splitting needs
-NumPy's BLAS to be an OpenBLAS >= 0.3.27 (what NumPy's wheels ship, see :mod:`minivae.blas`);
+NumPy's BLAS to be an OpenBLAS >= 0.3.27 (what NumPy's wheels ship, see :mod:`minivae.engine.blas`);
 with another BLAS minivae runs one thread and leaves the BLAS's threading alone.
 """
 from __future__ import annotations
@@ -236,17 +236,16 @@ def shards(n_rows: int) -> int:
     return max(1, min(get_num_threads(), n_rows // MIN_ROWS))
 
 
-def in_slices(fn, arrays, *args) -> None:
-    """fn(*slices_of_arrays, *args) over contiguous slices of equal-length flat arrays, one
-    slice per thread (one slice, in the caller, when the arrays are small)."""
-    n = arrays[0].shape[0]
+def in_ranges(n: int, fn) -> None:
+    """fn(lo, hi) over contiguous ranges covering [0, n), one per thread (one range, in the
+    caller, when n is small): elementwise work over flat buffers, such as an optimizer update."""
     k = max(1, min(get_num_threads(), n // MIN_SLICE))
     if k == 1:
         with one_blas_thread():
-            fn(*arrays, *args)
+            fn(0, n)
         return
-    team(k).run([_bind(fn, tuple(a[lo:hi] for a in arrays), args) for lo, hi in bounds(n, k)])
+    team(k).run([_bind(fn, lo, hi) for lo, hi in bounds(n, k)])
 
 
-def _bind(fn, parts, args):
-    return lambda: fn(*parts, *args)
+def _bind(fn, lo, hi):
+    return lambda: fn(lo, hi)

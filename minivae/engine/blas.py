@@ -5,7 +5,7 @@
    the pthreads builds NumPy ships it sets the count for the whole process (measured: a
    worker thread's call changes the main thread's products), and it returns the previous
    count without resizing the thread pool. minivae sets one BLAS thread only while its
-   data-parallel step runs and restores the count after (:mod:`minivae.parallel`).
+   data-parallel step runs and restores the count after (:mod:`minivae.engine.threads`).
 2. ``axpby(a, x, b, y)``: y <- a x + b y in one pass over memory. In NumPy the same update is
    two or three passes (``y *= b; np.multiply(x, a, out=tmp); y += tmp``), and the optimizers'
    updates are memory-bound, so passes are what they cost (minivae.optim).

@@ -1,14 +1,14 @@
-"""Optional compiled CPU kernels (``minivae._kernels``, from minivae/_kernels.c).
+"""Optional compiled CPU kernels (``minivae.engine._kernels``, from minivae/engine/_kernels.c).
 
 The NumPy step's elementwise updates are memory-bound: NumPy makes one pass over the flat
 buffers per operation, so Adam plus the sum of k threads' gradient buffers costs 7 + (k - 1)
 passes over memory. The compiled kernel makes one. It computes the same formulas, operation for
-operation, as the NumPy update in :mod:`minivae.optim` (its twin, which ``tests/test_optim.py``
+operation, as the NumPy update in :mod:`minivae.engine.optim` (its twin, which ``tests/test_optim.py``
 checks it against), and is used only for NumPy arrays on the CPU.
 
 pip builds the extension when it installs minivae and a C compiler is at hand (setup.py);
 without one, minivae installs and runs as before, on the NumPy twins. After editing
-_kernels.c, ``pip install -e .`` again rebuilds it. Turn the kernels off with
+engine/_kernels.c, ``pip install -e .`` again rebuilds it. Turn the kernels off with
 ``MINIVAE_KERNELS=0`` or :func:`set_enabled` (benchmarks compare both).
 """
 from __future__ import annotations

@@ -1,0 +1,220 @@
+"""Data parallelism as a wrapper, in the spirit of torch's DistributedDataParallel.
+
+    dp = DataParallel(model)                 # owns the threads; the model knows nothing of them
+    r = dp.loss_and_grads(x)                 # = model.loss_and_grads(x), to round-off
+    r = dp.train_step(opt, x)                # = the above, then opt.step(), in one section
+
+What one step does, for a batch x of B rows (the model's maths is its ``forward_backward``):
+
+1. **shard rows**: the communicator gives this process its rows [lo, hi) of the batch (all of
+   them, in one process); the process splits them again into k row blocks, one per thread.
+2. **forward/backward per block**: thread j runs the model pass (its NumPy twin, from the
+   engine registry) on block j into its own gradient buffer, writing d(sum of its rows'
+   losses / B)/d params, so that the blocks' gradients add up to the batch mean's.
+3. **all-reduce the flat gradient**: the k buffers are summed, each thread its own slice of
+   the flat buffer; across processes the communicator sums the result (one all-reduce of one
+   flat buffer per step: why minivae keeps its parameters in one buffer).
+4. **optimizer update**: through the optimizer's public ``start_step()`` (once) and
+   ``update(lo, hi, grads)`` (per slice). In one process, steps 3 and 4 are fused: each thread
+   sums its slice and updates it in the same pass, right after a barrier.
+
+Only the order of the floating-point additions over the batch changes; the random stream does
+not (eps is drawn for the whole batch, then split). ``tests/test_parallel.py`` holds the
+wrapper to the reference step.
+
+The communicator is the seam for more than one process (MPI): anything with ``rank``,
+``size``, ``rows(n)``, ``allreduce_sum(buf)`` and ``broadcast(buf)``, as :class:`Communicator`
+describes. :class:`SingleProcess` is the one that ships.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from contextlib import nullcontext
+from functools import partial
+
+from ..models import LossResult
+from ..optim import sum_into_first
+from . import threads as _threads
+from .registry import has_twins, pick
+
+
+class Communicator:
+    """What a multi-process strategy implements (e.g. over mpi4py). All ranks call every
+    method in the same order.
+
+    rank, size                 this process's index and the number of processes
+    rows(n) -> (lo, hi)        this rank's rows of a global batch of n rows
+    allreduce_sum(buf)         buf <- the sum of every rank's buf, in place (a flat array)
+    broadcast(buf, root=0)     buf <- root's buf, in place
+    """
+
+    rank = 0
+    size = 1
+
+    def rows(self, n: int) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def allreduce_sum(self, buf) -> None:
+        raise NotImplementedError
+
+    def broadcast(self, buf, root: int = 0) -> None:
+        raise NotImplementedError
+
+
+class SingleProcess(Communicator):
+    """One process: all rows are ours, and there is nobody to sum with."""
+
+    def rows(self, n):
+        return 0, n
+
+    def allreduce_sum(self, buf):
+        pass
+
+    def broadcast(self, buf, root=0):
+        pass
+
+
+class DataParallel:
+    """A model's training step split over threads (and, through ``comm``, processes).
+
+    model: a VAE or Autoencoder. threads: how many (default :func:`minivae.get_num_threads`,
+    read at each step); used only where the engine has twins for the model's backend (NumPy),
+    elsewhere the step is the reference, on one thread. comm: a :class:`Communicator`
+    (default :class:`SingleProcess`); its ``broadcast`` makes every rank start from rank 0's
+    parameters.
+    """
+
+    def __init__(self, model, threads: int | None = None, comm: Communicator | None = None):
+        self.model = model
+        self.comm = comm or SingleProcess()
+        if threads is not None and (int(threads) != threads or threads < 1):
+            raise ValueError(f"threads must be a whole number >= 1, got {threads!r}")
+        self.threads = threads
+        self.engine = has_twins(model.backend)
+        self._forward_backward = pick(type(model).forward_backward, model.backend)
+        self._replicas = []                  # Params sharing model.params.data, one per thread
+        self.comm.broadcast(model.params.data)
+
+    def __repr__(self):
+        return f"DataParallel({type(self.model).__name__}, threads={self.threads}, " \
+               f"comm={type(self.comm).__name__})"
+
+    def _k(self, rows: int) -> int:
+        if not self.engine:
+            return 1
+        k = _threads.get_num_threads() if self.threads is None else self.threads
+        return max(1, min(k, rows // _threads.MIN_ROWS))
+
+    # -- public steps ---------------------------------------------------------------------------
+    def loss_and_grads(self, x, eps=None, check=True) -> LossResult:
+        """model.loss_and_grads(x, eps, check), split over the threads (and ranks)."""
+        return self._step(x, eps, check, opt=None)
+
+    def train_step(self, opt, x, eps=None, check=True) -> LossResult:
+        """loss_and_grads, then one optimizer step, in one parallel section."""
+        if opt.params is not self.model.params:
+            raise ValueError("the optimizer was built for another model's parameters")
+        return self._step(x, eps, check, opt=opt)
+
+    def optimizer_step(self, opt) -> None:
+        """``opt.step()`` on the gradient in ``model.params.grad``: :func:`optimizer_step`."""
+        optimizer_step(opt)
+
+    # -- the step -------------------------------------------------------------------------------
+    def _step(self, x, eps, check, opt):
+        m, xp = self.model, self.model.xp
+        if check:
+            m.check_input(x)
+        B = x.shape[0]
+        eps = m.prepare_eps(eps, B, check)
+        lo, hi = self.comm.rows(B)
+        if (lo, hi) != (0, B):
+            x, eps = x[lo:hi], (None if eps is None else eps[lo:hi])
+        k = self._k(hi - lo)
+        fuse = opt is not None and self.comm.size == 1
+        terms = self._blocks(x, eps, B, k, opt if fuse else None) if k > 1 else None
+        if terms is None:                   # one thread (or the team is busy: a nested call)
+            pin = _threads.one_blas_thread() if self.engine else nullcontext()
+            with pin:
+                terms = self._forward_backward(m, m.params, x, eps, B)
+            fuse = False
+        if self.comm.size > 1:
+            self.comm.allreduce_sum(m.params.grad)
+        if opt is not None and not fuse:
+            self.optimizer_step(opt)
+        loss_b, recon, kl = terms
+        if self.comm.size == 1:
+            loss, mrecon, mkl = xp.mean(loss_b), xp.mean(recon), xp.mean(kl)
+        else:                               # means over the global batch
+            sums = xp.stack([xp.sum(loss_b), xp.sum(recon), xp.sum(kl)])
+            self.comm.allreduce_sum(sums)
+            loss, mrecon, mkl = sums[0] / B, sums[1] / B, sums[2] / B
+        return LossResult(loss=loss, recon=mrecon, kl=mkl, elbo=-(recon + kl), grads=m.params.grad)
+
+    def _blocks(self, x, eps, B, k, opt):
+        """The model pass on k row blocks in k threads; then, once all k are done (a barrier),
+        each thread sums the k gradient buffers over its slice of the flat buffer into
+        params.grad and, given an optimizer, applies the update to that slice. -> the per-row
+        (loss, recon, kl), or None when the team is busy."""
+        m = self.model
+        if len(self._replicas) < k - 1 or any(r.data is not m.params.data for r in self._replicas):
+            self._replicas = [m.params.with_own_grad() for _ in range(k - 1)]
+        shards = [m.params, *self._replicas[: k - 1]]
+        grads = [P.grad for P in shards]
+        rows, slices = _threads.bounds(x.shape[0], k), _threads.bounds(grads[0].shape[0], k)
+        update = None if opt is None else pick(type(opt).update, m.backend)
+        all_done = threading.Barrier(k, action=None if opt is None else opt.start_step)
+        fb = self._forward_backward
+
+        def job(j):
+            (lo, hi), (a, b) = rows[j], slices[j]
+            try:
+                out = fb(m, shards[j], x[lo:hi], None if eps is None else eps[lo:hi], B)
+            except BaseException:
+                all_done.abort()      # the others stop waiting; the team re-raises this error
+                raise
+            all_done.wait()           # every block's gradient is complete
+            gs = tuple(g[a:b] for g in grads)
+            if update is None:
+                sum_into_first(gs)
+            else:                     # the update sums them itself, in the same pass
+                update(opt, a, b, gs)
+            return out
+
+        parts = _threads.team(k).run([partial(job, j) for j in range(k)], concurrent=True)
+        if parts is None:
+            return None
+        return tuple(m.xp.concat([p[j] for p in parts]) for j in range(3))
+
+
+def optimizer_step(opt) -> None:
+    """``opt.step()`` with its update shared out over the threads in slices of the flat
+    buffers, through the engine's in-place twin of the update (on NumPy; the reference
+    elsewhere). The same result as ``opt.step()`` to round-off."""
+    be = opt.params.backend
+    opt.start_step()
+    update = pick(type(opt).update, be)
+    grad = opt.params.grad
+    if not has_twins(be):
+        update(opt, 0, grad.shape[0], (grad,))
+        return
+    _threads.in_ranges(grad.shape[0], lambda lo, hi: update(opt, lo, hi, (grad[lo:hi],)))
+
+
+_wrappers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def train_step(model, opt, x, eps=None, check=True) -> LossResult:
+    """One optimisation step on the batch x: (B, D); the same as its plain twin
+
+        r = model.loss_and_grads(x, eps, check); opt.step(); return r
+
+    to round-off (``tests/test_parallel.py``), through the model's :class:`DataParallel`
+    (made on first use and kept with the model): on NumPy the forward/backward, the gradient
+    sum and the optimizer update run in one parallel section. The trainer uses this.
+    """
+    dp = _wrappers.get(model)
+    if dp is None:
+        dp = _wrappers[model] = DataParallel(model)
+    return dp.train_step(opt, x, eps, check)

@@ -305,27 +305,34 @@ class VAE(_Model):
         """x: (B, D) -> the deterministic code of each example, the mean of q(z|x): (B, L)."""
         return self.encode(x)[0]
 
-    def loss_terms(self, x, rng=None, check=True):
-        """Per-example (-log p(x|z), KL), each (B,), with one z ~ q(z|x) per example drawn with
-        ``rng`` (a backend RNG; default the model's). No gradients."""
-        if check:
-            self.check_input(x)
+    def _terms(self, x, eps):
+        """The forward pass alone: per-example (-log p(x|z), KL), each (B,), at z = mu + sigma eps."""
         mu, logvar = self._encode(x)
-        eps = (rng or self.rng).normal((x.shape[0], self.latent), self.dtype)
         z, _ = sample(self.xp, mu, logvar, eps)
         recon, _ = self.px.nll(self._decode_out(z), x)
         kl, _ = losses.kl_normal(self.xp, mu, logvar)
         return recon, kl
 
+    def loss(self, x, eps=None, check=True):
+        """mean_B(recon + beta * kl), nats per example, forward only (no gradients): the
+        value ``loss_and_grads`` returns for the same x and eps. 0-d backend array."""
+        if check:
+            self.check_input(x)
+        recon, kl = self._terms(x, self.prepare_eps(eps, x.shape[0], check))
+        return self.xp.mean(recon + self.beta * kl)
+
+    def loss_terms(self, x, rng=None, check=True):
+        """Per-example (-log p(x|z), KL), each (B,), with one z ~ q(z|x) per example drawn with
+        ``rng`` (a backend RNG; default the model's). No gradients."""
+        if check:
+            self.check_input(x)
+        return self._terms(x, (rng or self.rng).normal((x.shape[0], self.latent), self.dtype))
+
     def elbo(self, x, eps=None):
         """Per-example ELBO (B,) in nats with one sample of z (no gradients).
         eps: (B, L) or None to draw it."""
         self.check_input(x)
-        eps = self.prepare_eps(eps, x.shape[0], True)
-        mu, logvar = self._encode(x)
-        z, _ = sample(self.xp, mu, logvar, eps)
-        recon, _ = self.px.nll(self._decode_out(z), x)
-        kl, _ = losses.kl_normal(self.xp, mu, logvar)
+        recon, kl = self._terms(x, self.prepare_eps(eps, x.shape[0], True))
         return -(recon + kl)
 
     def reconstruct(self, x, sample_z=False):
@@ -391,6 +398,12 @@ class Autoencoder(_Model):
     def code(self, x):
         """x: (B, D) -> the code (B, L) (the same as encode)."""
         return self.encode(x)
+
+    def loss(self, x, eps=None, check=True):
+        """mean_B(-log p(x|code)), nats per example, forward only. 0-d backend array."""
+        recon, _ = self.loss_terms(x, check=check)
+        self.prepare_eps(eps, x.shape[0], check)           # refuses an eps
+        return self.xp.mean(recon)
 
     def loss_terms(self, x, rng=None, check=True):
         """Per-example (-log p(x|code), 0), each (B,). No gradients; rng is not used."""

@@ -361,3 +361,70 @@ def test_overlapping_blocks_in_two_threads_restore_the_original_count():
         assert blas.set_threads(2) == 2
     finally:
         blas.set_threads(before)
+
+
+# -- the communicator seam: more than one "process" ---------------------------------------------
+class LocalGroup:
+    """``size`` ranks in one process (each a thread), summing over shared memory in rank
+    order: a real implementation of the Communicator interface, the way an MPI one will be
+    used, small enough to run in a test."""
+
+    def __init__(self, size):
+        self.size, self.slots = size, [None] * size
+        self.barrier = threading.Barrier(size)
+
+    def rank(self, r):
+        group = self
+
+        class Member(minivae.engine.Communicator):
+            rank, size = r, group.size
+
+            def rows(self, n):
+                return parallel.bounds(n, group.size)[r]
+
+            def allreduce_sum(self, buf):
+                group.slots[r] = np.array(buf, copy=True)
+                group.barrier.wait()
+                total = sum(group.slots[1:], group.slots[0].copy())
+                group.barrier.wait()
+                buf[...] = total
+
+            def broadcast(self, buf, root=0):
+                if r == root:
+                    group.slots[root] = np.array(buf, copy=True)
+                group.barrier.wait()
+                buf[...] = group.slots[root]
+                group.barrier.wait()
+
+        return Member()
+
+
+def test_two_ranks_through_the_communicator_train_like_one_process(rng):
+    xs = [(rng.random((12, 30)) < 0.4).astype(np.float64) for _ in range(5)]
+    ref = MODELS["vae"]()
+    ref_opt = Adam(ref.params, lr=1e-2)
+    ref_losses = []
+    for x in xs:
+        ref_losses.append(float(ref.loss_and_grads(x).loss))
+        ref_opt.step()
+
+    group, out = LocalGroup(2), {}
+
+    def rank(r):
+        m = MODELS["vae"]()                       # same seed: the same eps for the global batch
+        if r == 1:
+            m.params.data[...] = 0.0              # the broadcast must give it rank 0's weights
+        dp = DataParallel(m, threads=1, comm=group.rank(r))
+        opt = Adam(m.params, lr=1e-2)
+        out[r] = ([float(dp.train_step(opt, x).loss) for x in xs], m.params.data.copy())
+
+    ts = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    (l0, p0), (l1, p1) = out[0], out[1]
+    np.testing.assert_array_equal(p0, p1)         # every rank applied the same update
+    assert l0 == l1                               # the loss of the global batch, on every rank
+    np.testing.assert_allclose(l0, ref_losses, rtol=1e-12)
+    np.testing.assert_allclose(p0, ref.params.data, rtol=1e-10, atol=1e-13)

@@ -117,8 +117,9 @@ def run_all(backend="numpy", seed=0, full=False) -> Report:
 
 
 def check_model(model, x, *, seed=0, name="model", mode="auto", **kwargs) -> Report:
-    """Gradient-check ``model.loss_and_grads(x, eps)`` with respect to every parameter
-    tensor, with eps drawn once and held fixed (so the loss is a deterministic function of the
+    """Gradient-check ``model.loss_and_grads(x, eps)`` (the analytic side) against finite
+    differences of ``model.loss(x, eps)`` (the forward pass alone) with respect to every
+    parameter tensor, with eps drawn once and held fixed (so the loss is a deterministic function of the
     parameters: the reparametrization trick). x: (B, D) on the model's backend. Rows are named
     ``<name>.<tensor>`` (e.g. ``VAE.enc.0.W``). Other keyword arguments go to
     :func:`check_gradients`."""
@@ -136,8 +137,8 @@ def check_model(model, x, *, seed=0, name="model", mode="auto", **kwargs) -> Rep
     model.loss_and_grads(x, eps)
     analytic = {k: model.xp.asarray(v, copy=True) for k, v in model.params.grad_views.items()}
 
-    def f():
-        return float(model.loss_and_grads(x, eps, check=False).loss)
+    def f():                  # the forward pass alone: the numeric side never runs a backward
+        return float(model.loss(x, eps, check=False))
 
     rep = check_gradients(f, model.params.views, analytic, seed=seed, name=name, mode=mode,
                           **kwargs)

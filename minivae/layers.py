@@ -1,6 +1,6 @@
 """Dense layers and activations, each a forward/backward pair (the reference maths).
 
-The contract (CS231n's, see DESIGN.md):
+The contract (CS231n's assignment layers, made explicit):
 
     out, cache = layer.forward(params, x)             # cache: exactly what backward needs
     dx, grads  = layer.backward(params, dout, cache)  # never mutates its inputs

@@ -212,11 +212,11 @@ class VAE(_Model):
         d_in, hidden, latent = _sizes(d_in, hidden, latent)
         self.d_in, self.latent = d_in, latent
         self.beta = beta
-        self._config = dict(kind="vae", d_in=d_in, hidden=list(hidden), latent=latent,
-                            activation=activation, likelihood=likelihood, beta=float(beta),
-                            x_sigma=float(x_sigma), init=init)
         nets = self._nets(d_in, hidden, latent, 2 * latent, likelihood, activation, init, backend)
         self._setup(nets, likelihood, x_sigma, backend, dtype, seed)
+        self._config = dict(kind="vae", d_in=d_in, hidden=list(hidden), latent=latent,
+                            activation=activation, likelihood=likelihood, beta=self.beta,
+                            x_sigma=float(x_sigma), init=init)
 
     @property
     def beta(self) -> float:
@@ -361,11 +361,11 @@ class Autoencoder(_Model):
                  backend="numpy", dtype="float32", seed=0):
         d_in, hidden, latent = _sizes(d_in, hidden, latent)
         self.d_in, self.latent = d_in, latent
+        nets = self._nets(d_in, hidden, latent, latent, likelihood, activation, init, backend)
+        self._setup(nets, likelihood, x_sigma, backend, dtype, seed)
         self._config = dict(kind="autoencoder", d_in=d_in, hidden=list(hidden), latent=latent,
                             activation=activation, likelihood=likelihood,
                             x_sigma=float(x_sigma), init=init)
-        nets = self._nets(d_in, hidden, latent, latent, likelihood, activation, init, backend)
-        self._setup(nets, likelihood, x_sigma, backend, dtype, seed)
 
     def forward_backward(self, P, x, eps=None, batch_size=None):
         """x: (b, D) -> per-row (loss, recon, kl = 0), each (b,), and writes

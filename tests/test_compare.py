@@ -156,3 +156,26 @@ def test_step_time_benchmark_prints_its_json_as_the_last_line():
     for key in ("minivae_ms", "torch_ms", "gemm_floor_ms"):
         assert res[key] > 0
     assert res["ratio_minivae_to_torch"] == pytest.approx(res["minivae_ms"] / res["torch_ms"])
+
+
+def test_ab_step_time_runs_two_checkouts_side_by_side():
+    """benchmarks/ab_step_time.py against this very checkout: both run, the JSON is the last
+    line, and nothing is written without --save."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    results = sorted((root / "benchmarks" / "results").glob("*"))
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "ab_step_time.py"),
+                          "--other", str(root), "--batch", "16", "--steps", "3", "--block",
+                          "0.05", "--settle", "0", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["this_ms"] > 0 and res["other_ms"] > 0 and res["torch_ms"] > 0
+    assert res["ratio_this_to_other"] == pytest.approx(res["this_ms"] / res["other_ms"])
+    assert sorted((root / "benchmarks" / "results").glob("*")) == results
+    bad = subprocess.run([sys.executable, str(root / "benchmarks" / "ab_step_time.py"),
+                          "--other", str(root / "tests")], capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode != 0 and "is not a minivae package" in bad.stderr

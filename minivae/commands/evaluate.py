@@ -10,6 +10,8 @@ k grows (Burda et al. 2016). The data set and binarization are the ones the run 
 """
 from __future__ import annotations
 
+from ..backend import NAMES as BACKENDS
+
 HELP = "test ELBO and importance-weighted log-likelihood bound (IWAE_k) of a checkpoint"
 
 
@@ -19,7 +21,7 @@ def add_arguments(p):
                                                        "100; 0 skips the IWAE bound)")
     p.add_argument("--n", type=int, default=None, metavar="N",
                    help="evaluate the first N test examples only")
-    p.add_argument("--device", default="numpy", choices=["numpy", "cupy", "auto", "strict"])
+    p.add_argument("--device", default="numpy", choices=list(BACKENDS))
     p.add_argument("--seed", type=int, default=0, help="seed of the evaluation noise")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..backend import NAMES as BACKENDS
 from ..layers import ACTIVATIONS, INITS
 from ..losses import LIKELIHOODS
 from ..models import MODELS
@@ -74,7 +75,7 @@ def add_arguments(p):
     g.add_argument("--batch", type=_positive(int), default=128, help="batch size (default 128)")
     g.add_argument("--seed", type=int, default=0, help="seeds init, shuffling and noise (default 0)")
     g = p.add_argument_group("run")
-    g.add_argument("--device", default=None, choices=["numpy", "cupy", "auto", "strict"],
+    g.add_argument("--device", default=None, choices=list(BACKENDS),
                    help="array backend: numpy (CPU, default), cupy (NVIDIA GPU), auto "
                         "(cupy if a GPU works, else numpy), strict (array-API test backend); "
                         "with --resume: the run's own unless given")

@@ -1,10 +1,11 @@
-/* minivae._kernels: one-pass CPU kernels for the NumPy training step (optional, compiled at
+/* minivae.engine._kernels: one-pass CPU kernels for the NumPy training step (optional, compiled at
  * install time; minivae runs its NumPy twins where this module is missing, see kernels.py).
  *
  * Why C: the step's elementwise updates are memory-bound. NumPy runs one operation per pass
  * over the flat buffers, so Adam with the gradient sum over k threads' buffers costs about
  * 7 + (k - 1) passes over 2.6 MB arrays; here it is one pass. The maths is the same as
- * minivae/optim.py's Adam, operation for operation (no fused multiply-adds: -ffp-contract=off),
+ * minivae/engine/optim.py's NumPy Adam (adam_update_numpy), operation for operation
+ * (no fused multiply-adds: -ffp-contract=off),
  * so the result does not depend on the CPU's instruction set.
  *
  * The arrays are any C-contiguous buffers (NumPy arrays) of float32 or float64, one

@@ -184,9 +184,11 @@ class _Model:
         out, _ = self.decoder.forward(self.params, z)
         return out
 
-    def decode_logits(self, z):
-        """z: (B, L) -> raw decoder output (B, D) (or (B, 2D): mean | logvar, learned variance)."""
-        self.check_latent(z)
+    def decode_logits(self, z, check=True):
+        """z: (B, L) -> raw decoder output (B, D) (or (B, 2D): mean | logvar, learned variance).
+        ``check=False`` skips the validation (for callers that validated already)."""
+        if check:
+            self.check_latent(z)
         return self._decode_out(z)
 
     def decode(self, z):
@@ -296,9 +298,11 @@ class VAE(_Model):
         h, _ = self.encoder.forward(self.params, x)
         return h[:, : self.latent], h[:, self.latent:]
 
-    def encode(self, x):
-        """x: (B, D) -> mu (B, L), logvar (B, L) of q(z|x)."""
-        self.check_input(x)
+    def encode(self, x, check=True):
+        """x: (B, D) -> mu (B, L), logvar (B, L) of q(z|x). ``check=False`` skips the
+        validation."""
+        if check:
+            self.check_input(x)
         return self._encode(x)
 
     def code(self, x):
@@ -390,9 +394,10 @@ class Autoencoder(_Model):
         code, _ = self.encoder.forward(self.params, x)
         return code
 
-    def encode(self, x):
-        """x: (B, D) -> code (B, L)."""
-        self.check_input(x)
+    def encode(self, x, check=True):
+        """x: (B, D) -> code (B, L). ``check=False`` skips the validation."""
+        if check:
+            self.check_input(x)
         return self._encode(x)
 
     def code(self, x):

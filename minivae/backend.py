@@ -150,8 +150,8 @@ class Backend:
         return np.asarray(a)
 
     def is_array(self, a) -> bool:
-        if self.name == "numpy":
-            return isinstance(a, np.ndarray)
+        if self.name == "numpy":   # np.matrix: an ndarray whose * and indexing differ
+            return isinstance(a, np.ndarray) and not isinstance(a, np.matrix)
         if self.name == "strict":
             return isinstance(a, self.xp.Array) if hasattr(self.xp, "Array") else hasattr(a, "_array")
         import cupy
@@ -199,13 +199,18 @@ def _cupy_backend() -> Backend:
     return Backend("cupy", xp)
 
 
-@functools.lru_cache(maxsize=None)
 def get_backend(name: str = "numpy") -> Backend:
-    """Return the backend called ``name`` (one of :data:`NAMES`). Looked up once and cached."""
+    """Return the backend called ``name`` (one of :data:`NAMES`). Looked up once and cached.
+    Raises ValueError for another name, :class:`BackendUnavailable` where it cannot run."""
     if isinstance(name, Backend):
         return name
-    if name not in NAMES:
+    if not isinstance(name, str) or name not in NAMES:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")
+    return _get_backend(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _get_backend(name: str) -> Backend:
     if name == "numpy":
         import array_api_compat.numpy as xp
 
@@ -223,7 +228,7 @@ def get_backend(name: str = "numpy") -> Backend:
     try:  # auto
         return _cupy_backend()
     except BackendUnavailable:
-        return get_backend("numpy")
+        return _get_backend("numpy")
 
 
 def backend_of(a) -> Backend | None:
@@ -240,7 +245,11 @@ def backend_of(a) -> Backend | None:
 
 def resolve(backend) -> Backend:
     """Accept a Backend or a name."""
-    return backend if isinstance(backend, Backend) else get_backend(backend)
+    if isinstance(backend, Backend):
+        return backend
+    if not isinstance(backend, str):
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(NAMES)}")
+    return get_backend(backend)
 
 
 def available() -> dict[str, str]:

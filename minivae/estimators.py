@@ -52,6 +52,7 @@ B examples run as one batch of S * B rows (no per-sample loops).
 from __future__ import annotations
 
 from . import losses
+from .models import check_count
 from .sampling import sample, sample_backward
 
 ESTIMATORS = ("pathwise", "score", "score_baseline")
@@ -59,10 +60,24 @@ KL_MODES = ("analytic", "mc")
 
 
 def draw_eps(model, samples: int, batch: int):
-    """eps ~ N(0, I) of shape (S, B, L) from the model's RNG, in the model's dtype."""
-    if int(samples) < 1:
-        raise ValueError(f"the number of samples S must be >= 1, got {samples}")
-    return model.rng.normal((int(samples), int(batch), model.latent), model.dtype)
+    """eps ~ N(0, I) of shape (S, B, L) from the model's RNG, in the model's dtype.
+    Raises TypeError/ValueError unless samples and batch are whole numbers >= 1."""
+    S = check_count(samples, "samples (S)")
+    return model.rng.normal((S, check_count(batch, "batch"), model.latent), model.dtype)
+
+
+def _noise(model, x, eps, samples, baseline=False):
+    """The (S, B, L) noise: eps validated, or drawn (after every argument was checked, so a
+    refused call leaves the model's RNG where it was)."""
+    if eps is None:
+        S = check_count(samples, "samples (S)")
+        if baseline and S < 2:
+            raise ValueError("the leave-one-out baseline needs at least S = 2 samples per example")
+        return draw_eps(model, S, x.shape[0])
+    model.check_eps(eps, x.shape[0], stacked=True)
+    if baseline and eps.shape[0] < 2:
+        raise ValueError("the leave-one-out baseline needs at least S = 2 samples per example")
+    return eps
 
 
 def _stack(xp, a, S):
@@ -83,7 +98,6 @@ def _forward(model, x, eps):
     a dict of the pieces the encoder part needs; rows are S * B, scaled for mean_B(mean_S(.)).
     """
     xp, P, L = model.xp, model.params, model.latent
-    model.check_eps(eps, x.shape[0], stacked=True)
     S, B = eps.shape[0], x.shape[0]
     h, enc_caches = model.encoder.forward(P, x)                   # (B, 2L), once per example
     mu, logvar = h[:, :L], h[:, L:]
@@ -123,7 +137,7 @@ def pathwise(model, x, eps=None, samples: int = 1, kl: str = "analytic"):
     with dz_s = d f(z_s) / d z_s from the decoder's backward.
     """
     _check(model, kl, x)
-    eps = draw_eps(model, samples, x.shape[0]) if eps is None else eps
+    eps = _noise(model, x, eps, samples)
     xp = model.xp
     fw = _forward(model, x, eps)
     S, dz = fw["S"], fw["dz"]
@@ -152,9 +166,7 @@ def score_function(model, x, eps=None, samples: int = 1, kl: str = "analytic",
     the same example (needs S >= 2). The decoder's dz is computed but not used for phi.
     """
     _check(model, kl, x)
-    eps = draw_eps(model, samples, x.shape[0]) if eps is None else eps
-    if baseline and eps.shape[0] < 2:
-        raise ValueError("the leave-one-out baseline needs at least S = 2 samples per example")
+    eps = _noise(model, x, eps, samples, baseline)
     xp = model.xp
     fw = _forward(model, x, eps)
     S, B = fw["S"], fw["B"]

@@ -21,6 +21,9 @@ import math
 
 import numpy as np
 
+from .backend import RNG
+from .models import check_count
+
 LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -45,6 +48,16 @@ def _to_backend(model, x, check=True):
     return x
 
 
+def _rng(model, rng, seed):
+    """A backend RNG on the model's backend: the one given, or a fresh one seeded ``seed``."""
+    if rng is None:
+        return model.backend.rng(seed)
+    if not isinstance(rng, RNG) or rng.backend is not model.backend:
+        raise TypeError(f"rng must be a minivae RNG on the model's backend "
+                        f"(model.backend.rng(seed)), got {type(rng).__name__}")
+    return rng
+
+
 def log_px_given_z(model, out, x):
     """log p(x|z) from the decoder output. out: (R, D) or (R, 2D); x: (R, D) -> (R,)."""
     nll, _ = model.px.nll(out, x)
@@ -65,8 +78,9 @@ def elbo(model, x, batch_size: int = 1000, rng=None, check: bool = True) -> dict
     model twice gives the same number and epoch-to-epoch changes are the model's, not noise's.
     """
     xp = model.xp
+    batch_size = check_count(batch_size, "batch_size")
+    rng = _rng(model, rng, 0)
     x = _to_backend(model, x, check)
-    rng = rng or model.backend.rng(0)
     n = x.shape[0]
     recon_sum = xp.zeros((), dtype=model.dtype)
     kl_sum = xp.zeros((), dtype=model.dtype)
@@ -88,12 +102,11 @@ def iwae(model, x, k: int = 100, max_rows: int = 4096, rng=None) -> float:
     """
     if not model.has_prior:
         raise ValueError("the importance-weighted bound needs a VAE (an Autoencoder has no q(z|x))")
-    if int(k) < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    k = int(k)
+    k = check_count(k, "k")
+    max_rows = check_count(max_rows, "max_rows")
+    rng = _rng(model, rng, 0)
     xp = model.xp
     x = _to_backend(model, x)
-    rng = rng or model.backend.rng(0)
     n, D, L = x.shape[0], model.d_in, model.latent
     B = max(1, max_rows // k)
     kc = max(1, max_rows // B)
@@ -127,9 +140,15 @@ def iwae(model, x, k: int = 100, max_rows: int = 4096, rng=None) -> float:
 
 
 def evaluate(model, x, k: int = 0, batch_size: int = 1000, seed: int = 0) -> dict:
-    """The ELBO terms and, when k > 0, the IWAE_k bound: a dict of host floats (nats/example)."""
+    """The ELBO terms and, when k > 0, the IWAE_k bound: a dict of host floats (nats/example).
+    An Autoencoder has no IWAE bound: k must be 0 for it (ValueError otherwise)."""
+    k = check_count(k, "k", low=0)
+    seed = check_count(seed, "seed", low=0)
+    if k and not model.has_prior:
+        raise ValueError("the importance-weighted bound needs a VAE (an Autoencoder has no "
+                         "q(z|x)): pass k=0")
     out = elbo(model, x, batch_size, rng=model.backend.rng(seed))
-    if k and model.has_prior:
+    if k:
         out[f"iwae_{k}"] = iwae(model, x, k, rng=model.backend.rng(seed + 1))
         out[f"nll_{k}"] = -out[f"iwae_{k}"]
     return out

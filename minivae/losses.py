@@ -16,6 +16,7 @@ The faster NumPy forms of the Bernoulli pair (in place, one compiled pass) live 
 from __future__ import annotations
 
 import math
+import numbers
 
 from .layers import sigmoid
 
@@ -218,10 +219,11 @@ LIKELIHOODS = {"bernoulli": Bernoulli, "gaussian": Gaussian, "gaussian_learned":
 def make_likelihood(name: str, xp, d: int, x_sigma: float = 1.0):
     """The observation model called ``name`` for data of width d. Raises ValueError for an
     unknown name or a sigma that is not a positive finite number."""
-    if name not in LIKELIHOODS:
+    if not isinstance(name, str) or name not in LIKELIHOODS:
         raise ValueError(f"likelihood must be one of {', '.join(LIKELIHOODS)}, got {name!r}")
     if name == "gaussian":
-        if not (isinstance(x_sigma, (int, float)) and math.isfinite(x_sigma) and x_sigma > 0):
+        if isinstance(x_sigma, bool) or not (isinstance(x_sigma, numbers.Real)
+                                             and math.isfinite(x_sigma) and x_sigma > 0):
             raise ValueError(f"x_sigma must be a positive finite number, got {x_sigma!r}")
         return Gaussian(xp, d, float(x_sigma))
     return LIKELIHOODS[name](xp, d)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from . import losses
 from .backend import resolve
-from .layers import INITS, mlp
+from .layers import ACTIVATIONS, INITS, mlp
 from .params import Layout, Params
 from .sampling import sample, sample_backward
 
@@ -55,20 +55,38 @@ class LossResult:
     grads: object
 
 
-def _positive_int(n, name):
+def check_count(n, name, low=1):
+    """n as an int, or TypeError/ValueError naming ``name`` unless it is a whole number >= low
+    (a bool, a float such as 2.7 or a string is refused, not truncated)."""
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise TypeError(f"{name} must be a whole number, got {n!r}")
-    if n < 1:
-        raise ValueError(f"{name} must be >= 1, got {n}")
+    if n < low:
+        raise ValueError(f"{name} must be >= {low}, got {n}")
     return int(n)
+
+
+_positive_int = check_count
 
 
 def _sizes(d_in, hidden, latent):
     d_in = _positive_int(d_in, "d_in")
     if isinstance(hidden, numbers.Integral):
         hidden = (hidden,)
+    if isinstance(hidden, (str, bytes)) or not hasattr(hidden, "__iter__"):
+        raise TypeError(f"hidden must be a sequence of layer widths, e.g. (400,), got {hidden!r}")
     hidden = tuple(_positive_int(h, "each hidden size") for h in hidden)
     return d_in, hidden, _positive_int(latent, "latent")
+
+
+def _name(value, what, choices):
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{what} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def dtype_name(d) -> str:
+    """"float32" for np.float32, dtype('float32') or array_api_strict.float32."""
+    return str(getattr(d, "__name__", d)).rsplit(".", 1)[-1]
 
 
 class _Model:
@@ -84,26 +102,32 @@ class _Model:
     def _setup(self, nets, likelihood, x_sigma, backend, dtype, seed):
         self.backend = resolve(backend)
         self.xp = self.backend.xp
-        if not (isinstance(x_sigma, numbers.Real) and math.isfinite(x_sigma) and x_sigma > 0):
-            raise ValueError(f"x_sigma must be a positive finite number, got {x_sigma!r}")
-        self.likelihood = likelihood
-        self.x_logvar = 2.0 * math.log(x_sigma)
-        #: the observation model p(x|z) (a losses.Bernoulli, Gaussian or GaussianLearned)
-        self.px = losses.make_likelihood(likelihood, self.xp, self.d_in, x_sigma)
+        if seed is not None:
+            check_count(seed, "seed", low=0)
         layout = Layout([e for net in nets for e in net.param_entries()])
         self.params = Params(layout, self.backend, dtype)
         self.dtype = self.params.dtype
+        if (isinstance(x_sigma, bool) or not isinstance(x_sigma, numbers.Real)
+                or not math.isfinite(x_sigma) or x_sigma <= 0):
+            raise ValueError(f"x_sigma must be a positive finite number, got {x_sigma!r}")
+        if float(x_sigma) < 1.0 / math.sqrt(float(self.xp.finfo(self.dtype).max)):
+            raise ValueError(f"x_sigma = {x_sigma!r} is too small for {dtype_name(self.dtype)}: "
+                             f"1 / x_sigma^2 overflows")
+        self.likelihood = likelihood
+        self.x_logvar = 2.0 * math.log(x_sigma)
+        #: the observation model p(x|z) (a losses.Bernoulli, Gaussian or GaussianLearned)
+        self.px = losses.make_likelihood(likelihood, self.xp, self.d_in, float(x_sigma))
         self.rng = self.backend.rng(seed)
         for net in nets:
             for name, layer in net:
                 layer.init(self.params.group(name), self.rng)
 
     def _nets(self, d_in, hidden, latent, code_width, likelihood, activation, init, backend):
-        if likelihood not in losses.LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {', '.join(losses.LIKELIHOODS)}, "
-                             f"got {likelihood!r}")
-        if init is not None and init not in INITS:
-            raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+        _name(likelihood, "likelihood", tuple(losses.LIKELIHOODS))
+        if init is not None:
+            _name(init, "init", INITS)
+        if activation is not None:
+            _name(activation, "activation", tuple(ACTIVATIONS))
         d_out = 2 * d_in if likelihood == "gaussian_learned" else d_in
         self.encoder = mlp([d_in, *hidden, code_width], activation, prefix="enc", init=init,
                            backend=backend)
@@ -124,19 +148,21 @@ class _Model:
         if not self.backend.is_array(a):
             raise TypeError(
                 f"{name} is a {type(a).__module__}.{type(a).__name__}, but this model runs on "
-                f"backend {self.backend.name!r}: convert it with model.backend.asarray({name})"
+                f"backend {self.backend.name!r}: convert it with "
+                f"model.backend.asarray({name}, dtype=model.dtype)"
             )
 
     def _check_values(self, a, name, what):
-        xp = self.xp
+        xp, want = self.xp, dtype_name(self.dtype)
         if not xp.isdtype(a.dtype, "real floating"):
             raise TypeError(
-                f"{name} has dtype {a.dtype}; expected floating {what} ({self.dtype})"
+                f"{name} has dtype {dtype_name(a.dtype)}; expected floating {what} ({want})"
                 + (". Integer pixels must be scaled to [0, 1] first, e.g. x / 255"
                    if what == "data" else "")
             )
         if a.dtype != self.dtype:
-            raise TypeError(f"{name} has dtype {a.dtype} but the model uses {self.dtype}")
+            raise TypeError(f"{name} has dtype {dtype_name(a.dtype)} but the model uses {want}: "
+                            f"convert it with model.backend.asarray({name}, dtype=model.dtype)")
         if not bool(xp.all(xp.isfinite(a))):
             raise ValueError(f"{name} contains NaN or Inf")
 
@@ -226,7 +252,8 @@ class VAE(_Model):
 
     @beta.setter
     def beta(self, value):
-        if not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
+        if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                or not math.isfinite(value) or value < 0):
             raise ValueError(f"beta must be a finite number >= 0, got {value!r}")
         self._beta = float(value)
 
@@ -424,6 +451,13 @@ class Autoencoder(_Model):
 
     def draw_code(self, n: int):
         raise TypeError("an Autoencoder has no prior to draw codes from; use a VAE")
+
+    def sample(self, n: int):
+        raise TypeError("an Autoencoder has no prior to sample from; use a VAE")
+
+    def elbo(self, x, eps=None):
+        raise TypeError("an Autoencoder has no ELBO (no q(z|x), no prior); its loss is "
+                        "model.loss(x), the reconstruction term")
 
 
 #: model name (``model.config["kind"]``, the CLI's --model) -> class

@@ -52,6 +52,11 @@ class Optimizer:
     state_names: tuple[str, ...] = ()
 
     def __init__(self, params, lr: float, weight_decay: float = 0.0):
+        if not (hasattr(params, "data") and hasattr(params, "grad") and hasattr(params, "layout")):
+            hint = (": pass model.params" if hasattr(params, "params") else
+                    " (model.params: the flat parameter and gradient buffers)")
+            raise TypeError(f"{type(self).__name__} needs a model's Params, got "
+                            f"{type(params).__name__}{hint}")
         self.params = params
         self.xp = params.backend.xp
         self.lr = _finite(lr, "learning rate", 0.0, low_ok=False)
@@ -137,10 +142,12 @@ class Adam(Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  decoupled=False):
         super().__init__(params, lr, weight_decay)
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ValueError(f"betas must be a pair (b1, b2), got {betas!r}")
         self.b1, self.b2 = (_finite(b, "each of betas") for b in betas)
         if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
-        self.eps = _finite(eps, "eps", 0.0)
+        self.eps = _finite(eps, "eps", 0.0, low_ok=False)      # 0 would give 0/0 where g = 0
         self.decoupled = bool(decoupled)
         self.m, self.v = self._zeros(), self._zeros()
         self.state_names = ("m", "v")
@@ -177,7 +184,7 @@ class Adagrad(Optimizer):
     def __init__(self, params, lr=1e-2, eps=1e-10, weight_decay=0.0,
                  initial_accumulator_value=0.0):
         super().__init__(params, lr, weight_decay)
-        self.eps = _finite(eps, "eps", 0.0)
+        self.eps = _finite(eps, "eps", 0.0, low_ok=False)      # 0 would give 0/0 where g = 0
         self.s = self._zeros()
         init = _finite(initial_accumulator_value, "initial_accumulator_value", 0.0)
         if init:

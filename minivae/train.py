@@ -102,8 +102,11 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "latent", "log_every", "eval_batch"):
             if int(getattr(self, name)) < (0 if name == "epochs" else 1):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.beta < 0 or self.warmup_epochs < 0:
-            raise ValueError("beta and warmup_epochs must be >= 0")
+        for name in ("beta", "warmup_epochs", "lr", "weight_decay"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -177,6 +180,9 @@ def load_checkpoint(path) -> tuple[dict, dict]:
             arrays = {k: z[k] for k in z.files}
         meta = json.loads(str(arrays.pop("meta")))
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError, zlib.error) as e:
+        if "pickle" in str(e):        # an .npz/.npy of Python objects, or not a zip at all
+            raise CheckpointError(f"{path} is not a minivae checkpoint (a checkpoint holds "
+                                  f"only arrays and a JSON header)") from None
         raise CheckpointError(f"{path} is not a readable minivae checkpoint: corrupt or "
                               f"truncated ({type(e).__name__}: {e})") from None
     if meta.get("format") != FORMAT:

@@ -94,7 +94,7 @@ def test_decoder_never_sees_more_than_max_rows():
     m = VAE(d_in=16, hidden=(8,), latent=3, seed=0)
     rows = []
     orig = m.decode_logits
-    m.decode_logits = lambda z: (rows.append(z.shape[0]), orig(z))[1]
+    m.decode_logits = lambda z, check=True: (rows.append(z.shape[0]), orig(z, check))[1]
     iwae(m, np.full((50, 16), 0.5, np.float32), k=300, max_rows=128)
     assert max(rows) <= 128 and sum(rows) == 50 * 300
 
@@ -114,7 +114,9 @@ def test_elbo_parts_and_inputs():
 def test_autoencoder_gets_reconstruction_only():
     ae = Autoencoder(d_in=16, hidden=(8,), latent=3, seed=0)
     x = np.random.default_rng(0).random((30, 16)).astype(np.float32)
-    r = evaluate(ae, x, k=10)
+    r = evaluate(ae, x)
     assert r["kl"] == 0 and r["loss"] == r["recon"] > 0 and "iwae_10" not in r
+    with pytest.raises(ValueError, match="needs a VAE.*pass k=0"):    # not silently dropped
+        evaluate(ae, x, k=10)
     with pytest.raises(ValueError, match="needs a VAE"):
         iwae(ae, x, 10)

@@ -336,3 +336,138 @@ def test_behaviour_not_names_tells_the_models_apart():
     assert vae.draw_code(5).shape == (5, 3)
     with pytest.raises(TypeError, match="no prior"):
         ae.draw_code(5)
+
+
+# -- a fresh user's attack, each case a test ----------------------------------------------------
+def _small_vae(**kw):
+    return VAE(12, (8,), 3, **kw)
+
+
+def test_dtype_messages_name_the_dtype_and_how_to_convert():
+    m = _small_vae()                                            # float32
+    x64 = np.random.default_rng(0).random((5, 12))
+    with pytest.raises(TypeError, match=r"x has dtype float64 but the model uses float32: "
+                                        r"convert it with model.backend.asarray\(x, "
+                                        r"dtype=model.dtype\)"):
+        m.loss_and_grads(x64)
+    m.loss_and_grads(m.backend.asarray(x64, dtype=m.dtype))    # the advice works
+    with pytest.raises(TypeError, match=r"expected floating data \(float32\)\. Integer"):
+        m.encode(np.zeros((2, 12), dtype=np.uint8))
+    with pytest.raises(TypeError, match=r"x is a builtins.list.*asarray\(x, dtype=model.dtype\)"):
+        m.loss_and_grads(x64.tolist())
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
+def test_numpy_matrix_is_refused_not_multiplied_elementwise():
+    m = _small_vae(dtype="float64")
+    state = m.rng.get_state()
+    with pytest.raises(TypeError, match="x is a numpy.matrix"):
+        m.loss_and_grads(np.matrix(np.random.default_rng(0).random((5, 12))))
+    with pytest.raises(TypeError, match="x is a numpy.matrix"):
+        m.code(np.matrix(np.zeros((5, 12))))
+    assert m.rng.get_state() == state                           # no eps drawn
+
+
+@pytest.mark.parametrize("kw, error, message", [
+    (dict(seed=-1), ValueError, "seed must be >= 0, got -1"),
+    (dict(seed=1.5), TypeError, "seed must be a whole number"),
+    (dict(hidden=None), TypeError, "hidden must be a sequence of layer widths"),
+    (dict(hidden=8.5), TypeError, "hidden must be a sequence of layer widths"),
+    (dict(likelihood=["bernoulli"]), ValueError, "likelihood must be one of"),
+    (dict(activation=["relu"]), ValueError, "activation must be one of"),
+    (dict(backend=["numpy"]), ValueError, "unknown backend"),
+    (dict(beta=True), ValueError, "beta must be a finite number >= 0"),
+    (dict(x_sigma=1e-200, likelihood="gaussian"), ValueError, "too small for float32"),
+    (dict(x_sigma=1e-30, likelihood="gaussian"), ValueError, "1 / x_sigma\\^2 overflows"),
+])
+def test_constructor_arguments_of_the_wrong_type_get_named_errors(kw, error, message):
+    with pytest.raises(error, match=message):
+        VAE(12, **{"hidden": (8,), "latent": 3, **kw})
+
+
+def test_x_sigma_may_be_any_real_number_type():
+    for s in (np.float32(0.5), np.float64(0.5), 1):
+        for cls in (VAE, Autoencoder):
+            m = cls(12, (8,), 3, likelihood="gaussian", x_sigma=s)
+            assert np.isfinite(float(m.loss(m.backend.asarray(np.zeros((2, 12), np.float32)))))
+
+
+def test_the_estimators_validate_eps_and_samples_before_drawing():
+    from minivae import estimators as est
+
+    m = _small_vae(dtype="float64")
+    x = data(m.backend, B=4)
+    state = m.rng.get_state()
+    with pytest.raises(TypeError, match="eps is a builtins.list"):
+        est.score_function(m, x, eps=[[0.0]], baseline=True)
+    with pytest.raises(ValueError, match="at least S = 2"):
+        est.score_function(m, x, samples=1, baseline=True)
+    for bad, error in ((2.7, TypeError), ("3", TypeError), (True, TypeError), (None, TypeError),
+                       (0, ValueError)):
+        with pytest.raises(error, match=r"samples \(S\) must be"):
+            est.pathwise(m, x, samples=bad)
+    assert m.rng.get_state() == state                           # nothing drawn on a refusal
+
+
+def test_evaluation_validates_its_counts_and_rng():
+    from minivae import evaluate as ev
+
+    m = _small_vae(dtype="float64")
+    x = data(m.backend, B=6)
+    for kw, error, message in [
+        (dict(batch_size=-1), ValueError, "batch_size must be >= 1"),
+        (dict(batch_size=0), ValueError, "batch_size must be >= 1"),
+        (dict(batch_size=2.5), TypeError, "batch_size must be a whole number"),
+        (dict(rng=np.random.default_rng(0)), TypeError, "rng must be a minivae RNG"),
+        (dict(rng=42), TypeError, "rng must be a minivae RNG"),
+    ]:
+        with pytest.raises(error, match=message):
+            ev.elbo(m, x, **kw)
+    for k, error in ((2.7, TypeError), ("5", TypeError), (True, TypeError), (None, TypeError),
+                     (0, ValueError)):
+        with pytest.raises(error, match="k must be"):
+            ev.iwae(m, x, k=k)
+    with pytest.raises(TypeError, match="k must be a whole number"):
+        ev.evaluate(m, x, k=2.7)
+    ae = Autoencoder(12, (8,), 3, dtype="float64")
+    with pytest.raises(ValueError, match="needs a VAE.*pass k=0"):
+        ev.evaluate(ae, x, k=5)
+    assert set(ev.evaluate(ae, x)) == {"loss", "recon", "kl"}
+
+
+def test_an_autoencoder_says_it_has_no_prior_or_elbo():
+    ae = Autoencoder(12, (8,), 3, dtype="float64")
+    with pytest.raises(TypeError, match="no prior to sample from"):
+        ae.sample(3)
+    with pytest.raises(TypeError, match="no ELBO"):
+        ae.elbo(data(ae.backend))
+
+
+def test_optimizer_and_step_misuse_get_named_errors():
+    import minivae
+
+    m, other = _small_vae(), _small_vae()
+    with pytest.raises(TypeError, match="Adam needs a model's Params, got VAE: pass model.params"):
+        Adam(m)
+    with pytest.raises(TypeError, match="Adam needs a model's Params, got ndarray"):
+        Adam(m.params.data)
+    with pytest.raises(ValueError, match="betas must be a pair"):
+        Adam(m.params, betas=0.9)
+    with pytest.raises(ValueError, match="betas must be a pair"):
+        Adam(m.params, betas=(0.9,))
+    with pytest.raises(ValueError, match="eps must be positive"):
+        Adam(m.params, eps=0)
+    from minivae import Adagrad
+    with pytest.raises(ValueError, match="eps must be positive"):
+        Adagrad(m.params, eps=0.0)
+    x = m.backend.asarray(np.zeros((4, 12), np.float32))
+    with pytest.raises(TypeError, match="expected a minivae optimizer"):
+        minivae.train_step(m, None, x)
+    with pytest.raises(TypeError, match="first argument must be a minivae VAE"):
+        minivae.train_step(Adam(m.params), m, x)
+    p0 = other.params.data.copy()
+    with pytest.raises(ValueError, match="another model's parameters"):
+        minivae.DataParallel(m).optimizer_step(Adam(other.params))
+    np.testing.assert_array_equal(other.params.data, p0)
+    with pytest.raises(ValueError, match="threads must be a whole number"):
+        minivae.DataParallel(m, threads=True)

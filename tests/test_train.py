@@ -277,3 +277,24 @@ def test_invalid_configuration_is_rejected(tmp_path):
         TrainConfig(binarize="sometimes")
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=0)
+
+
+@pytest.mark.parametrize("field, value", [("warmup_epochs", float("nan")),
+                                          ("warmup_epochs", float("inf")),
+                                          ("beta", float("nan")), ("beta", -1.0),
+                                          ("lr", float("inf")), ("weight_decay", float("nan"))])
+def test_train_config_refuses_non_finite_or_negative_numbers_naming_the_field(field, value):
+    from minivae.train import TrainConfig
+
+    with pytest.raises(ValueError, match=f"{field} must be a finite number >= 0"):
+        TrainConfig(**{field: value})
+
+
+def test_a_json_file_given_as_checkpoint_is_named_not_unpickled(tmp_path):
+    from minivae.train import CheckpointError, load_checkpoint
+
+    p = tmp_path / "metrics.json"
+    p.write_text('{"epochs": []}')
+    with pytest.raises(CheckpointError, match="is not a minivae checkpoint") as e:
+        load_checkpoint(p)
+    assert "pickle" not in str(e.value)

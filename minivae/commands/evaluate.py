@@ -28,6 +28,7 @@ def add_arguments(p):
 
 def run(args) -> int:
     import json
+    import sys
     import time
 
     from ..cli import UserError
@@ -44,15 +45,22 @@ def run(args) -> int:
             raise UserError(f"--n must be positive, got {args.n}")
         x_test = x_test[: args.n]
     t0 = time.perf_counter()
-    res = evaluate(model, x_test, k=args.k, seed=args.seed)
+    k = args.k if model.has_prior else 0        # an Autoencoder has no IWAE bound
+    if args.k and not model.has_prior:
+        print(f"note: {args.checkpoint} holds an Autoencoder, which has no ELBO or IWAE bound; "
+              f"reporting its reconstruction loss", file=sys.stderr)
+    res = evaluate(model, x_test, k=k, seed=args.seed)
     res.update(n=int(x_test.shape[0]), data=ds.name, epoch=meta["epoch"],
                seconds=time.perf_counter() - t0)
     if args.json:
         print(json.dumps(res))
         return 0
     print(f"{args.checkpoint}: {type(model).__name__}, epoch {meta['epoch']}, {res['n']} test examples of {ds.name}")
-    print(f"  loss = -ELBO   {res['loss']:9.2f} nats/example "
-          f"(recon {res['recon']:.2f} + KL {res['kl']:.2f})")
+    if model.has_prior:
+        print(f"  loss = -ELBO   {res['loss']:9.2f} nats/example "
+              f"(recon {res['recon']:.2f} + KL {res['kl']:.2f})")
+    else:
+        print(f"  loss = -log p(x | code)   {res['loss']:9.2f} nats/example (reconstruction)")
     if f"nll_{args.k}" in res:
         print(f"  -IWAE_{args.k:<7d}{res[f'nll_{args.k}']:9.2f} nats/example "
               f"(upper bound on -log p(x))")

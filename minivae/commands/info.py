@@ -51,7 +51,7 @@ def info() -> dict:
     from ..backend import available
 
     versions = {"minivae": __version__, "python": sys.version.split()[0], "numpy": np.__version__}
-    for mod in ("array_api_compat", "array_api_strict", "matplotlib", "tqdm", "cupy", "torch"):
+    for mod in ("array_api_compat", "array_api_strict", "matplotlib", "tqdm", "cupy", "torch", "jax"):
         try:
             versions[mod] = __import__(mod).__version__
         except Exception:  # absent or broken: say so, never fail

@@ -34,7 +34,7 @@ from contextlib import nullcontext
 from functools import partial
 
 from ..models import LossResult
-from ..optim import sum_into_first
+from ..optim import Optimizer, sum_into_first
 from . import threads as _threads
 from .registry import has_twins, pick
 
@@ -88,8 +88,12 @@ class DataParallel:
     def __init__(self, model, threads: int | None = None, comm: Communicator | None = None):
         self.model = model
         self.comm = comm or SingleProcess()
-        if threads is not None and (int(threads) != threads or threads < 1):
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                    or threads < 1):
             raise ValueError(f"threads must be a whole number >= 1, got {threads!r}")
+        if not (hasattr(model, "forward_backward") and hasattr(model, "params")):
+            raise TypeError(f"DataParallel wraps a minivae VAE or Autoencoder, got "
+                            f"{type(model).__name__}")
         self.threads = threads
         self.engine = has_twins(model.backend)
         self._forward_backward = pick(type(model).forward_backward, model.backend)
@@ -111,14 +115,21 @@ class DataParallel:
         """model.loss_and_grads(x, eps, check), split over the threads (and ranks)."""
         return self._step(x, eps, check, opt=None)
 
-    def train_step(self, opt, x, eps=None, check=True) -> LossResult:
-        """loss_and_grads, then one optimizer step, in one parallel section."""
+    def _check_opt(self, opt):
+        if not isinstance(opt, Optimizer):
+            raise TypeError(f"expected a minivae optimizer (e.g. Adam(model.params)), got "
+                            f"{type(opt).__name__}")
         if opt.params is not self.model.params:
             raise ValueError("the optimizer was built for another model's parameters")
+
+    def train_step(self, opt, x, eps=None, check=True) -> LossResult:
+        """loss_and_grads, then one optimizer step, in one parallel section."""
+        self._check_opt(opt)
         return self._step(x, eps, check, opt=opt)
 
     def optimizer_step(self, opt) -> None:
         """``opt.step()`` on the gradient in ``model.params.grad``: :func:`optimizer_step`."""
+        self._check_opt(opt)
         optimizer_step(opt)
 
     # -- the step -------------------------------------------------------------------------------
@@ -214,6 +225,9 @@ def train_step(model, opt, x, eps=None, check=True) -> LossResult:
     (made on first use and kept with the model): on NumPy the forward/backward, the gradient
     sum and the optimizer update run in one parallel section. The trainer uses this.
     """
+    if not (hasattr(model, "forward_backward") and hasattr(model, "params")):
+        raise TypeError(f"train_step(model, opt, x): the first argument must be a minivae VAE "
+                        f"or Autoencoder, got {type(model).__name__}")
     dp = _wrappers.get(model)
     if dp is None:
         dp = _wrappers[model] = DataParallel(model)

@@ -110,13 +110,17 @@ class _Model:
         if (isinstance(x_sigma, bool) or not isinstance(x_sigma, numbers.Real)
                 or not math.isfinite(x_sigma) or x_sigma <= 0):
             raise ValueError(f"x_sigma must be a positive finite number, got {x_sigma!r}")
-        if float(x_sigma) < 1.0 / math.sqrt(float(self.xp.finfo(self.dtype).max)):
-            raise ValueError(f"x_sigma = {x_sigma!r} is too small for {dtype_name(self.dtype)}: "
-                             f"1 / x_sigma^2 overflows")
         self.likelihood = likelihood
         self.x_logvar = 2.0 * math.log(x_sigma)
         #: the observation model p(x|z) (a losses.Bernoulli, Gaussian or GaussianLearned)
         self.px = losses.make_likelihood(likelihood, self.xp, self.d_in, float(x_sigma))
+        fi = self.xp.finfo(self.dtype)
+        if isinstance(self.px, losses.Gaussian) and \
+                float(x_sigma) < math.sqrt(self.d_in / (float(fi.max) * float(fi.eps))):
+            # sum_D (x - mean)^2 / (2 sigma^2) must stay far from overflow for residuals ~ 1
+            raise ValueError(f"x_sigma = {x_sigma!r} is too small for {dtype_name(self.dtype)}: "
+                             f"the Gaussian loss, sum (x - mean)^2 / (2 x_sigma^2), would "
+                             f"overflow")
         self.rng = self.backend.rng(seed)
         for net in nets:
             for name, layer in net:
@@ -368,6 +372,8 @@ class VAE(_Model):
 
     def reconstruct(self, x, sample_z=False):
         """x: (B, D) -> mean of p(x|z) at z = mu (or a sample of q(z|x)), (B, D)."""
+        if not isinstance(sample_z, bool):
+            raise TypeError(f"sample_z must be True or False, got {sample_z!r}")
         self.check_input(x)
         mu, logvar = self._encode(x)
         z = sample(self.xp, mu, logvar, self.draw_eps(x.shape[0]))[0] if sample_z else mu
@@ -466,9 +472,12 @@ MODELS = {"vae": VAE, "autoencoder": Autoencoder}
 
 def build_model(config: dict, backend="numpy", dtype="float32", seed=0):
     """Rebuild a model from ``model.config`` (e.g. from a checkpoint)."""
+    if not isinstance(config, dict):
+        raise TypeError(f"build_model needs a model's config dict (model.config), got "
+                        f"{type(config).__name__}")
     cfg = dict(config)
     kind = cfg.pop("kind", "vae")
-    cls = MODELS.get(kind)
+    cls = MODELS.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ValueError(f"unknown model kind {kind!r}; choose one of {', '.join(MODELS)}")
     return cls(**cfg, backend=backend, dtype=dtype, seed=seed)

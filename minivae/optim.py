@@ -148,7 +148,9 @@ class Adam(Optimizer):
         if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
         self.eps = _finite(eps, "eps", 0.0, low_ok=False)      # 0 would give 0/0 where g = 0
-        self.decoupled = bool(decoupled)
+        if not isinstance(decoupled, bool):
+            raise TypeError(f"decoupled must be True or False, got {decoupled!r}")
+        self.decoupled = decoupled
         self.m, self.v = self._zeros(), self._zeros()
         self.state_names = ("m", "v")
 
@@ -207,7 +209,10 @@ OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adagrad": Adagrad}
 
 
 def make_optimizer(name: str, params, **kw) -> Optimizer:
+    """The optimizer called ``name`` (sgd | adam | adagrad, any case) over ``params``."""
     try:
+        if not isinstance(name, str):
+            raise KeyError(name)
         cls = OPTIMIZERS[name.lower()]
     except KeyError:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}") from None

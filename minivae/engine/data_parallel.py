@@ -29,6 +29,7 @@ describes. :class:`SingleProcess` is the one that ships.
 from __future__ import annotations
 
 import threading
+from numbers import Integral
 import weakref
 from contextlib import nullcontext
 from functools import partial
@@ -87,8 +88,13 @@ class DataParallel:
 
     def __init__(self, model, threads: int | None = None, comm: Communicator | None = None):
         self.model = model
-        self.comm = comm or SingleProcess()
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+        self.comm = SingleProcess() if comm is None else comm
+        missing = [m for m in ("rows", "allreduce_sum", "broadcast", "rank", "size")
+                   if not hasattr(self.comm, m)]
+        if missing:
+            raise TypeError(f"comm must be a Communicator (rank, size, rows, allreduce_sum, "
+                            f"broadcast); a {type(comm).__name__} has no {', '.join(missing)}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, Integral)
                                     or threads < 1):
             raise ValueError(f"threads must be a whole number >= 1, got {threads!r}")
         if not (hasattr(model, "forward_backward") and hasattr(model, "params")):

@@ -30,6 +30,7 @@ with another BLAS minivae runs one thread and leaves the BLAS's threading alone.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 import queue
 import threading
@@ -71,7 +72,7 @@ def get_num_threads() -> int:
 def set_num_threads(n: int | None) -> None:
     """Set the thread count (``None``: back to the default)."""
     global _threads
-    if n is not None and (int(n) != n or n < 1):
+    if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
         raise ValueError(f"number of threads must be a whole number >= 1, got {n!r}")
     _threads = None if n is None else int(n)
 

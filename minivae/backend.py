@@ -19,6 +19,8 @@ Names:
 from __future__ import annotations
 
 import functools
+import json
+import math
 
 import numpy as np
 
@@ -96,6 +98,19 @@ def jsonable(obj):
     return obj
 
 
+def strict_json(obj, **kw) -> str:
+    """json.dumps that never writes NaN/Infinity (not JSON): a non-finite float becomes null."""
+    def clean(o):
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        return o
+    return json.dumps(clean(obj), allow_nan=False, **kw)
+
+
 def _np_dtype(dtype):
     """NumPy dtype of a backend dtype (array_api_strict dtypes wrap one in ``_np_dtype``)."""
     return np.dtype(getattr(dtype, "_np_dtype", dtype))
@@ -157,6 +172,20 @@ class Backend:
         import cupy
 
         return isinstance(a, cupy.ndarray)
+
+    def memory_bytes(self) -> int | None:
+        """Total memory arrays can live in: the device's on a GPU, else the machine's RAM
+        (None where it cannot be read)."""
+        try:
+            if self.name == "cupy":
+                import cupy
+
+                return int(cupy.cuda.Device().mem_info[1])
+            import os
+
+            return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError, ImportError):
+            return None
 
     def host_memory(self, a):
         """The NumPy array whose memory holds ``a`` (writing into it writes into ``a``), or

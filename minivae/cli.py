@@ -51,13 +51,19 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     from .backend import BackendUnavailable
+    from .engine.threads import one_blas_thread
+    from .train import RunLocked
 
     try:
-        return int(args._run(args) or 0)
+        # Every command runs its matrix products on one BLAS thread (the step's own team
+        # splits the batch): OpenBLAS's idle threads busy-wait and slow a shared machine.
+        with one_blas_thread():
+            return int(args._run(args) or 0)
     except BrokenPipeError:  # output piped into `head` and closed early: not an error
         sys.stderr.close()
         return 0
-    except (UserError, BackendUnavailable, FileNotFoundError, ValueError, TypeError, OSError) as e:
+    except (UserError, BackendUnavailable, RunLocked, FileNotFoundError, ValueError, TypeError,
+            OSError, MemoryError) as e:
         print(f"minivae {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -89,6 +89,21 @@ def dtype_name(d) -> str:
     return str(getattr(d, "__name__", d)).rsplit(".", 1)[-1]
 
 
+def _build_nets(d_in, hidden, latent, code_width, likelihood, activation, init, backend):
+    """(encoder, decoder) Sequentials; layers only, nothing allocated."""
+    _name(likelihood, "likelihood", tuple(losses.LIKELIHOODS))
+    if init is not None:
+        _name(init, "init", INITS)
+    if activation is not None:
+        _name(activation, "activation", tuple(ACTIVATIONS))
+    d_out = 2 * d_in if likelihood == "gaussian_learned" else d_in
+    encoder = mlp([d_in, *hidden, code_width], activation, prefix="enc", init=init,
+                  backend=backend)
+    decoder = mlp([latent, *reversed(hidden), d_out], activation, prefix="dec", init=init,
+                  backend=backend)
+    return encoder, decoder
+
+
 class _Model:
     """Shared plumbing: flat parameters, backend, RNG, input validation, decoding.
 
@@ -127,16 +142,8 @@ class _Model:
                 layer.init(self.params.group(name), self.rng)
 
     def _nets(self, d_in, hidden, latent, code_width, likelihood, activation, init, backend):
-        _name(likelihood, "likelihood", tuple(losses.LIKELIHOODS))
-        if init is not None:
-            _name(init, "init", INITS)
-        if activation is not None:
-            _name(activation, "activation", tuple(ACTIVATIONS))
-        d_out = 2 * d_in if likelihood == "gaussian_learned" else d_in
-        self.encoder = mlp([d_in, *hidden, code_width], activation, prefix="enc", init=init,
-                           backend=backend)
-        self.decoder = mlp([latent, *reversed(hidden), d_out], activation, prefix="dec",
-                           init=init, backend=backend)
+        self.encoder, self.decoder = _build_nets(d_in, hidden, latent, code_width, likelihood,
+                                                 activation, init, backend)
         return [self.encoder, self.decoder]
 
     @property
@@ -468,6 +475,22 @@ class Autoencoder(_Model):
 
 #: model name (``model.config["kind"]``, the CLI's --model) -> class
 MODELS = {"vae": VAE, "autoencoder": Autoencoder}
+
+
+def layout_of(config: dict) -> Layout:
+    """The parameter layout ``build_model(config)`` would make, without allocating it (to check
+    a checkpoint's config against its layout, and a model's size, before building it)."""
+    if not isinstance(config, dict):
+        raise TypeError(f"a model config must be a dict, got {type(config).__name__}")
+    kind = config.get("kind", "vae")
+    if not isinstance(kind, str) or kind not in MODELS:
+        raise ValueError(f"unknown model kind {kind!r}; choose one of {', '.join(MODELS)}")
+    d_in, hidden, latent = _sizes(config.get("d_in", 784), config.get("hidden", (400,)),
+                                  config.get("latent", 20))
+    code = 2 * latent if MODELS[kind].has_prior else latent
+    nets = _build_nets(d_in, hidden, latent, code, config.get("likelihood", "bernoulli"),
+                       config.get("activation", "relu"), config.get("init"), "numpy")
+    return Layout([e for net in nets for e in net.param_entries()])
 
 
 def build_model(config: dict, backend="numpy", dtype="float32", seed=0):

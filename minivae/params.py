@@ -67,6 +67,12 @@ class Params:
         self.backend = resolve(backend)
         xp = self.backend.xp
         self.dtype = self.backend.dtype(dtype)
+        need = 2 * layout.size * (8 if "64" in str(self.dtype) else 4)      # data + grad
+        have = self.backend.memory_bytes()
+        if have is not None and need > have:
+            raise ValueError(f"a model of {layout.size:,} parameters needs {need / 2**30:,.1f} GiB "
+                             f"for its parameter and gradient buffers alone, more than the "
+                             f"{have / 2**30:,.1f} GiB this machine has")
         self.data = xp.zeros((layout.size,), dtype=self.dtype)
         self.grad = xp.zeros((layout.size,), dtype=self.dtype)
         self._make_views()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -35,6 +36,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -43,11 +45,11 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .backend import get_backend, jsonable
+from .backend import get_backend, jsonable, strict_json
 from .data import BINARIZE, binarize, load_dataset
 from .evaluate import elbo
 from .engine import threads, train_step
-from .models import MODELS, build_model
+from .models import MODELS, build_model, layout_of
 from .optim import make_optimizer
 from .params import Layout
 
@@ -61,6 +63,44 @@ class Diverged(RuntimeError):
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, corrupt, or does not fit (the message says why)."""
+
+
+class ResumeConflict(ValueError):
+    """A resumed run was asked to change what defines it (``field``: the TrainConfig name)."""
+
+    def __init__(self, field, run_value, asked):
+        self.field, self.run_value, self.asked = field, run_value, asked
+        super().__init__(f"{field} is {run_value!r} in this run and cannot change on resume "
+                         f"(asked: {asked!r})")
+
+
+class RunLocked(RuntimeError):
+    """Another process is writing to the same run directory."""
+
+
+_locks: dict = {}
+
+
+@contextlib.contextmanager
+def run_lock(out):
+    """Hold ``out/.minivae.lock`` (an advisory file lock, filelock) for the block, so that two
+    trainers never write one run directory. Re-entrant within a process. Raises
+    :class:`RunLocked` at once if another process holds it."""
+    from filelock import FileLock, Timeout
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = str((out / ".minivae.lock").resolve())
+    lock = _locks.setdefault(path, FileLock(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RunLocked(f"{out} is in use by another minivae train (lock {path}); wait for it to "
+                        f"finish, or choose another --out") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 @dataclass
@@ -91,6 +131,7 @@ class TrainConfig:
     out: str = "runs/vae"
     progress: bool = True             # tqdm bar on stderr
     figures: bool = True              # PNGs into ``out`` when training ends
+    keep: int = 3                     # epoch checkpoints kept (checkpoint-epoch0007.npz, ...)
 
     def __post_init__(self):
         self.hidden = [int(h) for h in (self.hidden if isinstance(self.hidden, (list, tuple))
@@ -99,14 +140,19 @@ class TrainConfig:
             raise ValueError(f"binarize must be one of {', '.join(BINARIZE)}, got {self.binarize!r}")
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
-        for name in ("epochs", "batch_size", "latent", "log_every", "eval_batch"):
-            if int(getattr(self, name)) < (0 if name == "epochs" else 1):
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("epochs", "batch_size", "latent", "log_every", "eval_batch", "keep", "seed"):
+            v, low = getattr(self, name), (0 if name in ("epochs", "keep", "seed") else 1)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be a whole number >= {low}, got {v!r}")
         for name in ("beta", "warmup_epochs", "lr", "weight_decay"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
                     or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+
+    #: what defines the model and its data: a resumed run may not change these
+    FIXED = ("data", "data_dir", "model", "hidden", "latent", "activation", "likelihood", "init",
+             "optimizer", "batch_size", "dtype", "seed", "binarize")
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -144,25 +190,36 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def save_checkpoint(path, arrays: dict, meta: dict) -> None:
-    """Write host arrays + a JSON header to ``path`` atomically (temp file, fsync, rename).
-
-    A crash mid-write leaves the previous checkpoint intact: ``os.replace`` is atomic.
-    """
+def atomic_write(path, write, what="file") -> None:
+    """Write ``path`` atomically: ``write(f)`` fills a temp file beside it, which is fsynced
+    and renamed over ``path``. A crash or a full disk mid-write leaves the previous file
+    intact; the error names the path and says so. Used for checkpoints, metrics, figures."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    payload = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
-    payload["meta"] = np.array(json.dumps(meta))          # a unicode array: no pickle needed
     try:
         with open(tmp, "wb") as f:
-            np.savez(f, **payload)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)   # never leave half a file lying about
+        kept = f"the previous {what} {path} is intact" if path.exists() else f"no {what} written"
+        raise OSError(e.errno, f"could not write {path} ({e.strerror or e}); {kept}") from None
     except BaseException:
-        tmp.unlink(missing_ok=True)   # never leave half a checkpoint lying about
+        tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def save_checkpoint(path, arrays: dict, meta: dict) -> None:
+    """Write host arrays + a JSON header to ``path`` atomically (:func:`atomic_write`).
+
+    A crash mid-write leaves the previous checkpoint intact: ``os.replace`` is atomic.
+    """
+    payload = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    payload["meta"] = np.array(strict_json(meta))        # a unicode array: no pickle needed
+    atomic_write(path, lambda f: np.savez(f, **payload), "checkpoint")
 
 
 def load_checkpoint(path) -> tuple[dict, dict]:
@@ -185,9 +242,19 @@ def load_checkpoint(path) -> tuple[dict, dict]:
                                   f"only arrays and a JSON header)") from None
         raise CheckpointError(f"{path} is not a readable minivae checkpoint: corrupt or "
                               f"truncated ({type(e).__name__}: {e})") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a minivae checkpoint (format {meta.get('format')!r})")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{path} is not a minivae checkpoint (format {got!r})")
+    _check_meta(meta, path)
     layout = Layout.from_json(meta["layout"])
+    try:
+        implied = layout_of(meta["model"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its model config is not valid ({e})") from None
+    if implied != layout:
+        raise CheckpointError(f"{path}: its model config implies {implied.size:,} parameters in "
+                              f"{len(implied.names)} tensors, but its layout holds {layout.size:,} "
+                              f"in {len(layout.names)}")
     p = arrays.get("params")
     if p is None or p.shape != (layout.size,):
         raise CheckpointError(f"{path}: parameter array has shape "
@@ -195,6 +262,46 @@ def load_checkpoint(path) -> tuple[dict, dict]:
     if not np.all(np.isfinite(p)):
         raise CheckpointError(f"{path}: parameters contain NaN or Inf")
     return arrays, meta
+
+
+# the checkpoint header's schema: key -> (type(s), description); checked before anything is used
+_META = {
+    "format": (str, "a string"), "minivae": (str, "a string"), "backend": (str, "a string"),
+    "dtype": (str, '"float32" or "float64"'), "model": (dict, "an object"),
+    "layout": (list, "a list"), "optimizer": (dict, "an object"),
+    "train_config": (dict, "an object"), "epoch": (int, "a whole number >= 0"),
+    "step": (int, "a whole number >= 0"), "pos": (int, "a whole number >= 0"),
+    "in_epoch": (bool, "true or false"), "rng": (dict, "an object"), "history": (list, "a list"),
+}
+
+
+def _check_meta(meta: dict, path) -> None:
+    """Raise CheckpointError naming the first key of the header that is missing or mistyped."""
+    def bad(key, what):
+        raise CheckpointError(f"{path}: checkpoint header field {key!r} must be {what}")
+
+    for key, (typ, what) in _META.items():
+        v = meta.get(key)
+        if not isinstance(v, typ) or (typ is int and (isinstance(v, bool) or v < 0)):
+            bad(key, what)
+    if meta["dtype"] not in ("float32", "float64"):
+        bad("dtype", _META["dtype"][1])
+    for entry in meta["layout"]:
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+                and isinstance(entry[1], list)
+                and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1
+                        for n in entry[1])):
+            bad("layout", "a list of [name, [sizes >= 1]]")
+    o = meta["optimizer"]
+    if not (isinstance(o.get("name"), str) and isinstance(o.get("t"), int) and o["t"] >= 0
+            and isinstance(o.get("buffers"), list)
+            and all(isinstance(b, str) for b in o["buffers"])):
+        bad("optimizer", "an object with name, t >= 0 and a list of buffer names")
+    rng = meta["rng"]
+    if not (isinstance(rng.get("model"), dict) and isinstance(rng.get("shuffle"), dict)):
+        bad("rng", "an object with the model's and the shuffle's generator states")
+    if not all(isinstance(row, dict) for row in meta["history"]):
+        bad("history", "a list of objects (one per epoch)")
 
 
 def load_model(path, backend="numpy"):
@@ -234,8 +341,11 @@ class Trainer:
         self.step = 0           # optimizer steps taken
         self.perm = None        # this epoch's order (host int64) while an epoch is under way
         self.pos = 0            # next batch's start in perm
-        self.sums = np.zeros(3, dtype=np.float32)   # mid-epoch (n, recon sum, kl sum), host
-        self._stop = False
+        # mid-epoch (n, recon sum, kl sum) on the host, at the model's precision (exact resume)
+        self.sums = np.zeros(3, dtype=np.dtype(cfg.dtype))
+        self._stop = None       # the signal's name once one asked training to stop
+        self.changed: dict = {}  # resume: settings changed from the saved run
+        self.rolled_back = False
 
     # -- sizes and schedules ------------------------------------------------------------------
     @property
@@ -253,22 +363,37 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(self) -> str:
-        """Train until ``cfg.epochs``. -> "done", or "interrupted" after Ctrl-C (state saved).
+        """Train until ``cfg.epochs``. -> "done", or "interrupted" after Ctrl-C or SIGTERM
+        (state saved; ``self.stopped_by`` says which).
 
-        Raises :class:`Diverged` if a loss turns NaN/Inf (the last good checkpoint stays).
+        Holds the run directory's lock (:func:`run_lock`) throughout. Raises :class:`Diverged`
+        if a loss turns NaN/Inf (the last good checkpoint stays), :class:`RunLocked` if another
+        process trains into the same directory.
         """
-        self.out.mkdir(parents=True, exist_ok=True)
-        self._stop = False
-        with self._catch_sigint():
+        self._stop = None
+        with run_lock(self.out), self._catch_signals(), np.errstate(all="ignore"), \
+                warnings.catch_warnings():
+            # A diverging loss is reported once, as Diverged, not as NumPy's RuntimeWarnings
+            # (errstate covers this thread; the filter the step's worker threads too).
+            warnings.simplefilter("ignore", RuntimeWarning)
+            if self.rolled_back:          # resumed from an earlier epoch: that branch is now it
+                self.save()
+                for e, path in self.epoch_checkpoints().items():
+                    if e > self.epoch:
+                        path.unlink(missing_ok=True)
+                self.write_metrics()
+                self.rolled_back = False
             while self.epoch < self.cfg.epochs:
                 row = self._train_epoch()
                 if row is None:
                     self.save()
-                    self.log(f"interrupted in epoch {self.epoch + 1} at step {self.step}: "
-                             f"state saved to {self.out / CHECKPOINT}; continue with --resume")
+                    self.log(f"{self._stop}: interrupted in epoch {self.epoch + 1} at step "
+                             f"{self.step}: state saved to {self.out / CHECKPOINT}; continue "
+                             f"with --resume")
                     return "interrupted"
                 self.history.append(row)
                 self.save()
+                self._keep_epoch_checkpoint()
                 self.write_metrics()
                 self.log(f"epoch {row['epoch']}: train loss {row['train_loss']:.2f}  "
                          f"test loss {row['test_loss']:.2f} (recon {row['test_recon']:.2f}, "
@@ -352,21 +477,28 @@ class Trainer:
         return tqdm(total=self.n_train, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
                     unit="ex", unit_scale=True, leave=False,
                     disable=None if self.cfg.progress else True,  # None: off when not a TTY
-                    dynamic_ncols=True, mininterval=0.5)
+                    dynamic_ncols=True, mininterval=0.1)
 
     def _check_finite(self, values, where="training loss"):
         if not all(math.isfinite(float(v)) for v in values):
             have = (f"the last good checkpoint is {self.out / CHECKPOINT} "
                     f"(epoch {self.epoch})" if (self.out / CHECKPOINT).exists()
                     else "no checkpoint was written yet")
+            kept = sorted(self.epoch_checkpoints())
+            how = (f"continue from it with a smaller learning rate: minivae train --resume "
+                   f"--out {self.out} --lr {self.cfg.lr / 10:g}" if (self.out / CHECKPOINT).exists()
+                   else f"start again with a smaller --lr (now {self.cfg.lr:g})")
+            back = (f" (or go back further with --from-epoch E, kept epochs: "
+                    f"{', '.join(map(str, kept))})" if kept else "")
             raise Diverged(f"{where} became NaN/Inf near step {self.step} of epoch "
                            f"{self.epoch + 1}; stopped without saving the bad state: {have}. "
-                           f"Try a smaller --lr or a KL warm-up (--warmup)")
+                           f"To {how}{back}, or add a KL warm-up (--warmup)")
 
     @contextlib.contextmanager
-    def _catch_sigint(self):
-        """First Ctrl-C: finish the current step, save, return. Second Ctrl-C: the usual
-        KeyboardInterrupt. (Only the main thread may install signal handlers.)"""
+    def _catch_signals(self):
+        """First Ctrl-C (SIGINT) or SIGTERM (what ``timeout`` and schedulers send): finish the
+        current step, save, return "interrupted". A second one: the usual KeyboardInterrupt,
+        an abort. (Only the main thread may install signal handlers.)"""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -374,14 +506,22 @@ class Trainer:
         def handler(signum, frame):
             if self._stop:
                 raise KeyboardInterrupt
-            self._stop = True
-            self.log("\nCtrl-C: saving a checkpoint after this step (press again to abort)")
+            self._stop = signal.Signals(signum).name
+            what = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+            self.log(f"\n{what}: saving a checkpoint after this step (press Ctrl-C again to "
+                     f"abort)")
 
-        previous = signal.signal(signal.SIGINT, handler)
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    @property
+    def stopped_by(self):
+        """"SIGINT" or "SIGTERM" after an interrupted fit, else None."""
+        return self._stop or None
 
     # -- persistence --------------------------------------------------------------------------------
     def save(self) -> Path:
@@ -407,35 +547,81 @@ class Trainer:
         return path
 
     @classmethod
-    def resume(cls, run_dir, dataset=None, log=None, **overrides) -> "Trainer":
-        """Rebuild a Trainer from ``run_dir/checkpoint.npz``; ``overrides`` may change e.g.
-        ``epochs`` (to train longer), ``backend``, ``progress``, ``figures``, ``out``."""
+    def resume(cls, run_dir, dataset=None, log=None, from_epoch=None, **overrides) -> "Trainer":
+        """Rebuild a Trainer from ``run_dir/checkpoint.npz`` (or, with ``from_epoch=E``, from the
+        kept checkpoint of epoch E: a rollback, which discards the later epochs when fit starts).
+
+        ``overrides``: TrainConfig fields to change. Those that define the run
+        (``TrainConfig.FIXED``: data, architecture, optimizer, batch size, dtype, seed,
+        binarization) may only be given their saved value, else :class:`ResumeConflict`; the
+        others (epochs, lr, weight_decay, beta, warmup_epochs, log_every, keep, backend,
+        progress, figures, ...) apply, and ``trainer.changed`` lists them as
+        {field: (old, new)}. Raises :class:`CheckpointError` for a checkpoint that is missing,
+        damaged, or does not fit.
+        """
         run_dir = Path(run_dir)
-        arrays, meta = load_checkpoint(run_dir)
-        cfg_d = {**meta["train_config"], "out": str(run_dir), **overrides}
-        t = cls(TrainConfig.from_json(cfg_d), dataset=dataset, log=log)
+        src = run_dir
+        if from_epoch is not None:
+            kept = epoch_checkpoints(run_dir)
+            if from_epoch not in kept:
+                have = ", ".join(map(str, sorted(kept))) or "none"
+                raise CheckpointError(f"{run_dir} keeps no checkpoint of epoch {from_epoch} "
+                                      f"(kept epochs: {have})")
+            src = kept[from_epoch]
+        arrays, meta = load_checkpoint(src)
+        saved = meta["train_config"]
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        for k, v in overrides.items():
+            if k not in known:
+                raise TypeError(f"resume() got an unknown setting {k!r}")
+            if k in TrainConfig.FIXED and _norm(v) != _norm(saved.get(k)):
+                raise ResumeConflict(k, saved.get(k), v)
+        cfg_d = {**saved, "out": str(run_dir), **overrides}
+        try:
+            cfg = TrainConfig.from_json(cfg_d)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{src}: its training configuration is not valid ({e})") from None
+        t = cls(cfg, dataset=dataset, log=log)
         if t.model.params.layout.to_json() != meta["layout"]:
-            raise CheckpointError(f"{run_dir}: the checkpoint's parameter layout does not match "
+            raise CheckpointError(f"{src}: the checkpoint's parameter layout does not match "
                                   f"the configured model")
         t.model.params.load_state_dict({"layout": meta["layout"], "data": arrays["params"]})
         o = meta["optimizer"]
         try:
             bufs = {n: arrays[f"opt.{n}"] for n in o["buffers"]}
+            t.opt.load_state_dict({"name": o["name"], "t": o["t"], "buffers": bufs})
         except KeyError as e:
-            raise CheckpointError(f"{run_dir}: optimizer buffer {e} is missing") from None
-        t.opt.load_state_dict({"name": o["name"], "t": o["t"], "buffers": bufs})
+            raise CheckpointError(f"{src}: optimizer buffer {e} is missing") from None
+        except ValueError as e:
+            raise CheckpointError(f"{src}: {e}") from None
         if not t.model.rng.set_state(meta["rng"]["model"]):
             t.log(f"note: the {meta['backend']} noise stream of this run cannot be restored on "
                   f"backend {t.backend.name}; training continues with a fresh stream from the seed")
-        t.shuffle.bit_generator.state = meta["rng"]["shuffle"]
+        try:
+            t.shuffle.bit_generator.state = meta["rng"]["shuffle"]
+        except (TypeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{src}: the saved shuffling state is damaged ({e})") from None
         t.epoch, t.step, t.history = int(meta["epoch"]), int(meta["step"]), list(meta["history"])
+        if len(t.history) != t.epoch:
+            raise CheckpointError(f"{src}: holds {len(t.history)} epochs of history for "
+                                  f"{t.epoch} completed epochs")
         if meta["in_epoch"]:
-            perm = arrays["perm"]
-            if perm.shape != (t.n_train,):
-                raise CheckpointError(f"{run_dir}: saved epoch order has {perm.shape[0]} entries "
-                                      f"but the data set has {t.n_train} examples")
-            t.perm, t.pos = perm.astype(np.int64), int(meta["pos"])
-        t.sums[:] = arrays["sums"]
+            perm, pos = arrays["perm"], int(meta["pos"])
+            if perm.shape != (t.n_train,) or not np.array_equal(np.sort(perm),
+                                                                 np.arange(t.n_train)):
+                raise CheckpointError(f"{src}: the saved epoch order is not a permutation of the "
+                                      f"{t.n_train} training examples")
+            if not 0 <= pos <= t.n_train:
+                raise CheckpointError(f"{src}: saved position {pos} is outside the epoch "
+                                      f"(0..{t.n_train})")
+            t.perm, t.pos = perm.astype(np.int64), pos
+        sums = arrays["sums"]
+        if sums.shape != (3,) or not np.all(np.isfinite(sums)) or sums[0] < 0:
+            raise CheckpointError(f"{src}: the saved running sums are damaged")
+        t.sums[:] = sums
+        t.changed = {k: (saved.get(k), v) for k, v in overrides.items()
+                     if k != "out" and _norm(v) != _norm(saved.get(k))}
+        t.rolled_back = from_epoch is not None and from_epoch < _latest_epoch(run_dir)
         return t
 
     def write_metrics(self) -> None:
@@ -446,21 +632,58 @@ class Trainer:
                "dataset": {"name": self.ds.name, "n_train": self.n_train,
                            "n_test": int(self.x_test.shape[0])},
                "minivae": __version__}
-        _atomic_text(self.out / "metrics.json", json.dumps(doc, indent=1))
+        text = strict_json(doc, indent=1).encode()
+        atomic_write(self.out / "metrics.json", lambda f: f.write(text), "metrics.json")
         if self.history:
-            cols = list(self.history[0])
-            tmp = self.out / "metrics.csv.tmp"
-            with open(tmp, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=cols)
-                w.writeheader()
-                w.writerows(self.history)
-            os.replace(tmp, self.out / "metrics.csv")
+            buf = io.StringIO(newline="")
+            w = csv.DictWriter(buf, fieldnames=list(self.history[0]))
+            w.writeheader()
+            w.writerows(self.history)
+            data = buf.getvalue().encode()
+            atomic_write(self.out / "metrics.csv", lambda f: f.write(data), "metrics.csv")
+
+    # -- epoch checkpoints: roll back a diverged run -------------------------------------------
+    def epoch_checkpoints(self) -> dict:
+        """{epoch: path} of the kept epoch checkpoints in ``out``."""
+        return epoch_checkpoints(self.out)
+
+    def _keep_epoch_checkpoint(self) -> None:
+        """After an epoch's save: keep it as checkpoint-epochNNNN.npz (a hard link to the file
+        just written, or a copy), and delete all but the last ``cfg.keep``."""
+        if self.cfg.keep < 1:
+            return
+        src, dst = self.out / CHECKPOINT, self.out / EPOCH_CHECKPOINT.format(self.epoch)
+        dst.unlink(missing_ok=True)
+        try:
+            os.link(src, dst)            # checkpoint.npz is replaced by rename, never rewritten
+        except OSError:
+            atomic_write(dst, lambda f: f.write(src.read_bytes()), "checkpoint")
+        for e, path in sorted(self.epoch_checkpoints().items())[:-self.cfg.keep]:
+            path.unlink(missing_ok=True)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+EPOCH_CHECKPOINT = "checkpoint-epoch{:04d}.npz"
+
+
+def _norm(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _latest_epoch(run_dir) -> int:
+    try:
+        return int(load_checkpoint(run_dir)[1]["epoch"])
+    except CheckpointError:
+        return -1
+
+
+def epoch_checkpoints(out) -> dict:
+    """{epoch: path} of the epoch checkpoints kept in run directory ``out``."""
+    found = {}
+    for p in Path(out).glob("checkpoint-epoch*.npz"):
+        digits = p.name[len("checkpoint-epoch"):-len(".npz")]
+        if digits.isdigit():
+            found[int(digits)] = p
+    return found
 
 
 def train(config: TrainConfig | None = None, **kw) -> Trainer:

@@ -3,11 +3,32 @@ import argparse
 
 
 def layer_sizes(text: str) -> list[int]:
-    """argparse type for ``--hidden``: '400' or '512,256' -> [400] / [512, 256]; '' -> []."""
+    """argparse type for ``--hidden``: '400' or '512,256' -> [400] / [512, 256]."""
     try:
-        sizes = [int(s) for s in text.split(",") if s.strip()]
+        sizes = [int(s) for s in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated widths such as 400 or "
+                                         f"512,256, got {text!r}") from None
     if any(s < 1 for s in sizes):
         raise argparse.ArgumentTypeError(f"layer sizes must be positive, got {text!r}")
     return sizes
+
+
+def number(low=None, strict=False, kind=float):
+    """argparse type: a finite number (int or float) >= low (> low if strict); argparse puts
+    the flag's name in front of the message ("argument --lr: ...")."""
+    import math
+
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a {'whole number' if kind is int else 'number'}, got {text!r}") from None
+        if kind is float and not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if low is not None and (v < low or (strict and v == low)):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low:g}, got {text}")
+        return v
+
+    return parse

@@ -20,6 +20,8 @@ values otherwise. Needs torch: pip install 'minivae[compare]' (here: pip install
 """
 from __future__ import annotations
 
+from ..backend import strict_json
+
 import argparse
 import json
 
@@ -93,7 +95,7 @@ def run(args) -> int:
     except FrameworkMissing as e:
         raise UserError(str(e)) from None
     if args.json:
-        print(json.dumps(c.to_json()))
+        print(strict_json(c.to_json()))
     else:
         print(f"{type(model).__name__} {args.d_in}-{'-'.join(map(str, args.hidden))}-"
               f"{args.latent}, {args.likelihood}, batch {args.batch}, backend {args.backend}")

@@ -10,6 +10,8 @@ k grows (Burda et al. 2016). The data set and binarization are the ones the run 
 """
 from __future__ import annotations
 
+from ..backend import strict_json
+
 from ..backend import NAMES as BACKENDS
 
 HELP = "test ELBO and importance-weighted log-likelihood bound (IWAE_k) of a checkpoint"
@@ -49,12 +51,24 @@ def run(args) -> int:
     if args.k and not model.has_prior:
         print(f"note: {args.checkpoint} holds an Autoencoder, which has no ELBO or IWAE bound; "
               f"reporting its reconstruction loss", file=sys.stderr)
-    res = evaluate(model, x_test, k=k, seed=args.seed)
+    import warnings
+
+    import numpy as np
+
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # reported below, once, as "finite"
+        res = evaluate(model, x_test, k=k, seed=args.seed)
     res.update(n=int(x_test.shape[0]), data=ds.name, epoch=meta["epoch"],
                seconds=time.perf_counter() - t0)
+    import math
+
+    res["finite"] = all(math.isfinite(v) for v in res.values() if isinstance(v, float))
     if args.json:
-        print(json.dumps(res))
+        print(strict_json(res))      # a non-finite number is null, with "finite": false
         return 0
+    if not res["finite"]:
+        print(f"note: the loss of {args.checkpoint} is not finite (NaN or Inf): its weights "
+              f"overflow on this data", file=sys.stderr)
     print(f"{args.checkpoint}: {type(model).__name__}, epoch {meta['epoch']}, {res['n']} test examples of {ds.name}")
     if model.has_prior:
         print(f"  loss = -ELBO   {res['loss']:9.2f} nats/example "

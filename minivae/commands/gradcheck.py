@@ -12,6 +12,8 @@ the suite itself is minivae.gradcheck.run_all). Exits 1 if any check fails.
 """
 from __future__ import annotations
 
+from ..backend import strict_json
+
 import json
 import time
 
@@ -45,7 +47,7 @@ def run(args) -> int:
 
     report = run_all(args.backend, seed=args.seed, full=args.full)
     if args.json:
-        print(json.dumps({
+        print(strict_json({
             "passed": report.passed,
             "checks": [{"name": c.name, "max_abs_error": c.max_abs_error,
                         "max_rel_error": c.max_rel_error, "passed": c.passed}

@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+from ..backend import strict_json
+
 HELP = "versions, BLAS configuration, usable backends and GPU"
 
 
@@ -79,7 +81,7 @@ def run(args) -> int:
 
     d = info()
     if args.json:
-        print(json.dumps(d, indent=1))
+        print(strict_json(d, indent=1))
         return 0
     print("versions:  " + ", ".join(f"{k} {v}" for k, v in d["versions"].items() if v))
     missing = [k for k, v in d["versions"].items() if not v]

@@ -12,6 +12,8 @@ proven against a closed-form linear-Gaussian VAE in tests/test_estimators.py.
 """
 from __future__ import annotations
 
+from ..backend import strict_json
+
 import json
 import os
 import time
@@ -76,7 +78,7 @@ def run(args) -> int:
                            f"after {args.steps} Adam steps": stages["trained"]}, figure)
     result = _result(stages, args, losses, figure, time.perf_counter() - t0)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(strict_json(result, indent=2))
     else:
         print(_table(stages, args))
         r = result["ratio_score_over_pathwise"]

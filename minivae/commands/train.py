@@ -8,10 +8,12 @@ VAE with ReLU and a Bernoulli likelihood on grey levels, Adam 1e-3, batch 128, 1
   minivae train --latent 2 --out runs/z2      # adds manifold.png
   minivae train --data fashion-mnist --data-dir /usr/share/datasets/fashion-mnist
   minivae train --resume --out runs/t --epochs 20    # continue a run (Ctrl-C saves first)
+  minivae train --resume --out runs/t --from-epoch 3 --lr 3e-4   # roll back a diverged run
 
 Writes into --out: checkpoint.npz, metrics.json, metrics.csv, reconstructions.png,
 samples.png, latent.png, curves.png (and manifold.png when --latent 2).
-Exit status: 0 done, 1 the loss diverged (NaN/Inf), 2 a usage error, 130 interrupted (saved).
+Exit status: 0 done, 1 the loss diverged (NaN/Inf), 2 a usage error (or --out in use by
+another minivae train), 130 stopped by Ctrl-C, 143 stopped by SIGTERM (state saved in both).
 """
 from __future__ import annotations
 
@@ -22,126 +24,179 @@ from ..layers import ACTIVATIONS, INITS
 from ..losses import LIKELIHOODS
 from ..models import MODELS
 from ..optim import OPTIMIZERS
-from . import layer_sizes
+from . import layer_sizes, number
 
 HELP = "train a VAE on MNIST-like data; metrics, checkpoint and figures go to --out"
 
 
-def _positive(kind):
-    import argparse
+#: defaults of the flags (argparse defaults are None, so that a resume knows what was given)
+DEFAULTS = dict(data="mnist10k", data_dir=None, binarize="none", model="vae", hidden=[400],
+                latent=20, activation="relu", likelihood="bernoulli", init=None, beta=1.0,
+                warmup=0.0, optimizer="adam", lr=1e-3, weight_decay=0.0, epochs=10, batch=128,
+                seed=0, device="numpy", dtype="float32", log_every=20, keep=3)
 
-    def parse(text):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if not v > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return v
-
-    return parse
+#: flag -> TrainConfig field, for the flags a run remembers
+FIELDS = dict(data="data", data_dir="data_dir", binarize="binarize", model="model",
+              hidden="hidden", latent="latent", activation="activation",
+              likelihood="likelihood", init="init", beta="beta", warmup="warmup_epochs",
+              optimizer="optimizer", lr="lr", weight_decay="weight_decay", epochs="epochs",
+              batch="batch_size", seed="seed", device="backend", dtype="dtype",
+              log_every="log_every", keep="keep")
+FLAG = {field: "--" + flag.replace("_", "-") for flag, field in FIELDS.items()}
 
 
 def add_arguments(p):
+    pos_int, pos_float = number(1, kind=int), number(0, strict=True)
+    nonneg = number(0)
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="mnist10k", choices=["mnist10k", "mnist", "fashion-mnist"],
+    g.add_argument("--data", choices=["mnist10k", "mnist", "fashion-mnist"],
                    help="mnist10k: bundled MNIST test set, 9000/1000 split (default); mnist, "
                         "fashion-mnist: 60000/10000, read from --data-dir or the cache "
                         "(~/.cache/minivae or $MINIVAE_DATA), downloaded there if missing")
     g.add_argument("--data-dir", metavar="DIR", help="directory with the four IDX files")
-    g.add_argument("--binarize", default="none", choices=["none", "static", "dynamic"],
+    g.add_argument("--binarize", choices=["none", "static", "dynamic"],
                    help="none: grey levels as Bernoulli targets, as the PyTorch example (default); "
                         "static: one fixed 0/1 draw; dynamic: redrawn every epoch")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="vae", choices=list(MODELS))
-    g.add_argument("--hidden", type=layer_sizes, default=[400], metavar="H[,H...]",
+    g.add_argument("--model", choices=list(MODELS), help="default vae")
+    g.add_argument("--hidden", type=layer_sizes, metavar="H[,H...]",
                    help="hidden layer widths (default 400)")
-    g.add_argument("--latent", type=_positive(int), default=20, help="latent size (default 20)")
-    g.add_argument("--activation", default="relu",
-                   choices=list(ACTIVATIONS))
-    g.add_argument("--likelihood", default="bernoulli",
-                   choices=list(LIKELIHOODS))
-    g.add_argument("--init", default=None, choices=list(INITS),
+    g.add_argument("--latent", type=pos_int, help="latent size (default 20)")
+    g.add_argument("--activation", choices=list(ACTIVATIONS), help="default relu")
+    g.add_argument("--likelihood", choices=list(LIKELIHOODS), help="default bernoulli")
+    g.add_argument("--init", choices=list(INITS),
                    help="weight init (default: He for ReLU; 'torch' = PyTorch nn.Linear's)")
-    g.add_argument("--beta", type=float, default=1.0, help="KL weight (beta-VAE), default 1")
-    g.add_argument("--warmup", type=float, default=0.0, metavar="EPOCHS",
+    g.add_argument("--beta", type=nonneg, help="KL weight (beta-VAE), default 1")
+    g.add_argument("--warmup", type=nonneg, metavar="EPOCHS",
                    help="KL warm-up: beta ramps linearly from 0 over this many epochs (default 0)")
     g = p.add_argument_group("optimization")
-    g.add_argument("--optimizer", default="adam", choices=list(OPTIMIZERS))
-    g.add_argument("--lr", type=_positive(float), default=1e-3, help="learning rate (default 1e-3)")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--epochs", type=_positive(int), default=None,
+    g.add_argument("--optimizer", choices=list(OPTIMIZERS), help="default adam")
+    g.add_argument("--lr", type=pos_float, help="learning rate (default 1e-3)")
+    g.add_argument("--weight-decay", type=nonneg, help="default 0")
+    g.add_argument("--epochs", type=pos_int,
                    help="default 10; with --resume: the run's own count unless given")
-    g.add_argument("--batch", type=_positive(int), default=128, help="batch size (default 128)")
-    g.add_argument("--seed", type=int, default=0, help="seeds init, shuffling and noise (default 0)")
+    g.add_argument("--batch", "--batch-size", dest="batch", type=pos_int,
+                   help="batch size (default 128)")
+    g.add_argument("--seed", type=number(0, kind=int),
+                   help="seeds init, shuffling and noise (default 0)")
     g = p.add_argument_group("run")
-    g.add_argument("--device", default=None, choices=list(BACKENDS),
+    g.add_argument("--device", choices=list(BACKENDS),
                    help="array backend: numpy (CPU, default), cupy (NVIDIA GPU), auto "
-                        "(cupy if a GPU works, else numpy), strict (array-API test backend); "
-                        "with --resume: the run's own unless given")
-    g.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    g.add_argument("--threads", type=_positive(int), default=None, metavar="N",
+                        "(cupy if a GPU works, else numpy), strict (array-API test backend)")
+    g.add_argument("--dtype", choices=["float32", "float64"], help="default float32")
+    g.add_argument("--threads", type=pos_int, metavar="N",
                    help="CPU threads for the NumPy step (default: $MINIVAE_NUM_THREADS, else "
                         "min(cores, 4)); the batch is split over them")
     g.add_argument("--out", default="runs/vae", metavar="DIR", help="run directory (default runs/vae)")
     g.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its checkpoint (flags given here that "
-                        "differ from the run's: only --epochs, --device, --no-progress, "
-                        "--no-figures apply)")
-    g.add_argument("--log-every", type=_positive(int), default=20, metavar="STEPS",
+                   help="continue the run in --out from its checkpoint. Flags that define the "
+                        "run (data, model, --batch, --optimizer, --dtype, --seed) must match it; "
+                        "--epochs, --lr, --weight-decay, --beta, --warmup, --log-every, --keep, "
+                        "--device, --threads may change and are reported")
+    g.add_argument("--from-epoch", type=number(0, kind=int), metavar="E",
+                   help="with --resume: restart from the kept checkpoint of epoch E (see --keep), "
+                        "discarding the later epochs, e.g. to continue a diverged run with a "
+                        "smaller --lr")
+    g.add_argument("--keep", type=number(0, kind=int), metavar="N",
+                   help="epoch checkpoints to keep beside checkpoint.npz, for --from-epoch "
+                        "(default 3; 0: none)")
+    g.add_argument("--log-every", type=pos_int, metavar="STEPS",
                    help="steps between progress-bar updates / NaN checks (default 20)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
 
 
+def _writable_dir(out: Path):
+    """Refuse an --out that is a file or cannot be written, before any training."""
+    from ..cli import UserError
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".minivae-write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+
+
 def run(args) -> int:
     from ..cli import UserError
-    from ..train import Diverged, TrainConfig, Trainer
+    from ..train import Diverged, ResumeConflict, TrainConfig, Trainer, run_lock
 
+    given = {flag: v for flag, v in vars(args).items() if flag in FIELDS and v is not None}
     if args.threads:
         from ..engine import set_num_threads
 
         set_num_threads(args.threads)
+    if args.from_epoch is not None and not args.resume:
+        raise UserError("--from-epoch needs --resume")
     out = Path(args.out)
-    if args.resume:
-        if not (out / "checkpoint.npz").is_file():
-            raise UserError(f"--resume: no checkpoint.npz in {out}")
-        given = {k: v for k, v in (("epochs", args.epochs), ("backend", args.device)) if v}
-        t = Trainer.resume(out, progress=not args.no_progress, figures=not args.no_figures,
-                           **given)
-        if t.cfg.epochs < t.epoch:
-            raise UserError(f"{out} has completed {t.epoch} epochs; --epochs {t.cfg.epochs} would "
-                            f"undo them: give --epochs {t.epoch} or more")
-        print(f"resuming {out} at epoch {t.epoch} (step {t.step}), training to epoch {t.cfg.epochs}")
-    else:
-        if args.data == "mnist10k" and args.data_dir:
-            raise UserError("--data-dir needs --data mnist or --data fashion-mnist "
-                            "(mnist10k is bundled)")
-        if (out / "checkpoint.npz").exists():
-            raise UserError(f"{out} already holds a run: add --resume to continue it, or "
-                            f"choose another --out")
-        cfg = TrainConfig(
-            data=args.data, data_dir=args.data_dir, model=args.model, hidden=args.hidden,
-            latent=args.latent, activation=args.activation, likelihood=args.likelihood,
-            init=args.init, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
-            epochs=args.epochs or 10, batch_size=args.batch, backend=args.device or "numpy",
-            dtype=args.dtype,
-            seed=args.seed, binarize=args.binarize, beta=args.beta, warmup_epochs=args.warmup,
-            log_every=args.log_every, out=str(out), progress=not args.no_progress,
-            figures=not args.no_figures)
-        t = Trainer(cfg)
-        print(f"training {type(t.model).__name__} {t.ds.dim}-{'-'.join(map(str, cfg.hidden))}-"
-              f"{cfg.latent} ({t.model.n_params():,} parameters) on {t.ds.name} "
-              f"({t.n_train} train / {t.x_test.shape[0]} test), backend {t.backend.name}")
-    try:
-        status = t.fit()
-    except Diverged as e:
-        print(f"minivae train: {e}")
-        return 1
+    _writable_dir(out)
+    with run_lock(out):
+        if args.resume:
+            if not (out / "checkpoint.npz").is_file():
+                raise UserError(f"--resume: no checkpoint.npz in {out}")
+            overrides = {FIELDS[f]: v for f, v in given.items()}
+            if args.from_epoch is not None and "epochs" not in overrides:
+                from ..train import load_checkpoint   # a rollback trains to the run's goal
+
+                overrides["epochs"] = load_checkpoint(out)[1]["train_config"]["epochs"]
+            try:
+                t = Trainer.resume(out, from_epoch=args.from_epoch,
+                                   progress=not args.no_progress, figures=not args.no_figures,
+                                   **overrides)
+            except ResumeConflict as e:
+                raise UserError(f"{FLAG[e.field]} {_show(e.asked)} differs from this run's "
+                                f"{_show(e.run_value)}; what defines a run cannot change on "
+                                f"--resume: drop the flag, or start a new run with another "
+                                f"--out") from None
+            if t.cfg.epochs < t.epoch:
+                raise UserError(f"{out} has completed {t.epoch} epochs; --epochs {t.cfg.epochs} "
+                                f"would undo them: give --epochs {t.epoch} or more")
+            where = (f"from its epoch {args.from_epoch} checkpoint"
+                     if args.from_epoch is not None else f"at epoch {t.epoch} (step {t.step})")
+            print(f"resuming {out} {where}, training to epoch {t.cfg.epochs}")
+            for field, (old, new) in t.changed.items():
+                print(f"  changed: {FLAG.get(field, field)} {_show(old)} -> {_show(new)}")
+        else:
+            if given.get("data", "mnist10k") == "mnist10k" and args.data_dir:
+                raise UserError("--data-dir needs --data mnist or --data fashion-mnist "
+                                "(mnist10k is bundled)")
+            if (out / "checkpoint.npz").exists():
+                raise UserError(f"{out} already holds a run: add --resume to continue it, or "
+                                f"choose another --out")
+            a = {**DEFAULTS, **given}
+            cfg = TrainConfig(
+                data=a["data"], data_dir=a["data_dir"], model=a["model"], hidden=a["hidden"],
+                latent=a["latent"], activation=a["activation"], likelihood=a["likelihood"],
+                init=a["init"], optimizer=a["optimizer"], lr=a["lr"],
+                weight_decay=a["weight_decay"], epochs=a["epochs"], batch_size=a["batch"],
+                backend=a["device"], dtype=a["dtype"], seed=a["seed"], binarize=a["binarize"],
+                beta=a["beta"], warmup_epochs=a["warmup"], log_every=a["log_every"],
+                keep=a["keep"], out=str(out), progress=not args.no_progress,
+                figures=not args.no_figures)
+            t = Trainer(cfg)
+            print(f"training {type(t.model).__name__} "
+                  f"{'-'.join(map(str, [t.ds.dim, *cfg.hidden, cfg.latent]))} "
+                  f"({t.model.n_params():,} parameters) on {t.ds.name} "
+                  f"({t.n_train} train / {t.x_test.shape[0]} test), backend {t.backend.name}")
+        try:
+            status = t.fit()
+        except Diverged as e:
+            print(f"minivae train: {e}")
+            return 1
     if status == "interrupted":
-        return 130
+        return 143 if t.stopped_by == "SIGTERM" else 130
     last = t.history[-1] if t.history else None
     if last:
         print(f"done: test loss {last['test_loss']:.2f} nats/example after epoch {last['epoch']}; "
               f"results in {out}/")
     return 0
+
+
+def _show(v):
+    if isinstance(v, list):
+        return ",".join(map(str, v))
+    return str(v)

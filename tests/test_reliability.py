@@ -1,0 +1,309 @@
+"""The product keeps its word under bad flags, damaged checkpoints, signals, two writers and a
+full disk (issue 13). Each case is the command or call a user makes and the clear error or the
+right result; training runs are tiny (hidden 16, latent 2, a few hundred images)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minivae.cli import main
+from minivae.train import (CheckpointError, TrainConfig, Trainer, load_checkpoint,
+                           save_checkpoint)
+
+ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "MINIVAE_NUM_THREADS": "1"}
+TINY = ["--hidden", "16", "--latent", "2", "--no-figures", "--no-progress"]
+
+
+def train(capsys, out, *flags):
+    code = main(["train", "--out", str(out), *TINY, *flags])
+    cap = capsys.readouterr()
+    return code, cap.out + cap.err
+
+
+@pytest.fixture
+def run1(tmp_path, capsys):
+    out = tmp_path / "r"
+    code, _ = train(capsys, out, "--epochs", "2")
+    assert code == 0
+    return out
+
+
+# -- 1. --resume keeps its word ------------------------------------------------------------------
+@pytest.mark.parametrize("flags, named", [
+    (["--hidden", "64"], "--hidden 64 differs from this run's 16"),
+    (["--latent", "3"], "--latent 3 differs"),
+    (["--batch", "17"], "--batch 17 differs from this run's 128"),
+    (["--batch-size", "17"], "--batch 17 differs"),
+    (["--seed", "4"], "--seed 4 differs"),
+    (["--dtype", "float64"], "--dtype float64 differs"),
+    (["--optimizer", "sgd"], "--optimizer sgd differs"),
+    (["--binarize", "dynamic"], "--binarize dynamic differs"),
+])
+def test_resume_refuses_flags_that_define_the_run_naming_the_flag(run1, capsys, flags, named):
+    before = load_checkpoint(run1)[0]["params"].copy()
+    code, text = train(capsys, run1, "--resume", "--epochs", "3", *flags)
+    assert code == 2 and named in text
+    np.testing.assert_array_equal(load_checkpoint(run1)[0]["params"], before)   # nothing ran
+
+
+def test_resume_applies_and_reports_the_flags_that_may_change(run1, capsys):
+    code, text = train(capsys, run1, "--resume", "--epochs", "3", "--lr", "0.0005",
+                       "--beta", "0.5", "--log-every", "7")
+    assert code == 0
+    for line in ("--epochs 2 -> 3", "--lr 0.001 -> 0.0005", "--beta 1.0 -> 0.5",
+                 "--log-every 20 -> 7"):
+        assert f"changed: {line}" in text
+    cfg = load_checkpoint(run1)[1]["train_config"]
+    assert (cfg["lr"], cfg["beta"], cfg["epochs"], cfg["log_every"]) == (0.0005, 0.5, 3, 7)
+    assert json.loads((run1 / "metrics.json").read_text())["epochs"][-1]["beta"] == 0.5
+
+
+def test_the_lr_given_on_resume_is_the_one_the_optimizer_uses(run1):
+    t = Trainer.resume(run1, epochs=3, lr=0.25, progress=False, figures=False)
+    assert t.opt.lr == 0.25 and t.changed["lr"] == (0.001, 0.25)
+
+
+def test_keep_and_from_epoch_roll_a_run_back(tmp_path, capsys):
+    out = tmp_path / "k"
+    assert train(capsys, out, "--epochs", "4", "--keep", "2")[0] == 0
+    assert sorted(p.name for p in out.glob("checkpoint-epoch*")) == [
+        "checkpoint-epoch0003.npz", "checkpoint-epoch0004.npz"]
+    code, text = train(capsys, out, "--resume", "--from-epoch", "1")
+    assert code == 2 and "keeps no checkpoint of epoch 1 (kept epochs: 3, 4)" in text
+    code, text = train(capsys, out, "--resume", "--from-epoch", "3", "--lr", "0.0003")
+    assert code == 0 and "from its epoch 3 checkpoint, training to epoch 4" in text
+    meta = load_checkpoint(out)[1]
+    assert meta["epoch"] == 4 and meta["train_config"]["lr"] == 0.0003
+    hist = json.loads((out / "metrics.json").read_text())["epochs"]
+    assert [r["epoch"] for r in hist] == [1, 2, 3, 4]
+    assert train(capsys, out, "--from-epoch", "3")[1].count("--from-epoch needs --resume")
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_a_diverged_run_says_how_to_continue_and_the_advice_works(tmp_path, capsys):
+    out = tmp_path / "d"
+    assert train(capsys, out, "--epochs", "1")[0] == 0
+    code, text = train(capsys, out, "--resume", "--epochs", "3", "--lr", "1e6")
+    assert code == 1 and "became NaN/Inf" in text
+    assert f"minivae train --resume --out {out} --lr 100000" in text
+    assert "kept epochs: 1" in text and "RuntimeWarning" not in text
+    code, text = train(capsys, out, "--resume", "--epochs", "2", "--lr", "0.0005")
+    assert code == 0 and "changed: --lr 0.001 -> 0.0005" in text      # the bad lr never saved
+
+
+# -- 2. one writer per run directory --------------------------------------------------------------
+HOLD = """
+import sys, time
+from minivae.train import run_lock
+with run_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(30)
+"""
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_run(tmp_path, capsys):
+    out = tmp_path / "s"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE,
+                              text=True, env=ENV)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, text = train(capsys, out, "--epochs", "1")
+        assert code == 2 and "is in use by another minivae train" in text
+        assert not (out / "checkpoint.npz").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train(capsys, out, "--epochs", "1")[0] == 0          # free again once it is gone
+
+
+# -- 3. SIGTERM saves, like Ctrl-C ------------------------------------------------------------------
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_ctrl_c_save_the_run_and_exit_with_their_documented_status(tmp_path, sig,
+                                                                                status):
+    out = tmp_path / "t"
+    p = subprocess.Popen([sys.executable, "-m", "minivae", "train", "--out", str(out), *TINY,
+                          "--epochs", "500", "--log-every", "1"], env=ENV,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for _ in range(600):                                     # until the first epoch is saved
+        if (out / "checkpoint.npz").exists():
+            break
+        time.sleep(0.05)
+    p.send_signal(sig)
+    text = p.communicate(timeout=60)[0]
+    assert p.returncode == status, text
+    assert "state saved to" in text and "continue with --resume" in text
+    meta = load_checkpoint(out)[1]
+    assert meta["epoch"] >= 1 and meta["step"] > 0
+
+
+# -- 4. flags that parse but mean nothing are refused at parse time, naming the flag ---------------
+@pytest.mark.parametrize("flags, message", [
+    (["--warmup", "nan"], "argument --warmup: must be a finite number"),
+    (["--warmup", "-1"], "argument --warmup: must be >= 0"),
+    (["--beta", "inf"], "argument --beta: must be a finite number"),
+    (["--beta", "nan"], "argument --beta: must be a finite number"),
+    (["--weight-decay", "nan"], "argument --weight-decay: must be a finite number"),
+    (["--lr", "inf"], "argument --lr: must be a finite number"),
+    (["--lr", "0"], "argument --lr: must be > 0"),
+    (["--seed", "-1"], "argument --seed: must be >= 0"),
+    (["--seed", "1.5"], "argument --seed: expected a whole number"),
+    (["--hidden", ""], "argument --hidden: expected comma-separated widths"),
+    (["--hidden", "64,"], "argument --hidden: expected comma-separated widths"),
+    (["--keep", "-2"], "argument --keep: must be >= 0"),
+])
+def test_meaningless_flags_are_refused_before_anything_runs(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--out", str(tmp_path / "f"), *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "f").exists()
+
+
+def test_batch_size_is_accepted_as_the_pytorch_examples_name(tmp_path, capsys):
+    code, _ = train(capsys, tmp_path / "b", "--epochs", "1", "--batch-size", "256")
+    assert code == 0
+    assert load_checkpoint(tmp_path / "b")[1]["train_config"]["batch_size"] == 256
+
+
+@pytest.mark.parametrize("out, message", [("file", "is a file, not a directory"),
+                                          ("/dev/null/run", "cannot write there")])
+def test_an_out_that_cannot_be_written_is_refused_before_training(tmp_path, capsys, out,
+                                                                  message):
+    if out == "file":
+        out = tmp_path / "file"
+        out.write_text("keep me")
+    code, text = train(capsys, out, "--epochs", "1")
+    assert code == 2 and message in text and "training" not in text
+    if isinstance(out, Path):
+        assert out.read_text() == "keep me"
+
+
+# -- 5. strict JSON -------------------------------------------------------------------------------
+def test_evaluate_json_is_strict_json_even_when_the_loss_overflows(run1, tmp_path, capsys):
+    arrays, meta = load_checkpoint(run1)
+    arrays["params"] = arrays["params"] * np.float32(1e30)        # finite, but the loss is not
+    save_checkpoint(tmp_path / "huge.npz", arrays, meta)
+    assert main(["evaluate", str(tmp_path / "huge.npz"), "--json", "--k", "0"]) == 0
+    text = capsys.readouterr().out
+    res = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert res["finite"] is False and res["loss"] is None
+
+
+def test_metrics_json_never_holds_nan(run1):
+    json.loads((run1 / "metrics.json").read_text(),
+               parse_constant=lambda c: pytest.fail(f"{c} in metrics.json"))
+
+
+# -- 6. a model far too big is refused in seconds, not a MemoryError ---------------------------------
+def test_a_model_too_big_for_the_machine_is_refused_with_its_size(tmp_path, capsys):
+    t0 = time.perf_counter()
+    code, text = train(capsys, tmp_path / "big", "--hidden", "1000000000")
+    assert code == 2 and "GiB for its parameter and gradient buffers alone" in text
+    assert time.perf_counter() - t0 < 20
+
+
+# -- 7. checkpoints crafted or damaged by hand ---------------------------------------------------------
+def _damage(run, tmp_path, change):
+    arrays, meta = load_checkpoint(run)
+    arrays, meta = change(dict(arrays), json.loads(json.dumps(meta)))
+    path = tmp_path / "damaged.npz"
+    payload = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    payload["meta"] = np.array(json.dumps(meta))
+    with open(path, "wb") as f:
+        np.savez(f, **payload)
+    return path
+
+
+def _in_epoch(arrays, meta, perm=None, pos=5):
+    meta["in_epoch"], meta["pos"] = True, pos
+    arrays["perm"] = np.arange(9000) if perm is None else perm
+    return arrays, meta
+
+
+CRAFTED = {
+    "meta is a list": (lambda a, m: (a, [m]), "is not a minivae checkpoint"),
+    "layout missing": (lambda a, m: (a, {k: v for k, v in m.items() if k != "layout"}),
+                       "header field 'layout' must be a list"),
+    "model missing": (lambda a, m: (a, {k: v for k, v in m.items() if k != "model"}),
+                      "header field 'model' must be an object"),
+    "epoch negative": (lambda a, m: (a, {**m, "epoch": -1}), "'epoch' must be a whole number"),
+    "dtype odd": (lambda a, m: (a, {**m, "dtype": "int8"}), "'dtype' must be"),
+    "layout entry bad": (lambda a, m: (a, {**m, "layout": [["w", [0]]]}), "'layout' must be"),
+    "config far larger than layout": (
+        lambda a, m: (a, {**m, "model": {**m["model"], "hidden": [100000]}}),
+        "its model config implies"),
+    "optimizer t negative": (lambda a, m: (a, {**m, "optimizer": {**m["optimizer"], "t": -3}}),
+                             "'optimizer' must be"),
+    "history not rows": (lambda a, m: (a, {**m, "history": [1, 2]}), "'history' must be"),
+}
+
+
+@pytest.mark.parametrize("case", list(CRAFTED))
+def test_a_crafted_checkpoint_header_is_refused_naming_the_field(run1, tmp_path, case):
+    change, message = CRAFTED[case]
+    path = _damage(run1, tmp_path, change)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("case, change, message", [
+    ("perm out of range", lambda a, m: _in_epoch(a, m, perm=np.arange(9000) + 5),
+     "not a permutation"),
+    ("perm too short", lambda a, m: _in_epoch(a, m, perm=np.arange(10)), "not a permutation"),
+    ("pos out of range", lambda a, m: _in_epoch(a, m, pos=90000), "outside the epoch"),
+    ("history shorter than epochs", lambda a, m: (a, {**m, "history": []}), "epochs of history"),
+    ("sums damaged", lambda a, m: ({**a, "sums": np.array([np.nan, 1, 2])}, m), "running sums"),
+])
+def test_a_damaged_checkpoint_is_refused_on_resume_not_trained_on(run1, tmp_path, capsys, case,
+                                                                   change, message):
+    path = _damage(run1, tmp_path, change)
+    os.replace(path, run1 / "checkpoint.npz")
+    code, text = train(capsys, run1, "--resume", "--epochs", "3")
+    assert code == 2 and message in text
+
+
+# -- 8. a full disk loses nothing ---------------------------------------------------------------------
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_disk_names_the_path_and_keeps_the_previous_checkpoint(run1):
+    before = (run1 / "checkpoint.npz").read_bytes()
+    t = Trainer.resume(run1, epochs=3, progress=False, figures=False)
+    (run1 / "checkpoint.npz.tmp").symlink_to("/dev/full")       # every write there: ENOSPC
+    with pytest.raises(OSError, match=r"could not write .*checkpoint.npz.*the previous "
+                                      r"checkpoint .* is intact"):
+        t.save()
+    assert (run1 / "checkpoint.npz").read_bytes() == before
+    assert not (run1 / "checkpoint.npz.tmp").exists()           # nothing half-written left
+
+
+# -- 9. a float64 run resumed mid-epoch reports exactly what an uninterrupted one does -----------------
+def test_float64_resume_mid_epoch_is_exact(tmp_path, monkeypatch):
+    from minivae import train as train_mod
+
+    cfg = dict(hidden=[16], latent=2, epochs=1, dtype="float64", progress=False, figures=False,
+               log_every=1)
+    whole = Trainer(TrainConfig(out=str(tmp_path / "w"), **cfg), log=lambda m: None)
+    whole.fit()
+    real, calls = train_mod.train_step, []
+
+    def step_then_interrupt(*a, **kw):
+        calls.append(1)
+        r = real(*a, **kw)
+        if len(calls) == 13:
+            signal.raise_signal(signal.SIGINT)                    # as Ctrl-C mid-epoch
+        return r
+
+    monkeypatch.setattr(train_mod, "train_step", step_then_interrupt)
+    part = Trainer(TrainConfig(out=str(tmp_path / "p"), **cfg), log=lambda m: None)
+    assert part.fit() == "interrupted" and part.stopped_by == "SIGINT"
+    monkeypatch.setattr(train_mod, "train_step", real)
+    rest = Trainer.resume(tmp_path / "p", log=lambda m: None)
+    assert rest.fit() == "done"
+    assert rest.history[-1]["train_loss"] == whole.history[-1]["train_loss"]
+    assert rest.history[-1]["test_loss"] == whole.history[-1]["test_loss"]

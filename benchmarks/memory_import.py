@@ -11,7 +11,8 @@ allocated), repeated --repeats times, median reported:
   short training run (--steps Adam steps of the 784-400-20 VAE at --batch, float32, on the
   bundled MNIST). ``python`` alone is the baseline.
 
-    python benchmarks/memory_import.py          # writes results/memory_import.json
+    python benchmarks/memory_import.py          # prints the table; writes nothing
+    python benchmarks/memory_import.py --save   # also benchmarks/results/memory_import.json
 """
 from __future__ import annotations
 
@@ -77,7 +78,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (last line)")
+    p.add_argument("--save", action="store_true",
+                   help="also write benchmarks/results/memory_import.json (only when given)")
     args = p.parse_args(argv)
     threads = _machine.set_threads(args.threads)
     import numpy as np
@@ -100,8 +103,9 @@ def main(argv=None) -> int:
     payload = {"what": f"fresh subprocess each; training = {args.steps} Adam steps, 784-400-20 "
                        f"VAE, batch {args.batch}, float32, CPU; medians of {args.repeats} runs",
                "results": res, "machine": info}
-    path = _machine.save("memory_import.json", payload)
-    print(f"# wrote {os.path.relpath(path)}")
+    if args.save:
+        path = _machine.save("memory_import.json", payload)
+        print(f"# wrote {os.path.relpath(path)}")
     if args.json:
         print(json.dumps(res))
     return 0

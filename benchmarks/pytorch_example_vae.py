@@ -6,10 +6,12 @@ shuffled every epoch, 10 epochs. The loss printed per epoch is the example's: th
 (BCE + KLD) over the split divided by its size, i.e. -ELBO in nats per example, with one z per
 test example.
 
-    python benchmarks/pytorch_example_vae.py                 # 3 seeds each, ~ a few minutes
+    python benchmarks/pytorch_example_vae.py                 # 3 seeds each; prints, writes nothing
     python benchmarks/pytorch_example_vae.py --seeds 0 --skip-minivae
+    python benchmarks/pytorch_example_vae.py --save          # also writes the results (below)
 
-Writes benchmarks/results/pytorch_example_mnist10k.json and minivae_mnist10k.json.
+With --save, writes benchmarks/results/pytorch_example_mnist10k.json and minivae_mnist10k.json.
+minivae's runs go to a temporary directory, deleted at the end, unless --runs names one.
 minivae runs twice per seed: with its default init (He normal for ReLU layers) and with
 init="torch" (nn.Linear's uniform(+-1/sqrt(fan_in)) for weights and biases), the like-for-like one.
 """
@@ -19,6 +21,8 @@ import argparse
 import json
 import os
 import platform
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -126,13 +130,21 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--skip-minivae", action="store_true")
     p.add_argument("--skip-torch", action="store_true")
-    p.add_argument("--runs", default="runs/bench", help="scratch run directories for minivae")
+    p.add_argument("--runs", default=None,
+                   help="keep minivae's run directories here (default: a temporary directory, deleted)")
+    p.add_argument("--save", action="store_true",
+                   help="also write benchmarks/results/{pytorch_example,minivae}_mnist10k.json")
     args = p.parse_args(argv)
+    if args.runs is None:
+        with tempfile.TemporaryDirectory(prefix="minivae-bench-") as tmp:
+            return _main(args, Path(tmp))
+    return _main(args, Path(args.runs))
 
+
+def _main(args, run_dir: Path):
     from minivae.data import load_dataset
 
     ds = load_dataset("mnist10k")
-    RESULTS.mkdir(parents=True, exist_ok=True)
     common = {"data": "mnist10k (MNIST test set, 9000 train / 1000 test, grey levels)",
               "model": "784-400-20, ReLU, sigmoid/Bernoulli (BCE summed), Adam 1e-3, batch 128",
               "loss": "-ELBO in nats per example, one z per example (the PyTorch example's number)",
@@ -146,18 +158,27 @@ def main(argv=None):
         runs = [pytorch_run(ds, s, args.epochs) for s in args.seeds]
         doc = {**common, "framework": f"torch {torch.__version__}",
                "threads": torch.get_num_threads(), "runs": runs, "summary": summary(runs)}
-        (RESULTS / "pytorch_example_mnist10k.json").write_text(json.dumps(doc, indent=1))
+        _save(args, "pytorch_example_mnist10k.json", doc)
         print("pytorch example:", doc["summary"])
     if not args.skip_minivae:
         import minivae
 
-        runs = {init or "he": [minivae_run(ds, s, args.epochs, init, Path(args.runs) / f"{init}-{s}")
+        runs = {init or "he": [minivae_run(ds, s, args.epochs, init, run_dir / f"{init}-{s}")
                                for s in args.seeds] for init in (None, "torch")}
         doc = {**common, "framework": f"minivae {minivae.__version__} (numpy backend)",
                "runs": runs, "summary": {k: summary(v) for k, v in runs.items()}}
-        (RESULTS / "minivae_mnist10k.json").write_text(json.dumps(doc, indent=1))
+        _save(args, "minivae_mnist10k.json", doc)
         print("minivae:", doc["summary"])
+    return 0
+
+
+def _save(args, name: str, doc: dict) -> None:
+    """benchmarks/results/name, only under --save."""
+    if args.save:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / name).write_text(json.dumps(doc, indent=1))
+        print(f"# wrote {RESULTS / name}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,8 +2,9 @@
 """Time one full training step (forward, backward, Adam) of the 784-400-20 Bernoulli VAE,
 float32: minivae vs PyTorch eager, and the step's GEMM floor.
 
-    python benchmarks/step_time.py                      # CPU, batch 128
+    python benchmarks/step_time.py                      # CPU, batch 128; writes nothing
     python benchmarks/step_time.py --batch 512 --json   # last line: one JSON object
+    python benchmarks/step_time.py --save               # also benchmarks/results/step_time_cpu_b128.json
     python benchmarks/step_time.py --device gpu         # CuPy vs PyTorch CUDA (needs a GPU)
 
 Method. Both libraries run in one process, on the same MNIST batches (bundled mnist10k), each
@@ -55,7 +56,8 @@ def parse(argv=None):
                    help="threads for minivae only (default: --threads); 1 = the one-thread step")
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     p.add_argument("--json", action="store_true", help="print the result as JSON (last line)")
-    p.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/")
+    p.add_argument("--save", action="store_true",
+                   help="also write benchmarks/results/step_time_<device>_b<batch>.json (only when given)")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 
@@ -303,7 +305,7 @@ def main(argv=None) -> int:
         print(f"{'GEMM floor (torch)':22}{med['torch_gemm_floor']:9.3f}")
         print(f"minivae / torch = {res['ratio_minivae_to_torch']:.3f}   "
               f"minivae / GEMM floor = {res['ratio_minivae_to_gemm_floor']:.3f}")
-    if not args.no_save:
+    if args.save:
         stem = f"step_time_{args.device}_b{args.batch}"
         if args.minivae_threads and args.minivae_threads != threads:
             stem += f"_minivae{args.minivae_threads}t"

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Step time over batch size (32..1024) and hidden width: minivae vs PyTorch eager (CPU).
 
-    python benchmarks/sweep.py                  # writes results/sweep.json and sweep.png
-    python benchmarks/sweep.py --steps 40 --batches 32,128,512 --hidden 400
+    python benchmarks/sweep.py                  # prints the table; writes nothing
+    python benchmarks/sweep.py --save           # also benchmarks/results/sweep.json and sweep.png
+    python benchmarks/sweep.py --steps 40 --batches 32,128,512 --hidden 400 --out /tmp/s  # /tmp/s.{json,png}
 
 Each point is measured as in step_time.py (interleaved turns, medians, same thread count), in
 --rounds passes over the grid; per point the pass with the lowest GEMM floor is kept: on a
@@ -13,6 +14,7 @@ it. The plot shows time per example and the ratio minivae / torch (below 1: mini
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -35,7 +37,10 @@ def main(argv=None) -> int:
     p.add_argument("--block", type=float, default=0.4, help="seconds per turn")
     p.add_argument("--settle", type=float, default=0.2, help="seconds per turn not counted")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default=str(_machine.RESULTS / "sweep"), help="path stem of .json/.png")
+    p.add_argument("--save", action="store_true",
+                   help="also write benchmarks/results/sweep.json and sweep.png (only when given)")
+    p.add_argument("--out", default=None, metavar="STEM",
+                   help="write STEM.json and STEM.png instead (implies --save)")
     args = p.parse_args(argv)
     threads = _machine.set_threads(args.threads)
     import numpy as np
@@ -61,12 +66,17 @@ def main(argv=None) -> int:
                 if key not in best or pt["gemm_floor_ms"] < best[key]["gemm_floor_ms"]:
                     best[key] = pt
     points = [best[k] for k in sorted(best)]
-    stem = os.path.splitext(args.out)[0]
-    _machine.save(os.path.basename(stem) + ".json", {
-        "what": "one training step (forward, backward, Adam), 784-H-20 Bernoulli VAE, float32, CPU",
-        "steps": args.steps, "rounds": args.rounds, "threads": threads,
-        "minivae_threads": info["minivae_threads"],
-        "points": points, "machine": info})
+    if not (args.save or args.out):
+        return 0
+    stem = os.path.splitext(args.out or str(_machine.RESULTS / "sweep"))[0]
+    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+    with open(stem + ".json", "w") as f:
+        json.dump({
+            "what": "one training step (forward, backward, Adam), 784-H-20 Bernoulli VAE, float32, CPU",
+            "steps": args.steps, "rounds": args.rounds, "threads": threads,
+            "minivae_threads": info["minivae_threads"],
+            "points": points, "machine": info}, f, indent=2)
+        f.write("\n")
     plot(points, stem + ".png", info)
     print(f"# wrote {stem}.json and {stem}.png")
     return 0

@@ -31,6 +31,7 @@ import numpy as np
 
 from minivae import Adam, Autoencoder, train_step
 from minivae.data import load_dataset
+from minivae.engine.threads import one_blas_thread
 
 D = 196  # 14 x 14 pixels
 
@@ -139,7 +140,10 @@ def main(argv=None):
     p.add_argument("out", nargs="?", default=os.path.join("runs", "examples", "bottleneck"))
     p.add_argument("--quick", action="store_true", help="fewer sizes and steps (for tests)")
     args = p.parse_args(argv)
-    run(args.out, args.quick)
+    # One BLAS thread, as `minivae train` uses: OpenBLAS's own threads busy-wait between the
+    # products and slow a shared machine down (minivae.engine.threads explains).
+    with one_blas_thread():
+        run(args.out, args.quick)
     return 0
 
 

@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 
+from minivae.engine.threads import one_blas_thread
 from minivae.gradcheck import check_layer
 
 
@@ -45,10 +46,11 @@ def main():
     params = {"beta": np.array([1.5])}
     x = rng.standard_normal((4, 5))
 
-    report = check_layer(Swish(), params, x, name="Swish")
-    print(report, "\n")
-    buggy = check_layer(SwishForgotBeta(), params, x, name="SwishForgotBeta")
-    print(buggy)
+    with one_blas_thread():   # the thread policy of every minivae command (minivae.engine.threads)
+        report = check_layer(Swish(), params, x, name="Swish")
+        print(report, "\n")
+        buggy = check_layer(SwishForgotBeta(), params, x, name="SwishForgotBeta")
+        print(buggy)
     return 0 if report.passed and not buggy.passed else 1
 
 

@@ -40,6 +40,7 @@ import numpy as np
 
 from minivae import VAE, Adam, Autoencoder, train_step
 from minivae.data import load_dataset
+from minivae.engine.threads import one_blas_thread
 
 N_PRIOR = 2000
 LATENT = 20
@@ -169,7 +170,10 @@ def main(argv=None):
     p.add_argument("out", nargs="?", default=os.path.join("runs", "examples", "latent_holes"))
     p.add_argument("--quick", action="store_true", help="800 training steps instead of 2000 (for tests)")
     args = p.parse_args(argv)
-    run(args.out, args.quick)
+    # One BLAS thread, as `minivae train` uses: OpenBLAS's own threads busy-wait between the
+    # products and slow a shared machine down (minivae.engine.threads explains).
+    with one_blas_thread():
+        run(args.out, args.quick)
     return 0
 
 

@@ -12,7 +12,9 @@ Everything here is host NumPy: the trainer moves one minibatch at a time to the 
 IDX (LeCun's format): 2 zero bytes, a type code, the number of dimensions n, then n big-endian
 uint32 sizes, then the data, big-endian, C order. :func:`read_idx` checks every one of those
 and that the payload has exactly the announced length, so a truncated download is an error
-with the file name in it, never a silently short array.
+with the file name in it, never a silently short array. It reads the header first and then
+decompresses at most the announced size plus one byte, so memory is bounded by the header
+(itself capped by ``MAX_IDX_BYTES``), never by what a gzip stream would inflate to.
 """
 from __future__ import annotations
 
@@ -43,44 +45,112 @@ class DataNotFound(FileNotFoundError):
 
 
 # -- IDX reader / writer ---------------------------------------------------------------------
-def _read_bytes(path) -> bytes:
-    """Whole file, gunzipped when it starts with the gzip magic (whatever its name says)."""
-    path = Path(path)
-    raw = path.read_bytes()
-    if raw[:2] != b"\x1f\x8b":
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
-        raise IDXError(f"{path}: corrupt or truncated gzip data ({e})") from None
+# The largest payload read_idx accepts unless told otherwise. MNIST's training images are
+# 47 MB, EMNIST's largest split 0.55 GB; a header that needs more is refused before anything is
+# allocated or decompressed, so a forged header cannot make the reader ask for terabytes.
+MAX_IDX_BYTES = 1 << 30
+_CHUNK = 1 << 20   # bytes decompressed per read: memory grows with the data actually present
 
 
-def parse_idx(buf: bytes, name: str = "<bytes>") -> np.ndarray:
-    """IDX bytes -> array with the file's shape, in native byte order."""
-    if len(buf) < 4:
-        raise IDXError(f"{name}: {len(buf)} bytes is too short for an IDX header")
-    zero, code, ndim = struct.unpack(">HBB", buf[:4])
+def _idx_header(head: bytes, name: str) -> tuple[np.dtype, tuple, int]:
+    """The first 4 + 4 * ndim bytes of an IDX file -> (big-endian dtype, shape, header length).
+
+    ``head`` may be just the 4-byte prefix: then the shape is () and the length says how many
+    bytes the whole header needs (callers read the rest and call again)."""
+    if len(head) < 4:
+        raise IDXError(f"{name}: {len(head)} bytes is too short for an IDX header")
+    zero, code, ndim = struct.unpack(">HBB", head[:4])
     if zero != 0 or code not in IDX_TYPES:
-        raise IDXError(f"{name}: not an IDX file (magic number {buf[:4].hex()}; expected 0000 "
+        raise IDXError(f"{name}: not an IDX file (magic number {head[:4].hex()}; expected 0000 "
                        f"then a type byte in {sorted(hex(c) for c in IDX_TYPES)} and a dimension count)")
     if ndim < 1:
         raise IDXError(f"{name}: IDX header declares 0 dimensions")
-    head = 4 + 4 * ndim
+    n_head = 4 + 4 * ndim
+    if len(head) < n_head:
+        return np.dtype(IDX_TYPES[code]), (), n_head
+    return np.dtype(IDX_TYPES[code]), struct.unpack(f">{ndim}I", head[4:n_head]), n_head
+
+
+def _payload_size(dtype: np.dtype, shape: tuple, name: str, max_bytes: int) -> int:
+    """Bytes the header's shape needs; IDXError when that exceeds ``max_bytes``."""
+    size = math.prod(shape) * dtype.itemsize      # exact: Python integers do not overflow
+    if size > max_bytes:
+        raise IDXError(f"{name}: header claims shape {shape} of {dtype.name} ({size:,} bytes), "
+                       f"more than the {max_bytes:,}-byte limit (minivae.data.MAX_IDX_BYTES); "
+                       f"refusing a corrupt or forged header")
+    return size
+
+
+def _size_error(name, dtype, shape, head, expected, got) -> IDXError:
+    what = "truncated" if got < expected else "has trailing bytes"
+    more = "" if got <= expected else " or more"
+    return IDXError(f"{name}: {what}: header says shape {shape} of {dtype.name} "
+                    f"({head + expected} bytes), file has {head + got}{more} bytes")
+
+
+def parse_idx(buf: bytes, name: str = "<bytes>", max_bytes: int = MAX_IDX_BYTES) -> np.ndarray:
+    """IDX bytes -> array with the file's shape, in native byte order."""
+    dtype, shape, head = _idx_header(bytes(buf[:4]), name)
     if len(buf) < head:
         raise IDXError(f"{name}: truncated IDX header ({len(buf)} bytes, need {head})")
-    shape = struct.unpack(f">{ndim}I", buf[4:head])
-    dtype = np.dtype(IDX_TYPES[code])
-    expected = head + math.prod(shape) * dtype.itemsize
-    if len(buf) != expected:
-        what = "truncated" if len(buf) < expected else "has trailing bytes"
-        raise IDXError(f"{name}: {what}: header says shape {shape} of {dtype.name} "
-                       f"({expected} bytes), file has {len(buf)} bytes")
+    dtype, shape, head = _idx_header(bytes(buf[:head]), name)
+    expected = _payload_size(dtype, shape, name, max_bytes)
+    if len(buf) - head != expected:
+        raise _size_error(name, dtype, shape, head, expected, len(buf) - head)
     return np.frombuffer(buf, dtype=dtype, offset=head).reshape(shape).astype(dtype.newbyteorder("="))
 
 
-def read_idx(path) -> np.ndarray:
-    """Read an IDX file (raw or gzipped) -> NumPy array. Raises :class:`IDXError` if malformed."""
-    return parse_idx(_read_bytes(path), str(path))
+def read_idx_stream(f, name: str = "<stream>", max_bytes: int = MAX_IDX_BYTES) -> np.ndarray:
+    """Read one IDX array from a binary stream ``f`` (already decompressed) -> NumPy array.
+
+    Reads the header first, then at most the exact payload size it announces plus one byte,
+    in chunks: a stream holding more is refused after that one extra byte ("has trailing
+    bytes"), whatever it would inflate to, and a header that needs more than ``max_bytes``
+    is refused before any payload is read. Memory is therefore bounded by the header's claim,
+    itself bounded by ``max_bytes``, and by the data actually present."""
+    prefix = _read_up_to(f, 4)
+    _, _, head = _idx_header(prefix, name)
+    header = prefix + _read_up_to(f, head - 4)
+    if len(header) < head:
+        raise IDXError(f"{name}: truncated IDX header ({len(header)} bytes, need {head})")
+    dtype, shape, head = _idx_header(header, name)
+    expected = _payload_size(dtype, shape, name, max_bytes)
+    payload = _read_up_to(f, expected + 1)
+    if len(payload) != expected:
+        raise _size_error(name, dtype, shape, head, expected, len(payload))
+    a = np.frombuffer(payload, dtype=dtype).reshape(shape)
+    return a.astype(dtype.newbyteorder("="), copy=False)
+
+
+def _read_up_to(f, n: int) -> bytearray:
+    """Up to ``n`` bytes of ``f`` (fewer only at its end), read ``_CHUNK`` bytes at a time."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = f.read(min(_CHUNK, n - len(buf)))
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def read_idx(path, max_bytes: int = MAX_IDX_BYTES) -> np.ndarray:
+    """Read an IDX file (raw or gzipped: detected by content) -> NumPy array.
+
+    Raises :class:`IDXError`, naming the file, if it is malformed, truncated, longer than its
+    header says, or its header needs more than ``max_bytes`` (see :func:`read_idx_stream`:
+    a gzip bomb is refused after decompressing the announced size plus one byte)."""
+    path = Path(path)
+    name = str(path)
+    with open(path, "rb") as raw:
+        if raw.read(2) != b"\x1f\x8b":
+            raw.seek(0)
+            return read_idx_stream(raw, name, max_bytes)
+        raw.seek(0)
+        try:
+            with gzip.GzipFile(fileobj=raw, mode="rb") as f:
+                return read_idx_stream(f, name, max_bytes)
+        except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
+            raise IDXError(f"{path}: corrupt or truncated gzip data ({e})") from None
 
 
 def write_idx(path, a, compress: bool | None = None) -> None:
@@ -135,6 +205,10 @@ def _images(path) -> tuple[np.ndarray, tuple]:
     a = read_idx(path)
     if a.dtype != np.uint8 or a.ndim != 3:
         raise IDXError(f"{path}: expected uint8 images of shape (N, H, W), got {a.dtype} {a.shape}")
+    if a.shape[0] == 0:
+        raise IDXError(f"{path} holds 0 images (header shape {a.shape}); a data set needs at least one")
+    if a.shape[1] == 0 or a.shape[2] == 0:
+        raise IDXError(f"{path}: images of {a.shape[1]} x {a.shape[2]} pixels hold no pixels")
     return (a.reshape(a.shape[0], -1).astype(np.float32) / np.float32(255.0)), a.shape[1:]
 
 
@@ -235,6 +309,9 @@ def _missing_message(name: str, directory: Path, reason: str = "") -> str:
 def load_dir(directory, name: str = "mnist") -> Dataset:
     """The four standard IDX files in ``directory`` (gzipped or not) -> :class:`Dataset`."""
     directory = Path(directory).expanduser()
+    if directory.exists() and not directory.is_dir():
+        raise DataNotFound(f"data directory {directory} (--data-dir / path=) is a file, not a "
+                           f"directory: give the directory that holds the four {name} IDX files")
     if not directory.is_dir():
         raise DataNotFound(f"data directory {directory} does not exist")
     paths = [_find(directory, f) for f in FILES]

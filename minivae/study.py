@@ -10,12 +10,18 @@ coordinates i (the decoder's part is the same for every estimator, see estimator
 Lower is better: it is the noise an optimizer has to average away. For estimators built from S
 independent samples it falls as 1/S; the ratio between two estimators at the same S is the
 number of samples one needs to match the other.
+
+Threads: the work here is many small matrix products (a batch of S * B rows at a time), run
+with one BLAS thread (:func:`minivae.engine.threads.one_blas_thread`), the policy training uses:
+OpenBLAS's own threads busy-wait between products and, on a shared machine, slow the whole run
+many times over instead of speeding it up.
 """
 from __future__ import annotations
 
 import time
 
 from . import estimators as est
+from .engine.threads import one_blas_thread
 from .optim import Adam
 
 # (label, estimator, kl): what the table and the figure compare
@@ -29,6 +35,7 @@ CONFIGS = (
 )
 
 
+@one_blas_thread()
 def encoder_variance(model, x, estimator, kl="analytic", samples=1, replicates=100) -> float:
     """Mean over encoder coordinates of the estimator's variance. x: (B, D) backend array.
 
@@ -51,6 +58,7 @@ def encoder_variance(model, x, estimator, kl="analytic", samples=1, replicates=1
     return float(xp.mean(var))
 
 
+@one_blas_thread()
 def train(model, x_train, steps=300, batch=100, lr=1e-3, seed=0) -> list:
     """A short Adam run on host data x_train (N, D) -> the loss every step (host floats,
     read once at the end)."""
@@ -66,6 +74,7 @@ def train(model, x_train, steps=300, batch=100, lr=1e-3, seed=0) -> list:
     return [float(v) for v in losses]
 
 
+@one_blas_thread()
 def measure(model, x, samples=4, sweep=(1, 2, 4, 8, 16), replicates=50):
     """Variance of every configuration against S (the figure); the table is the S = ``samples``
     column of the same sweep.

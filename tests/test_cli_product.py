@@ -100,8 +100,8 @@ def test_info_lists_usable_backends(capsys):
     (["train", "--data", "mnist", "--data-dir", "/no/such/dir", "--out", "/tmp/never"],
      "data directory /no/such/dir does not exist"),
     (["train", "--resume", "--out", "/no/such/run"], "--resume: no checkpoint.npz"),
-    (["train", "--batch", "0"], "must be > 0"),
-    (["train", "--hidden", "4x"], "comma-separated integers"),
+    (["train", "--batch", "0"], "argument --batch/--batch-size: must be >= 1"),
+    (["train", "--hidden", "4x"], "argument --hidden: expected comma-separated widths"),
     (["sample", "/no/such/run"], "no checkpoint at"),
 ])
 def test_bad_flags_and_paths_give_one_line_errors(args, message):

@@ -148,7 +148,7 @@ def test_step_time_benchmark_prints_its_json_as_the_last_line():
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
     out = subprocess.run([sys.executable, str(script), "--batch", "16", "--steps", "3",
-                          "--block", "0.05", "--settle", "0", "--warmup", "1", "--no-save",
+                          "--block", "0.05", "--settle", "0", "--warmup", "1",
                           "--json"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout.strip().splitlines()[-1])

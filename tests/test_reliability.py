@@ -307,3 +307,15 @@ def test_float64_resume_mid_epoch_is_exact(tmp_path, monkeypatch):
     assert rest.fit() == "done"
     assert rest.history[-1]["train_loss"] == whole.history[-1]["train_loss"]
     assert rest.history[-1]["test_loss"] == whole.history[-1]["test_loss"]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_sample_into_a_full_disk_keeps_the_previous_png(run1, capsys):
+    png = run1 / "samples.png"
+    assert main(["sample", str(run1), "-n", "4", "--out", str(png)]) == 0
+    before = png.read_bytes()
+    (run1 / "samples.png.tmp").symlink_to("/dev/full")
+    assert main(["sample", str(run1), "-n", "9", "--out", str(png)]) == 2
+    err = capsys.readouterr().err
+    assert f"could not write {png}" in err and "the previous figure" in err and "intact" in err
+    assert png.read_bytes() == before and not (run1 / "samples.png.tmp").exists()

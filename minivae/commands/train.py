@@ -133,6 +133,11 @@ def run(args) -> int:
     if args.from_epoch is not None and not args.resume:
         raise UserError("--from-epoch needs --resume")
     out = Path(args.out)
+    if args.resume and not (out / "checkpoint.npz").is_file():
+        raise UserError(f"--resume: no checkpoint.npz in {out}")
+    if not args.resume and given.get("data", "mnist10k") == "mnist10k" and args.data_dir:
+        raise UserError("--data-dir needs --data mnist or --data fashion-mnist "
+                        "(mnist10k is bundled)")
     _writable_dir(out)
     with run_lock(out):
         if args.resume:

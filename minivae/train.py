@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .backend import NAMES as BACKEND_NAMES
 from .backend import get_backend, jsonable, strict_json
 from .fileio import atomic_write
 from .data import BINARIZE, binarize, load_dataset
@@ -205,8 +206,10 @@ def load_checkpoint(path) -> tuple[dict, dict]:
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-        meta = json.loads(str(arrays.pop("meta")))
+        meta = json.loads(str(arrays.pop("meta")), parse_constant=_no_constant)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError, zlib.error) as e:
+        if "not valid JSON" in str(e):
+            raise CheckpointError(f"{path}: its header holds {e}") from None
         if "pickle" in str(e):        # an .npz/.npy of Python objects, or not a zip at all
             raise CheckpointError(f"{path} is not a minivae checkpoint (a checkpoint holds "
                                   f"only arrays and a JSON header)") from None
@@ -229,9 +232,44 @@ def load_checkpoint(path) -> tuple[dict, dict]:
     if p is None or p.shape != (layout.size,):
         raise CheckpointError(f"{path}: parameter array has shape "
                               f"{None if p is None else p.shape}, layout needs ({layout.size},)")
+    if p.dtype != np.dtype(meta["dtype"]):
+        raise CheckpointError(f"{path}: parameters are {p.dtype}, but the header says "
+                              f"{meta['dtype']}")
     if not np.all(np.isfinite(p)):
         raise CheckpointError(f"{path}: parameters contain NaN or Inf")
+    _check_state(arrays, meta, path)
     return arrays, meta
+
+
+def _check_state(arrays: dict, meta: dict, path) -> None:
+    """The training state must be whole and consistent before anything uses it (resume also
+    checks the saved order against the data set)."""
+    def bad(what):
+        raise CheckpointError(f"{path}: {what}")
+
+    o, p = meta["optimizer"], arrays["params"]
+    for n in o["buffers"]:
+        b = arrays.get(f"opt.{n}")
+        if b is None or b.shape != p.shape or b.dtype != p.dtype or not np.all(np.isfinite(b)):
+            bad(f"optimizer buffer {n!r} is missing, of the wrong shape or type, or not finite")
+    if o["t"] != meta["step"]:
+        bad(f"the optimizer has taken {o['t']} steps but the run {meta['step']}")
+    if meta["epoch"] > meta["step"] or len(meta["history"]) != meta["epoch"]:
+        bad(f"epoch {meta['epoch']}, step {meta['step']} and {len(meta['history'])} epochs of "
+            f"history do not agree")
+    sums = arrays.get("sums")
+    if sums is None or sums.shape != (3,) or not np.all(np.isfinite(sums)) or sums[0] < 0:
+        bad("the saved running sums are damaged")
+    perm = arrays.get("perm")
+    if perm is None or perm.ndim != 1 or not np.issubdtype(perm.dtype, np.integer):
+        bad("the saved epoch order must be a 1-D integer array")
+    if meta["in_epoch"] and not (perm.size and 0 <= meta["pos"] <= perm.size
+                                 and perm.min() >= 0):
+        bad(f"saved position {meta['pos']} or order is outside the epoch")
+
+
+def _no_constant(name):
+    raise ValueError(f"{name}, which is not valid JSON")
 
 
 # the checkpoint header's schema: key -> (type(s), description); checked before anything is used
@@ -245,6 +283,19 @@ _META = {
 }
 
 
+_NEWER_FIELDS = ("keep",)   # TrainConfig fields a checkpoint from an earlier minivae may lack
+
+
+def _finite_value(v) -> bool:
+    if isinstance(v, bool):
+        return True
+    if isinstance(v, (int, float)):
+        return math.isfinite(v) and v >= 0
+    if isinstance(v, list):
+        return all(_finite_value(x) for x in v)
+    return False
+
+
 def _check_meta(meta: dict, path) -> None:
     """Raise CheckpointError naming the first key of the header that is missing or mistyped."""
     def bad(key, what):
@@ -256,6 +307,16 @@ def _check_meta(meta: dict, path) -> None:
             bad(key, what)
     if meta["dtype"] not in ("float32", "float64"):
         bad("dtype", _META["dtype"][1])
+    if meta["backend"] not in BACKEND_NAMES:
+        bad("backend", '"numpy", "cupy" or "strict"')
+    missing = [f.name for f in dataclasses.fields(TrainConfig)
+               if f.name not in meta["train_config"] and f.name not in _NEWER_FIELDS]
+    if missing:
+        bad("train_config", f"a complete training configuration (missing {', '.join(missing)})")
+    try:
+        TrainConfig.from_json(meta["train_config"])
+    except (TypeError, ValueError) as e:
+        bad("train_config", f"a valid training configuration ({e})")
     for entry in meta["layout"]:
         if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
                 and isinstance(entry[1], list)
@@ -267,6 +328,9 @@ def _check_meta(meta: dict, path) -> None:
             and isinstance(o.get("buffers"), list)
             and all(isinstance(b, str) for b in o["buffers"])):
         bad("optimizer", "an object with name, t >= 0 and a list of buffer names")
+    hyper = o.get("hyper")
+    if not isinstance(hyper, dict) or not all(_finite_value(v) for v in hyper.values()):
+        bad("optimizer", "an object whose hyper holds finite numbers")
     rng = meta["rng"]
     if not (isinstance(rng.get("model"), dict) and isinstance(rng.get("shuffle"), dict)):
         bad("rng", "an object with the model's and the shuffle's generator states")
@@ -346,6 +410,10 @@ class Trainer:
             # A diverging loss is reported once, as Diverged, not as NumPy's RuntimeWarnings
             # (errstate covers this thread; the filter the step's worker threads too).
             warnings.simplefilter("ignore", RuntimeWarning)
+            if self.changed and not self.rolled_back and self.epoch >= self.cfg.epochs:
+                # nothing to train: record the new settings now (else the next save does)
+                self.save()
+                self.write_metrics()
             if self.rolled_back:          # resumed from an earlier epoch: that branch is now it
                 self.save()
                 for e, path in self.epoch_checkpoints().items():
@@ -456,7 +524,8 @@ class Trainer:
                     else "no checkpoint was written yet")
             kept = sorted(self.epoch_checkpoints())
             how = (f"continue from it with a smaller learning rate: minivae train --resume "
-                   f"--out {self.out} --lr {self.cfg.lr / 10:g}" if (self.out / CHECKPOINT).exists()
+                   f"--out {self.out} --epochs {self.cfg.epochs} --lr {self.cfg.lr / 10:g}"
+                   if (self.out / CHECKPOINT).exists()
                    else f"start again with a smaller --lr (now {self.cfg.lr:g})")
             back = (f" (or go back further with --from-epoch E, kept epochs: "
                     f"{', '.join(map(str, kept))})" if kept else "")
@@ -538,14 +607,16 @@ class Trainer:
                 raise CheckpointError(f"{run_dir} keeps no checkpoint of epoch {from_epoch} "
                                       f"(kept epochs: {have})")
             src = kept[from_epoch]
-        arrays, meta = load_checkpoint(src)
+        arrays, meta = load_checkpoint(src)      # the saved config is validated there
         saved = meta["train_config"]
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         for k, v in overrides.items():
             if k not in known:
                 raise TypeError(f"resume() got an unknown setting {k!r}")
-            if k in TrainConfig.FIXED and _norm(v) != _norm(saved.get(k)):
+            if k in TrainConfig.FIXED and _effective(k, v, saved) != _effective(k, saved.get(k),
+                                                                            saved):
                 raise ResumeConflict(k, saved.get(k), v)
+        overrides = {k: v for k, v in overrides.items() if k not in TrainConfig.FIXED}
         cfg_d = {**saved, "out": str(run_dir), **overrides}
         try:
             cfg = TrainConfig.from_json(cfg_d)
@@ -637,6 +708,16 @@ EPOCH_CHECKPOINT = "checkpoint-epoch{:04d}.npz"
 
 def _norm(v):
     return list(v) if isinstance(v, tuple) else v
+
+
+def _effective(field, value, saved):
+    """What a setting means for the run: init None is He for ReLU nets (else Glorot), and a
+    data directory means nothing for the bundled mnist10k."""
+    if field == "init" and value is None:
+        return "he" if saved.get("activation") in ("relu", "leaky_relu") else "glorot"
+    if field == "data_dir" and saved.get("data") == "mnist10k":
+        return None
+    return _norm(value)
 
 
 def _latest_epoch(run_dir) -> int:

@@ -93,10 +93,16 @@ def test_a_diverged_run_says_how_to_continue_and_the_advice_works(tmp_path, caps
     assert train(capsys, out, "--epochs", "1")[0] == 0
     code, text = train(capsys, out, "--resume", "--epochs", "3", "--lr", "1e6")
     assert code == 1 and "became NaN/Inf" in text
-    assert f"minivae train --resume --out {out} --lr 100000" in text
+    advice = f"minivae train --resume --out {out} --epochs 3 --lr 100000"
+    assert advice in text
     assert "kept epochs: 1" in text and "RuntimeWarning" not in text
-    code, text = train(capsys, out, "--resume", "--epochs", "2", "--lr", "0.0005")
+    # the advice, with a learning rate small enough, trains on to the run's goal
+    flags = advice.split()[1:]
+    flags[flags.index("--lr") + 1] = "0.0005"
+    code = main([*flags, *TINY])
+    text = "".join(capsys.readouterr())
     assert code == 0 and "changed: --lr 0.001 -> 0.0005" in text      # the bad lr never saved
+    assert load_checkpoint(out)[1]["epoch"] == 3
 
 
 # -- 2. one writer per run directory --------------------------------------------------------------
@@ -319,3 +325,66 @@ def test_sample_into_a_full_disk_keeps_the_previous_png(run1, capsys):
     err = capsys.readouterr().err
     assert f"could not write {png}" in err and "the previous figure" in err and "intact" in err
     assert png.read_bytes() == before and not (run1 / "samples.png.tmp").exists()
+
+
+def test_resume_details_a_new_user_found(run1, capsys):
+    """The default given explicitly is no conflict; a setting change is saved even when there
+    is nothing left to train, which the output says; an empty --out is refused."""
+    code, text = train(capsys, run1, "--resume", "--init", "he")        # None means He for ReLU
+    assert code == 0 and "nothing will be trained: give --epochs 3" in text
+    code, text = train(capsys, run1, "--resume", "--lr", "0.002")
+    assert code == 0 and "changed: --lr 0.001 -> 0.002" in text
+    assert load_checkpoint(run1)[1]["train_config"]["lr"] == 0.002      # saved, not just said
+    code, text = train(capsys, run1, "--resume", "--init", "glorot")
+    assert code == 2 and "--init glorot differs from this run's (not set)" in text
+    code, text = train(capsys, "", "--epochs", "1")
+    assert code == 2 and "--out must name a run directory" in text
+
+
+def _edit(run, tmp_path, change_meta=None, change_arrays=None, raw=None):
+    with np.load(run / "checkpoint.npz", allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(str(arrays.pop("meta")))
+    if change_meta:
+        change_meta(meta)
+    if change_arrays:
+        change_arrays(arrays)
+    arrays["meta"] = np.array(raw(json.dumps(meta)) if raw else json.dumps(meta))
+    path = tmp_path / "edited.npz"
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    return path
+
+
+EDITS = {
+    "params as int32": (None, lambda a: a.update(params=a["params"].astype(np.int32)),
+                        None, "parameters are int32, but the header says float32"),
+    "train_config.lr deleted": (lambda m: m["train_config"].pop("lr"), None, None,
+                                "missing lr"),
+    "train_config.epochs -1": (lambda m: m["train_config"].update(epochs=-1), None, None,
+                               "epochs must be a whole number >= 0"),
+    "backend evil": (lambda m: m.update(backend="evil"), None, None, "'backend' must be"),
+    "optimizer hyper lr a string": (lambda m: m["optimizer"]["hyper"].update(lr="fast"), None,
+                                    None, "hyper holds finite numbers"),
+    "NaN literal in the header": (None, None,
+                                  lambda t: t.replace('"beta": 1.0', '"beta": NaN', 1),
+                                  "NaN, which is not valid JSON"),
+    "perm as float64": (None, lambda a: a.update(perm=a["perm"].astype(np.float64)), None,
+                        "1-D integer array"),
+    "optimizer t differs from step": (lambda m: m["optimizer"].update(t=3), None, None,
+                                      "the optimizer has taken 3 steps"),
+    "epoch absurd": (lambda m: m.update(epoch=10 ** 30), None, None, "do not agree"),
+    "optimizer buffer short": (None, lambda a: a.update(**{"opt.m": a["opt.m"][:5]}), None,
+                               "optimizer buffer 'm'"),
+}
+
+
+@pytest.mark.parametrize("case", list(EDITS))
+def test_hand_edited_checkpoints_a_new_user_made_are_refused_by_evaluate_and_resume(
+        run1, tmp_path, capsys, case):
+    change_meta, change_arrays, raw, message = EDITS[case]
+    path = _edit(run1, tmp_path, change_meta, change_arrays, raw)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+    assert main(["evaluate", str(path), "--k", "0"]) == 2
+    assert message.split(",")[0][:20] in capsys.readouterr().err

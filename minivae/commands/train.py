@@ -92,7 +92,7 @@ def add_arguments(p):
                    help="continue the run in --out from its checkpoint. Flags that define the "
                         "run (data, model, --batch, --optimizer, --dtype, --seed) must match it; "
                         "--epochs, --lr, --weight-decay, --beta, --warmup, --log-every, --keep, "
-                        "--device, --threads may change and are reported")
+                        "--device may change and are reported (--threads is the process's)")
     g.add_argument("--from-epoch", type=number(0, kind=int), metavar="E",
                    help="with --resume: restart from the kept checkpoint of epoch E (see --keep), "
                         "discarding the later epochs, e.g. to continue a diverged run with a "
@@ -132,6 +132,8 @@ def run(args) -> int:
         set_num_threads(args.threads)
     if args.from_epoch is not None and not args.resume:
         raise UserError("--from-epoch needs --resume")
+    if not args.out.strip():
+        raise UserError("--out must name a run directory, got ''")
     out = Path(args.out)
     if args.resume and not (out / "checkpoint.npz").is_file():
         raise UserError(f"--resume: no checkpoint.npz in {out}")
@@ -163,6 +165,9 @@ def run(args) -> int:
             where = (f"from its epoch {args.from_epoch} checkpoint"
                      if args.from_epoch is not None else f"at epoch {t.epoch} (step {t.step})")
             print(f"resuming {out} {where}, training to epoch {t.cfg.epochs}")
+            if t.cfg.epochs == t.epoch:
+                print(f"  note: the run has already completed {t.epoch} epochs, so nothing will "
+                      f"be trained: give --epochs {t.epoch + 1} or more to train longer")
             for field, (old, new) in t.changed.items():
                 print(f"  changed: {FLAG.get(field, field)} {_show(old)} -> {_show(new)}")
         else:
@@ -202,6 +207,8 @@ def run(args) -> int:
 
 
 def _show(v):
+    if v is None:
+        return "(not set)"
     if isinstance(v, list):
         return ",".join(map(str, v))
     return str(v)

@@ -18,11 +18,12 @@ test; nothing here imports them.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 from .backend import resolve
 
 
-class Layer:
+class Layer(ABC):
     """Base: holds the array namespace; no parameters, no hidden state between calls."""
 
     def __init__(self, backend="numpy"):
@@ -35,13 +36,13 @@ class Layer:
     def init(self, params: dict, rng) -> None:
         """Fill the parameter views in place (no-op for activations)."""
 
+    @abstractmethod
     def forward(self, params, x):
         """x: (B, D_in) -> (out (B, D_out), cache)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def backward(self, params, dout, cache):
         """dout: dL/dout (B, D_out) -> (dL/dx (B, D_in), {name: dL/dparam})."""
-        raise NotImplementedError
 
     def __repr__(self):
         return type(self).__name__ + "()"

@@ -65,17 +65,15 @@ def check_count(n, name, low=1):
     return int(n)
 
 
-_positive_int = check_count
-
 
 def _sizes(d_in, hidden, latent):
-    d_in = _positive_int(d_in, "d_in")
+    d_in = check_count(d_in, "d_in")
     if isinstance(hidden, numbers.Integral):
         hidden = (hidden,)
     if isinstance(hidden, (str, bytes)) or not hasattr(hidden, "__iter__"):
         raise TypeError(f"hidden must be a sequence of layer widths, e.g. (400,), got {hidden!r}")
-    hidden = tuple(_positive_int(h, "each hidden size") for h in hidden)
-    return d_in, hidden, _positive_int(latent, "latent")
+    hidden = tuple(check_count(h, "each hidden size") for h in hidden)
+    return d_in, hidden, check_count(latent, "latent")
 
 
 def _name(value, what, choices):
@@ -301,7 +299,7 @@ class VAE(_Model):
     # -- noise ---------------------------------------------------------------------------------
     def draw_eps(self, batch: int):
         """eps ~ N(0, I), (batch, L), from the model's RNG on its backend."""
-        return self.rng.normal((_positive_int(batch, "batch"), self.latent), self.dtype)
+        return self.rng.normal((check_count(batch, "batch"), self.latent), self.dtype)
 
     def check_eps(self, eps, batch, stacked=False):
         """Raise TypeError/ValueError unless eps is a finite (batch, L) array like the model's
@@ -389,7 +387,7 @@ class VAE(_Model):
     def sample(self, n: int):
         """n new examples: decode z ~ N(0, I) -> (n, D) means of p(x|z).
         Raises TypeError/ValueError unless n is a whole number >= 1."""
-        return self.px.mean(self._decode_out(self.draw_code(_positive_int(n, "n"))))
+        return self.px.mean(self._decode_out(self.draw_code(check_count(n, "n"))))
 
 
 class Autoencoder(_Model):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from abc import ABC, abstractmethod
 
 
 def _finite(value, name, low=None, low_ok=True):
@@ -41,7 +42,7 @@ def sum_into_first(gs):
     return g
 
 
-class Optimizer:
+class Optimizer(ABC):
     """Base: binds to ``params`` (a model's Params: ``data`` (n,), ``grad`` (n,)).
 
     ``state_names``: the optimizer's own flat buffers, each (n,) in the parameters' layout.
@@ -77,6 +78,7 @@ class Optimizer:
         self.t += 1
         return self.t
 
+    @abstractmethod
     def update(self, lo: int, hi: int, grads: tuple) -> None:
         """Apply the update of step ``t`` to elements [lo, hi) of the flat buffers.
 
@@ -84,7 +86,6 @@ class Optimizer:
         partial gradients of k threads or ranks); the sum is stored into ``grads[0]``.
         Each optimizer writes its own, its formula top to bottom.
         """
-        raise NotImplementedError
 
     # -- checkpointing ---------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -643,9 +643,6 @@ class Trainer:
         except (TypeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{src}: the saved shuffling state is damaged ({e})") from None
         t.epoch, t.step, t.history = int(meta["epoch"]), int(meta["step"]), list(meta["history"])
-        if len(t.history) != t.epoch:
-            raise CheckpointError(f"{src}: holds {len(t.history)} epochs of history for "
-                                  f"{t.epoch} completed epochs")
         if meta["in_epoch"]:
             perm, pos = arrays["perm"], int(meta["pos"])
             if perm.shape != (t.n_train,) or not np.array_equal(np.sort(perm),
@@ -656,10 +653,7 @@ class Trainer:
                 raise CheckpointError(f"{src}: saved position {pos} is outside the epoch "
                                       f"(0..{t.n_train})")
             t.perm, t.pos = perm.astype(np.int64), pos
-        sums = arrays["sums"]
-        if sums.shape != (3,) or not np.all(np.isfinite(sums)) or sums[0] < 0:
-            raise CheckpointError(f"{src}: the saved running sums are damaged")
-        t.sums[:] = sums
+        t.sums[:] = arrays["sums"]           # checked by load_checkpoint, as history and epoch
         t.changed = {k: (saved.get(k), v) for k, v in overrides.items()
                      if k != "out" and _norm(v) != _norm(saved.get(k))}
         t.rolled_back = from_epoch is not None and from_epoch < _latest_epoch(run_dir)

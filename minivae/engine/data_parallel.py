@@ -29,6 +29,7 @@ describes. :class:`SingleProcess` is the one that ships.
 from __future__ import annotations
 
 import threading
+from abc import ABC, abstractmethod
 from numbers import Integral
 import weakref
 from contextlib import nullcontext
@@ -40,7 +41,7 @@ from . import threads as _threads
 from .registry import has_twins, pick
 
 
-class Communicator:
+class Communicator(ABC):
     """What a multi-process strategy implements (e.g. over mpi4py). All ranks call every
     method in the same order.
 
@@ -53,14 +54,17 @@ class Communicator:
     rank = 0
     size = 1
 
+    @abstractmethod
     def rows(self, n: int) -> tuple[int, int]:
-        raise NotImplementedError
+        """This rank's rows [lo, hi) of a global batch of n rows."""
 
+    @abstractmethod
     def allreduce_sum(self, buf) -> None:
-        raise NotImplementedError
+        """buf <- the sum of every rank's buf, in place."""
 
+    @abstractmethod
     def broadcast(self, buf, root: int = 0) -> None:
-        raise NotImplementedError
+        """buf <- root's buf, in place."""
 
 
 class SingleProcess(Communicator):

@@ -38,7 +38,7 @@ from functools import partial
 from ..models import LossResult
 from ..optim import Optimizer, sum_into_first
 from . import threads as _threads
-from .registry import has_twins, pick
+from .registry import pick, threaded
 
 
 class Communicator(ABC):
@@ -105,7 +105,7 @@ class DataParallel:
             raise TypeError(f"DataParallel wraps a minivae VAE or Autoencoder, got "
                             f"{type(model).__name__}")
         self.threads = threads
-        self.engine = has_twins(model.backend)
+        self.engine = threaded(model.backend)
         self._forward_backward = pick(type(model).forward_backward, model.backend)
         self._replicas = []                  # Params sharing model.params.data, one per thread
         self.comm.broadcast(model.params.data)
@@ -217,7 +217,7 @@ def optimizer_step(opt) -> None:
     opt.start_step()
     update = pick(type(opt).update, be)
     grad = opt.params.grad
-    if not has_twins(be):
+    if not threaded(be):
         update(opt, 0, grad.shape[0], (grad,))
         return
     _threads.in_ranges(grad.shape[0], lambda lo, hi: update(opt, lo, hi, (grad[lo:hi],)))

@@ -73,8 +73,18 @@ def pick(reference: Callable, backend) -> Callable:
 
 
 def has_twins(backend) -> bool:
-    """Whether the engine has fast paths for ``backend`` (then its thread team applies too)."""
+    """Whether the engine has fast paths for ``backend``."""
     return bool(_BY_BACKEND.get(backend.name))
+
+
+#: backends whose twins run on this machine's cores, where the thread team and the one-BLAS-
+#: thread pinning apply (a GPU backend's twins are device kernels: one host thread drives them)
+HOST_THREADED = ("numpy",)
+
+
+def threaded(backend) -> bool:
+    """Whether a step on ``backend`` is split over the engine's host threads."""
+    return backend.name in HOST_THREADED and has_twins(backend)
 
 
 def twins(backend_name: str = "numpy") -> dict:

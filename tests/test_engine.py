@@ -1,8 +1,9 @@
 """The engine's fast paths against the reference they replace, and the rule between the rooms.
 
-One test walks the registry: every twin runs its case against the reference computed on
-"numpy" and on "strict" (array-api-strict, where no NumPy fast path can run). A twin that
-promises the reference's bits must give them; the others agree to float64 round-off.
+One test walks the registry: every twin runs its case on its own backend (NumPy; CuPy for the
+GPU kernels, skipped with the reason where no GPU works) against the reference computed on
+"numpy" and on "strict" (array-api-strict, where no fast path can run). A twin that promises
+the reference's bits must give them; the others agree to float64 round-off.
 """
 import ast
 import pathlib
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 import minivae
-from minivae.backend import get_backend
+from minivae.backend import BackendUnavailable, get_backend
 from minivae.engine import REGISTRY, pick
 from minivae.engine.registry import twin_of
 
@@ -31,10 +32,15 @@ def _same(fast, ref, exact, label):
                                        err_msg=f"{label}: output {i} beyond round-off")
 
 
-@pytest.mark.parametrize("twin", REGISTRY, ids=lambda t: t.name.replace("minivae.", ""))
+@pytest.mark.parametrize("twin", REGISTRY,
+                         ids=lambda t: f"{t.name.replace('minivae.', '')}@{t.backends[0]}")
 @pytest.mark.parametrize("reference_on", ["numpy", "strict"])
 def test_every_registered_twin_equals_its_reference(twin, reference_on, kernel_mode):
-    fast = twin.case(twin.fast, get_backend("numpy"), np.random.default_rng(7))
+    try:
+        own = get_backend(twin.backends[0])
+    except BackendUnavailable as e:
+        pytest.skip(f"{twin.name} runs on {twin.backends[0]}: {e}")
+    fast = twin.case(twin.fast, own, np.random.default_rng(7))
     ref = twin.case(twin.reference, get_backend(reference_on), np.random.default_rng(7))
     _same(fast, ref, twin.exact, f"{twin.name} vs reference on {reference_on}")
 
@@ -52,6 +58,32 @@ def test_the_registry_covers_the_speed_paths_and_dispatches_per_backend():
     assert pick(Adam.update, strict) is Adam.update
     assert pick(layers.Tanh.backward, np_) is layers.Tanh.backward          # no twin: reference
     assert pick(losses.Gaussian.nll, np_) is losses.Gaussian.nll
+
+
+def test_the_gpu_kernels_are_registered_for_cupy_and_dispatch_without_a_gpu():
+    """The CuPy twins are in the registry for "cupy" only, picked by name (no GPU needed to
+    see the dispatch), and a CuPy step runs on one host thread (the device does the work)."""
+    import subprocess
+    import sys
+
+    from minivae import VAE, Adam, Autoencoder, losses
+    from minivae.backend import Backend
+    from minivae.engine import cupy_twins
+    from minivae.engine.registry import threaded
+
+    gpu = Backend("cupy", get_backend("numpy").xp)         # a name is all pick() looks at
+    assert pick(Adam.update, gpu) is cupy_twins.adam_update
+    assert pick(losses.Bernoulli.nll, gpu) is cupy_twins.bernoulli_nll
+    assert pick(losses.Bernoulli.nll_backward, gpu) is cupy_twins.bernoulli_nll_backward
+    assert pick(VAE.forward_backward, gpu) is cupy_twins.vae_forward_backward
+    assert pick(Autoencoder.forward_backward, gpu) is cupy_twins.autoencoder_forward_backward
+    assert pick(losses.Gaussian.nll, gpu) is losses.Gaussian.nll
+    assert not threaded(gpu) and threaded(get_backend("numpy"))
+    assert pick(Adam.update, get_backend("numpy")) is not cupy_twins.adam_update
+    # the kernels compile on first use: importing minivae never imports CuPy
+    code = "import sys, minivae, minivae.engine; print('cupy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_a_twin_cannot_be_registered_twice_or_without_a_case():

@@ -6,6 +6,8 @@
       numpy_twins.py    in-place NumPy twins of Dense, ReLU, the Bernoulli likelihood and the
                         model passes
       optim.py          in-place NumPy twins of the optimizers' updates
+      cupy_twins.py     fused CuPy kernels: Adam, the sampler with its KL, the Bernoulli
+                        likelihood, and the model passes that use them (GPU only)
       kernels.py        the optional compiled kernels (_kernels.c) and their loader
       blas.py           NumPy's OpenBLAS through ctypes: thread pinning, axpby
       threads.py        the thread team, the thread count, one-BLAS-thread sections
@@ -16,7 +18,7 @@ The rule between the two rooms: the reference (layers, sampling, losses, models,
 imports the engine; the engine imports the reference, and every twin has a test that ties it to
 its reference (tests/test_engine.py).
 """
-from . import numpy_twins, optim  # noqa: F401  (registers the twins)
+from . import cupy_twins, numpy_twins, optim  # noqa: F401  (registers the twins)
 from .data_parallel import (Communicator, DataParallel, SingleProcess, optimizer_step,
                             train_step)
 from .registry import REGISTRY, has_twins, pick

@@ -81,28 +81,51 @@ def test_test_loss_is_the_evaluated_elbo_of_the_saved_model(tmp_path, tiny):
     assert elbo(model, tiny.x_test)["loss"] == pytest.approx(t.history[-1]["test_loss"], rel=1e-6)
 
 
-def test_loop_reads_the_device_only_once_per_log_interval(tmp_path, tiny, monkeypatch):
-    # Counting scalar read-backs on the strict backend: a per-step float(loss) (a GPU sync on
-    # CuPy) would show up as one or more conversions per step.
+def _count_transfers(monkeypatch):
+    """Record every device-to-host transfer on the strict backend (as on CuPy, each is a
+    conversion of an array to a host value: float(), bool(), int(), index, __array__,
+    __dlpack__, iteration, or Backend.to_host) and every start of a training step, in order."""
     import array_api_strict
 
+    from minivae.backend import Backend
+
+    events = []
     Array = type(array_api_strict.asarray(0.0))
-    count = {"n": 0}
-    for name in ("__float__", "__bool__", "__int__", "__index__"):
+    for name in ("__float__", "__bool__", "__int__", "__index__", "__complex__", "__array__",
+                 "__dlpack__", "__iter__"):
         orig = getattr(Array, name)
 
-        def counted(self, _orig=orig):
-            count["n"] += 1
-            return _orig(self)
+        def counted(self, *a, _orig=orig, _name=name, **k):
+            events.append(_name)
+            return _orig(self, *a, **k)
 
         monkeypatch.setattr(Array, name, counted)
-    t = fresh(cfg(tmp_path, backend="strict", epochs=1, batch_size=8, log_every=10), tiny)
-    count["n"] = 0
+    to_host = Backend.to_host
+    monkeypatch.setattr(Backend, "to_host",
+                        lambda self, a: (events.append("to_host"), to_host(self, a))[1])
+    step = train_mod.train_step
+    monkeypatch.setattr(train_mod, "train_step",
+                        lambda *a, **k: (events.append("STEP"), step(*a, **k))[1])
+    return events
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(binarize="dynamic", warmup_epochs=1.0),
+                                dict(model="autoencoder")],
+                         ids=["vae", "vae-dynamic-warmup", "autoencoder"])
+def test_no_device_to_host_transfer_between_log_intervals(tmp_path, tiny, monkeypatch, kw):
+    """On a device, a read-back stalls the host until the GPU drains its queue. The loop may
+    read the loss sums once per log interval (two scalars) and nowhere else: no transfer in any
+    step, none in the loop around it (issue 14)."""
+    t = fresh(cfg(tmp_path, backend="strict", epochs=1, batch_size=8, log_every=7, **kw), tiny)
+    events = _count_transfers(monkeypatch)
     t.fit()
-    steps = t.step
-    assert steps == 30
-    # 3 log intervals x 2 sums + 2 for the test evaluation
-    assert count["n"] <= 3 * 2 + 2 < steps
+    assert t.step == 30
+    starts = [i for i, e in enumerate(events) if e == "STEP"]
+    assert len(starts) == 30
+    for k in range(29):                  # after step k: the step itself, then the loop body
+        seen = events[starts[k] + 1: starts[k + 1]]
+        expected = ["__float__", "__float__"] if (k + 1) % 7 == 0 else []
+        assert seen == expected, f"step {k + 1}: {seen}"
 
 
 # -- resume gives the same run ---------------------------------------------------------------------------

@@ -90,6 +90,23 @@ def machine_info() -> dict:
     return info
 
 
+def gpu_info() -> dict | None:
+    """The CUDA GPU CuPy sees (model, memory, driver and runtime versions, CuPy's version),
+    or None where CuPy or a GPU is missing."""
+    try:
+        import cupy
+
+        rt = cupy.cuda.runtime
+        props = rt.getDeviceProperties(0)
+        name = props["name"]
+        return {"name": name.decode() if isinstance(name, bytes) else str(name),
+                "memory_gib": round(props["totalGlobalMem"] / 2**30, 1),
+                "count": rt.getDeviceCount(), "cuda_runtime": rt.runtimeGetVersion(),
+                "cuda_driver": rt.driverGetVersion(), "cupy": cupy.__version__}
+    except Exception:
+        return None
+
+
 def print_machine(info: dict) -> None:
     b = info["numpy_blas"]
     print(f"# cpu: {info['cpu']}, {info['cores']} usable cores; python {info['python']}")
@@ -98,6 +115,10 @@ def print_machine(info: dict) -> None:
           f"({info['minivae_threads']} threads, C kernels {info.get('minivae_kernels')})")
     if info.get("torch"):
         print(f"# torch {info['torch']} ({info['torch_blas']}, {info['torch_threads']} threads)")
+    if info.get("gpu"):
+        g = info["gpu"]
+        print(f"# gpu: {g['name']} ({g['memory_gib']} GiB), CUDA runtime {g['cuda_runtime']}, "
+              f"driver {g['cuda_driver']}, cupy {g['cupy']}")
 
 
 def save(name: str, payload: dict) -> Path:

@@ -6,6 +6,7 @@ float32: minivae vs PyTorch eager, and the step's GEMM floor.
     python benchmarks/step_time.py --batch 512 --json   # last line: one JSON object
     python benchmarks/step_time.py --save               # also benchmarks/results/step_time_cpu_b128.json
     python benchmarks/step_time.py --device gpu         # CuPy vs PyTorch CUDA (needs a GPU)
+    python benchmarks/step_time.py --device gpu --batch 4096 --torch-compile --json
 
 Method. Both libraries run in one process, on the same MNIST batches (bundled mnist10k), each
 drawing its own eps. Contenders take turns of --block seconds (interleaved, so a noisy
@@ -58,12 +59,18 @@ def parse(argv=None):
     p.add_argument("--json", action="store_true", help="print the result as JSON (last line)")
     p.add_argument("--save", action="store_true",
                    help="also write benchmarks/results/step_time_<device>_b<batch>.json (only when given)")
+    p.add_argument("--torch-compile", action="store_true",
+                   help="add torch.compile(model) as a contender (compiles during warm-up; "
+                        "left out, with the reason, where it fails)")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 
 
 class GPUUnavailable(RuntimeError):
     pass
+
+
+SKIPPED: dict = {}   # contender -> why it did not run
 
 
 def _gpu_libs():
@@ -132,9 +139,11 @@ def contenders(args):
     txs = [torch.from_numpy(x).to(dev) for x in host]
     sync_t = torch.cuda.synchronize if gpu else (lambda: None)
 
-    def torch_contender(**adam_kw):
+    def torch_contender(compile=False, **adam_kw):
         tm = _machine.torch_vae(D, H, L).to(dev)
         topt = torch.optim.Adam(tm.parameters(), lr=1e-3, **adam_kw)
+        if compile:
+            tm = torch.compile(tm)
 
         def torch_step(i):
             t0 = time.perf_counter()
@@ -150,6 +159,15 @@ def contenders(args):
         return torch_step
 
     torch_step = torch_contender()
+    torch_compiled = None
+    if args.torch_compile:
+        try:
+            torch_compiled = torch_contender(compile=True)
+            for i in range(3):                 # compiles here, not in the timed turns
+                torch_compiled(i)
+        except Exception as e:                 # no compiler, no triton, an unsupported op
+            SKIPPED["torch_compile"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            torch_compiled = None
     try:
         torch_fused = torch_contender(fused=True)
         torch_fused(0)
@@ -196,7 +214,7 @@ def contenders(args):
 
     fns = {"minivae": minivae_step, "minivae_unfused": minivae_phases,
            "minivae_no_kernels": minivae_numpy if kernels.available() and not gpu else None,
-           "torch": torch_step,
+           "torch": torch_step, "torch_compile": torch_compiled,
            "torch_fused_adam": torch_fused, "gemm_floor": np_floor,
            "gemm_floor_split": split_floor, "torch_gemm_floor": torch_floor}
     return {name: f for name, f in fns.items() if f is not None}
@@ -255,6 +273,9 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(threads)
     info = _machine.machine_info()
+    if args.device == "gpu":
+        info["gpu"] = _machine.gpu_info()
+        info["torch_cuda"] = getattr(torch.version, "cuda", None)
     if not args.quiet:
         _machine.print_machine(info)
     try:
@@ -283,8 +304,13 @@ def main(argv=None) -> int:
         "torch_fused_adam_ms": med.get("torch_fused_adam"),
         "ratio_minivae_to_torch_fused_adam": (med["minivae"] / med["torch_fused_adam"]
                                               if "torch_fused_adam" in med else None),
+        "torch_compile_ms": med.get("torch_compile"),
+        "ratio_minivae_to_torch_compile": (med["minivae"] / med["torch_compile"]
+                                           if "torch_compile" in med else None),
+        "contenders": sorted(med), "skipped": dict(SKIPPED),
         "phases_ms": {n: {"forward_backward": phase[n][0], "adam": phase[n][1]}
-                      for n in ("minivae_unfused", "torch", "torch_fused_adam") if n in phase},
+                      for n in ("minivae_unfused", "torch", "torch_fused_adam", "torch_compile")
+                      if n in phase},
         "model": f"784-{args.hidden}-{args.latent} Bernoulli VAE, float32",
         "steps_kept": {n: len(v) for n, v in kept.items()}, "block_s": args.block,
         "settle_s": args.settle, "threads": threads,
@@ -297,7 +323,7 @@ def main(argv=None) -> int:
         print(f"{'minivae (train_step)':22}{med['minivae']:9.3f}")
         if "minivae_no_kernels" in med:
             print(f"{'minivae, no C kernels':22}{med['minivae_no_kernels']:9.3f}")
-        for n in ("minivae_unfused", "torch", "torch_fused_adam"):
+        for n in ("minivae_unfused", "torch", "torch_fused_adam", "torch_compile"):
             if n in med:
                 print(f"{n:22}{med[n]:9.3f}  {phase[n][0]:8.3f}  {phase[n][1]:6.3f}")
         print(f"{'GEMM floor (numpy)':22}{res['gemm_floor_ms']:9.3f}   = min(BLAS threads "
@@ -315,9 +341,13 @@ def main(argv=None) -> int:
     if args.json:
         import json
 
-        print(json.dumps({k: res[k] for k in ("batch", "device", "minivae_ms", "torch_ms",
-                                             "gemm_floor_ms", "ratio_minivae_to_torch",
-                                             "ratio_minivae_to_gemm_floor")}))
+        keys = ["batch", "device", "minivae_ms", "torch_ms", "gemm_floor_ms",
+                "ratio_minivae_to_torch", "ratio_minivae_to_gemm_floor"]
+        if args.device == "gpu" or args.torch_compile:
+            keys += ["torch_fused_adam_ms", "ratio_minivae_to_torch_fused_adam",
+                     "torch_compile_ms", "ratio_minivae_to_torch_compile", "minivae_unfused_ms",
+                     "phases_ms", "contenders", "skipped", "steps_kept", "model", "machine"]
+        print(json.dumps({k: res[k] for k in keys}))
     return 0
 
 

@@ -6,8 +6,10 @@ to end with fixed eps, against Ridders-extrapolated finite differences (minivae.
 the suite itself is minivae.gradcheck.run_all). Exits 1 if any check fails.
 
   minivae gradcheck                 # the table
-  minivae gradcheck --json          # {"passed": bool, "checks": [{"name", "max_abs_error",
-                                    #   "max_rel_error", "passed"}, ...]}
+  minivae gradcheck --json          # {"backend", "dtype", "seed", "full", "passed": bool,
+                                    #  "checks": [{"name", "max_abs_error", "max_rel_error",
+                                    #              "passed"}, ...]}
+  minivae gradcheck --backend cupy  # the same checks on the GPU (float64 on the device)
   minivae gradcheck --full          # also the default 784-400-20 VAE (random directions)
 """
 from __future__ import annotations
@@ -48,6 +50,7 @@ def run(args) -> int:
     report = run_all(args.backend, seed=args.seed, full=args.full)
     if args.json:
         print(strict_json({
+            "backend": args.backend, "dtype": "float64", "seed": args.seed, "full": args.full,
             "passed": report.passed,
             "checks": [{"name": c.name, "max_abs_error": c.max_abs_error,
                         "max_rel_error": c.max_rel_error, "passed": c.passed}

@@ -82,7 +82,9 @@ class Suite:
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
             "OPENBLAS_NUM_THREADS": "1", "MINIVAE_NUM_THREADS": os.environ.get(
-                "MINIVAE_NUM_THREADS", "4"), "MPLBACKEND": "Agg"}
+                "MINIVAE_NUM_THREADS", "4"), "MPLBACKEND": "Agg",
+            # JAX would take 75% of the GPU at import; the comparison tests run it on the CPU
+            "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "JAX_PLATFORMS": "cpu"}
         self.gpu_reason = None
         self.written = set()
 

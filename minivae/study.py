@@ -36,19 +36,25 @@ CONFIGS = (
 
 
 @one_blas_thread()
-def encoder_variance(model, x, estimator, kl="analytic", samples=1, replicates=100) -> float:
+def encoder_variance(model, x, estimator, kl="analytic", samples=1, replicates=100,
+                     comm=None) -> float:
     """Mean over encoder coordinates of the estimator's variance. x: (B, D) backend array.
 
     Loops over the R *replicates* (each one batched call of S * B rows). Sums are shifted by
     the first replicate and kept in float64, so the variance does not cancel catastrophically.
+
+    comm: a :class:`~minivae.engine.Communicator` (default: one process). With N ranks,
+    replicate r is computed by rank r % N: every rank draws every replicate's eps (so the
+    model's noise stream advances exactly as in one process), computes its own, and the N
+    gradients of each round are broadcast from their ranks and summed in replicate order on
+    every rank: the result is the one-process result bit for bit (``tests/test_mpi.py``).
     """
     if replicates < 2:
         raise ValueError("a variance needs at least 2 replicates")
     xp = model.xp
     enc = est.encoder_slice(model)
     shift = s1 = s2 = None
-    for _ in range(replicates):
-        g = xp.astype(est.estimate(model, x, estimator, samples=samples, kl=kl)[enc], xp.float64)
+    for g in _replicates(model, x, estimator, kl, samples, replicates, enc, comm):
         if shift is None:
             shift, s1, s2 = g, xp.zeros_like(g), xp.zeros_like(g)
         d = g - shift
@@ -56,6 +62,26 @@ def encoder_variance(model, x, estimator, kl="analytic", samples=1, replicates=1
         s2 += d * d
     var = (s2 - s1 * s1 / replicates) / (replicates - 1)
     return float(xp.mean(var))
+
+
+def _replicates(model, x, estimator, kl, samples, replicates, enc, comm):
+    """Yield the R replicates' encoder gradients (float64) in order, split over comm's ranks."""
+    xp = model.xp
+    size, rank = (1, 0) if comm is None else (comm.size, comm.rank)
+    for first in range(0, replicates, size):
+        rounds, mine = range(first, min(first + size, replicates)), None
+        for r in rounds:
+            eps = est.draw_eps(model, samples, x.shape[0])        # every rank draws every one
+            if r % size == rank:
+                g = est.estimate(model, x, estimator, eps=eps, samples=samples, kl=kl)
+                mine = xp.astype(g[enc], xp.float64)
+        if size == 1:
+            yield mine
+            continue
+        for r in rounds:                                          # in replicate order
+            g = mine if r % size == rank else xp.empty(enc.stop - enc.start, dtype=xp.float64)
+            comm.broadcast(g, root=r % size)
+            yield g
 
 
 @one_blas_thread()
@@ -75,16 +101,16 @@ def train(model, x_train, steps=300, batch=100, lr=1e-3, seed=0) -> list:
 
 
 @one_blas_thread()
-def measure(model, x, samples=4, sweep=(1, 2, 4, 8, 16), replicates=50):
+def measure(model, x, samples=4, sweep=(1, 2, 4, 8, 16), replicates=50, comm=None):
     """Variance of every configuration against S (the figure); the table is the S = ``samples``
-    column of the same sweep.
+    column of the same sweep. ``comm``: split the replicates over ranks (:func:`encoder_variance`).
 
     -> {"table": {label: mean_variance}, "sweep": {label: {S: mean_variance}}, "seconds": t}
     The leave-one-out baseline needs S >= 2, so its sweep starts there.
     """
     t0 = time.perf_counter()
     sweep = sorted(set(sweep) | {samples})
-    curves = {label: {S: encoder_variance(model, x, e, kl, S, replicates)
+    curves = {label: {S: encoder_variance(model, x, e, kl, S, replicates, comm)
                       for S in sweep if not (e == "score_baseline" and S < 2)}
               for label, e, kl in CONFIGS}
     table = {label: curve[samples] for label, curve in curves.items()}

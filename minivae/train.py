@@ -51,6 +51,7 @@ from .fileio import atomic_write
 from .data import BINARIZE, binarize, load_dataset
 from .evaluate import elbo
 from .engine import threads, train_step
+from .engine.data_parallel import DataParallel, ReplicasDiffer, check_same, share_bytes
 from .models import MODELS, build_model, layout_of
 from .optim import make_optimizer
 from .params import Layout
@@ -60,7 +61,10 @@ FORMAT = "minivae-checkpoint-1"
 
 
 class Diverged(RuntimeError):
-    """The loss became NaN or Inf; the last good checkpoint is kept (the message says where)."""
+    """The loss became NaN or Inf; the last good checkpoint is kept (the message says where).
+    Under MPI every rank raises it at the same step (the losses it checks are all-reduced)."""
+
+    all_ranks = True
 
 
 class CheckpointError(ValueError):
@@ -193,18 +197,20 @@ def save_checkpoint(path, arrays: dict, meta: dict) -> None:
     atomic_write(path, lambda f: np.savez(f, **payload), "checkpoint")
 
 
-def load_checkpoint(path) -> tuple[dict, dict]:
+def load_checkpoint(path, data: bytes | None = None) -> tuple[dict, dict]:
     """-> (arrays, meta). Raises :class:`CheckpointError` if the file is not a sound checkpoint.
 
     The zip container checks a CRC-32 per array, so flipped or missing bytes are caught here.
+    ``data``: the file's bytes, already read (by rank 0 under MPI); ``path`` then only names
+    it in messages.
     """
     path = Path(path)
-    if path.is_dir():
+    if data is None and path.is_dir():
         path = path / CHECKPOINT
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with np.load(path if data is None else io.BytesIO(data), allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
         meta = json.loads(str(arrays.pop("meta")), parse_constant=_no_constant)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError, zlib.error) as e:
@@ -348,14 +354,35 @@ def load_model(path, backend="numpy"):
 
 # -- the trainer -------------------------------------------------------------------------------------
 class Trainer:
-    """Owns the model, optimizer, data on the device, RNGs and the run directory."""
+    """Owns the model, optimizer, data on the device, RNGs and the run directory.
 
-    def __init__(self, config: TrainConfig, dataset=None, log=None):
+    ``comm``: a :class:`~minivae.engine.Communicator`; default :func:`minivae.engine.mpi.world`
+    (one process, or every rank of an ``mpiexec`` launch). With more than one rank the steps
+    run data-parallel over the ranks (see ``minivae/engine/mpi.py``): every rank loads the data
+    and holds the same state; rank 0 alone writes files, logs and shows progress; the data
+    (at the start) and the parameters and optimizer state (after every epoch) are compared
+    across ranks by checksum (:class:`~minivae.engine.data_parallel.ReplicasDiffer`).
+    """
+
+    def __init__(self, config: TrainConfig, dataset=None, log=None, comm=None):
         self.cfg = cfg = config
-        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        if comm is None:
+            from .engine.mpi import world
+
+            comm = world()
+        self.comm = comm
+        self.root = comm.rank == 0
+        log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.log = log if self.root else (lambda msg: None)
         self.out = Path(cfg.out)
+        if comm.size > 1 and cfg.batch_size < comm.size:
+            raise ValueError(f"batch_size {cfg.batch_size} is smaller than the {comm.size} ranks: "
+                             f"each rank needs rows of every batch")
         self.backend = get_backend(cfg.backend)
+        if comm.size > 1 and self.backend.name == "cupy" and hasattr(comm, "use_local_device"):
+            comm.use_local_device()                      # before any array is made
         self.ds, x_tr, x_te = prepare_data(cfg, dataset)
+        check_same(comm, {"training data": x_tr, "test data": x_te}, "at the start")
         mk = dict(d_in=self.ds.dim, hidden=cfg.hidden, latent=cfg.latent,
                   activation=cfg.activation, likelihood=cfg.likelihood, init=cfg.init)
         if MODELS[cfg.model].has_prior:                 # a KL term, weighted by beta
@@ -380,6 +407,9 @@ class Trainer:
         self._stop = None       # the signal's name once one asked training to stop
         self.changed: dict = {}  # resume: settings changed from the saved run
         self.rolled_back = False
+        # more than one rank: the step through the communicator (rank 0's weights broadcast);
+        # one process keeps minivae.train_step, the wrapper cached with the model
+        self._dp = DataParallel(self.model, comm=comm) if comm.size > 1 else None
 
     # -- sizes and schedules ------------------------------------------------------------------
     @property
@@ -405,24 +435,28 @@ class Trainer:
         process trains into the same directory.
         """
         self._stop = None
-        with run_lock(self.out), self._catch_signals(), np.errstate(all="ignore"), \
+        lock = run_lock(self.out) if self.root else contextlib.nullcontext()   # one writer
+        with lock, self._catch_signals(), np.errstate(all="ignore"), \
                 warnings.catch_warnings():
             # A diverging loss is reported once, as Diverged, not as NumPy's RuntimeWarnings
             # (errstate covers this thread; the filter the step's worker threads too).
             warnings.simplefilter("ignore", RuntimeWarning)
+            self.check_replicas("at the start of training")
             if self.changed and not self.rolled_back and self.epoch >= self.cfg.epochs:
                 # nothing to train: record the new settings now (else the next save does)
                 self.save()
                 self.write_metrics()
             if self.rolled_back:          # resumed from an earlier epoch: that branch is now it
                 self.save()
-                for e, path in self.epoch_checkpoints().items():
+                for e, path in (self.epoch_checkpoints() if self.root else {}).items():
                     if e > self.epoch:
                         path.unlink(missing_ok=True)
                 self.write_metrics()
                 self.rolled_back = False
             while self.epoch < self.cfg.epochs:
                 row = self._train_epoch()
+                self.check_replicas(f"after epoch {self.epoch}" if row else
+                                    f"at step {self.step}")
                 if row is None:
                     self.save()
                     self.log(f"{self._stop}: interrupted in epoch {self.epoch + 1} at step "
@@ -437,7 +471,7 @@ class Trainer:
                          f"test loss {row['test_loss']:.2f} (recon {row['test_recon']:.2f}, "
                          f"KL {row['test_kl']:.2f})  {row['seconds']:.1f} s")
         self.write_metrics()
-        if self.cfg.figures:
+        if self.cfg.figures and self.root:
             from . import plots
 
             plots.save_all(self.model, self.ds, self.history, self.out,
@@ -475,7 +509,10 @@ class Trainer:
                 xb = xp.astype(model.rng.uniform(tuple(xb.shape), model.dtype) < xb, model.dtype)
             if model.has_prior:                        # a KL term to warm up
                 model.beta = self.beta_at(self.step)
-            r = train_step(model, self.opt, xb, check=False)
+            if self._dp is None:
+                r = train_step(model, self.opt, xb, check=False)
+            else:                                      # this rank's rows, one all-reduce
+                r = self._dp.train_step(self.opt, xb, check=False)
             b = j - self.pos
             acc_recon = acc_recon + r.recon * b
             acc_kl = acc_kl + r.kl * b
@@ -491,7 +528,11 @@ class Trainer:
                                 kl=f"{self.sums[2] / n_seen:.2f}",
                                 rate=f"{(n_seen - seen0) / max(now - t0, 1e-9):.0f}/s",
                                 refresh=False)
-            if self._stop:
+            if self._dp is not None:      # ranks stop together, at a step they agree on
+                if k % cfg.log_every == 0 or self.pos >= N:
+                    if self._agree_stop():
+                        return None
+            elif self._stop:
                 return None
         seconds = time.perf_counter() - t0
         n, rec, kl = float(self.sums[0]), float(self.sums[1]), float(self.sums[2])
@@ -509,12 +550,23 @@ class Trainer:
                 "beta": self.beta_at(self.step - 1), "seconds": seconds,
                 "samples_per_s": (n - seen0) / max(seconds, 1e-9)}
 
+    def _agree_stop(self):
+        """Every rank learns whether a signal reached any rank (one all-reduce of two counts,
+        every ``log_every`` steps and at the epoch's end), so that all stop after the same
+        step and rank 0 saves. -> the signal's name, or None."""
+        flags = np.array([self._stop == "SIGINT", self._stop == "SIGTERM"], np.float64)
+        self.comm.allreduce_sum(flags)
+        if flags.any():
+            self._stop = "SIGTERM" if flags[1] else "SIGINT"
+        return self._stop if flags.any() else None
+
     def _bar(self):
         from tqdm.auto import tqdm
 
         return tqdm(total=self.n_train, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
                     unit="ex", unit_scale=True, leave=False,
-                    disable=None if self.cfg.progress else True,  # None: off when not a TTY
+                    disable=None if self.cfg.progress and self.root else True,  # None: off
+                    # when not a TTY
                     dynamic_ncols=True, mininterval=0.1)
 
     def _check_finite(self, values, where="training loss"):
@@ -562,9 +614,21 @@ class Trainer:
         """"SIGINT" or "SIGTERM" after an interrupted fit, else None."""
         return self._stop or None
 
+    def check_replicas(self, when: str) -> None:
+        """With more than one rank: compare checksums of the parameters and the optimizer
+        buffers across the ranks; :class:`ReplicasDiffer` on every rank if any differ."""
+        if self.comm.size > 1:
+            bufs = self.opt.state_dict()["buffers"]
+            check_same(self.comm, {"parameters": self.model.params.data,
+                                   **{f"optimizer buffer {n!r}": b for n, b in bufs.items()}},
+                       when)
+
     # -- persistence --------------------------------------------------------------------------------
     def save(self) -> Path:
-        """Atomically write the whole training state to ``out/checkpoint.npz``."""
+        """Atomically write the whole training state to ``out/checkpoint.npz`` (on rank 0
+        alone under MPI; the other ranks hold the same state and write nothing)."""
+        if not self.root:
+            return self.out / CHECKPOINT
         be = self.backend
         o = self.opt.state_dict()
         arrays = {"params": be.to_host(self.model.params.data),
@@ -586,7 +650,8 @@ class Trainer:
         return path
 
     @classmethod
-    def resume(cls, run_dir, dataset=None, log=None, from_epoch=None, **overrides) -> "Trainer":
+    def resume(cls, run_dir, dataset=None, log=None, from_epoch=None, comm=None,
+               **overrides) -> "Trainer":
         """Rebuild a Trainer from ``run_dir/checkpoint.npz`` (or, with ``from_epoch=E``, from the
         kept checkpoint of epoch E: a rollback, which discards the later epochs when fit starts).
 
@@ -597,17 +662,48 @@ class Trainer:
         progress, figures, ...) apply, and ``trainer.changed`` lists them as
         {field: (old, new)}. Raises :class:`CheckpointError` for a checkpoint that is missing,
         damaged, or does not fit.
+
+        ``comm``: as for :class:`Trainer`. Under MPI rank 0 alone reads the run directory and
+        sends the checkpoint's bytes to the others (no shared file system needed); a
+        checkpoint it refuses is refused on every rank with the same message.
         """
+        if comm is None:
+            from .engine.mpi import world
+
+            comm = world()
         run_dir = Path(run_dir)
-        src = run_dir
+        src = run_dir if run_dir.is_file() else run_dir / CHECKPOINT
         if from_epoch is not None:
-            kept = epoch_checkpoints(run_dir)
-            if from_epoch not in kept:
+            kept = epoch_checkpoints(run_dir) if comm.rank == 0 else {}
+            src = kept.get(from_epoch, src)
+
+        def read_on_root():
+            if from_epoch is not None and from_epoch not in kept:
                 have = ", ".join(map(str, sorted(kept))) or "none"
                 raise CheckpointError(f"{run_dir} keeps no checkpoint of epoch {from_epoch} "
                                       f"(kept epochs: {have})")
-            src = kept[from_epoch]
-        arrays, meta = load_checkpoint(src)      # the saved config is validated there
+            if not src.is_file():
+                raise CheckpointError(f"no checkpoint at {src}")
+            try:
+                data = src.read_bytes()
+            except OSError as e:
+                raise CheckpointError(f"{src}: cannot be read ({e.strerror or e})") from None
+            latest = str(_latest_epoch(run_dir) if from_epoch is not None else -1)
+            return latest.encode().ljust(24) + data
+
+        blob = share_bytes(comm, read_on_root, errors=(CheckpointError,))
+        latest, data = int(blob[:24]), blob[24:]
+        try:
+            return cls._resume_state(src, data, latest, run_dir, dataset, log, from_epoch, comm,
+                                     overrides)
+        except (CheckpointError, ResumeConflict) as e:
+            e.all_ranks = comm.size > 1   # refused on every rank alike: the same bytes were read
+            raise
+
+    @classmethod
+    def _resume_state(cls, src, data, latest, run_dir, dataset, log, from_epoch, comm, overrides):
+        """The rest of :meth:`resume`, from the checkpoint's bytes."""
+        arrays, meta = load_checkpoint(src, data=data)   # the saved config is validated there
         saved = meta["train_config"]
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         for k, v in overrides.items():
@@ -622,7 +718,7 @@ class Trainer:
             cfg = TrainConfig.from_json(cfg_d)
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{src}: its training configuration is not valid ({e})") from None
-        t = cls(cfg, dataset=dataset, log=log)
+        t = cls(cfg, dataset=dataset, log=log, comm=comm)
         if t.model.params.layout.to_json() != meta["layout"]:
             raise CheckpointError(f"{src}: the checkpoint's parameter layout does not match "
                                   f"the configured model")
@@ -656,11 +752,13 @@ class Trainer:
         t.sums[:] = arrays["sums"]           # checked by load_checkpoint, as history and epoch
         t.changed = {k: (saved.get(k), v) for k, v in overrides.items()
                      if k != "out" and _norm(v) != _norm(saved.get(k))}
-        t.rolled_back = from_epoch is not None and from_epoch < _latest_epoch(run_dir)
+        t.rolled_back = from_epoch is not None and from_epoch < latest
         return t
 
     def write_metrics(self) -> None:
-        """metrics.json (history + config) and metrics.csv, each replaced atomically."""
+        """metrics.json (history + config) and metrics.csv, each replaced atomically (rank 0)."""
+        if not self.root:
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         doc = {"epochs": self.history, "config": self.cfg.to_json(), "model": self.model.config,
                "n_params": self.model.n_params(), "backend": self.backend.name,
@@ -684,8 +782,8 @@ class Trainer:
 
     def _keep_epoch_checkpoint(self) -> None:
         """After an epoch's save: keep it as checkpoint-epochNNNN.npz (a hard link to the file
-        just written, or a copy), and delete all but the last ``cfg.keep``."""
-        if self.cfg.keep < 1:
+        just written, or a copy), and delete all but the last ``cfg.keep``. Rank 0 alone."""
+        if self.cfg.keep < 1 or not self.root:
             return
         src, dst = self.out / CHECKPOINT, self.out / EPOCH_CHECKPOINT.format(self.epoch)
         dst.unlink(missing_ok=True)

@@ -40,6 +40,17 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from ..cli import UserError
+    from ..engine.mpi import MPIUnavailable, run_on_all_ranks, world
+
+    try:
+        comm = world()     # under mpiexec -n N the replicates are split over the N ranks
+    except MPIUnavailable as e:
+        raise UserError(str(e)) from None
+    return run_on_all_ranks(comm, "minivae study", lambda: _run(args, comm))
+
+
+def _run(args, comm) -> int:
     from .. import VAE
     from .. import study
     from ..cli import UserError
@@ -58,19 +69,23 @@ def run(args) -> int:
     ds = load_dataset("mnist10k")
     model = VAE(backend=args.backend, seed=args.seed)
     x = model.backend.asarray(ds.x_test[: args.batch], dtype=model.dtype)
-    log = (lambda *a: None) if args.json else (lambda *a: print(*a, flush=True))
+    root = comm.rank == 0                         # rank 0 alone prints and writes
+    log = (lambda *a: None) if args.json or not root else (lambda *a: print(*a, flush=True))
 
     log(f"default VAE {model.d_in}-400-{model.latent}, {model.n_params():,} parameters; "
-        f"batch of {args.batch} test images, S = {args.samples}, {args.replicates} replicates")
+        f"batch of {args.batch} test images, S = {args.samples}, {args.replicates} replicates"
+        + (f", split over {comm.size} MPI ranks" if comm.size > 1 else ""))
     stages = {}
     log("measuring at initialisation ...")
-    stages["init"] = study.measure(model, x, args.samples, sweep, args.replicates)
+    stages["init"] = study.measure(model, x, args.samples, sweep, args.replicates, comm)
     log(f"training {args.steps} Adam steps (batch 100, lr 1e-3) ...")
     losses = study.train(model, ds.x_train, steps=args.steps, seed=args.seed)
     log("measuring after training ...")
-    stages["trained"] = study.measure(model, x, args.samples, sweep, args.replicates)
+    stages["trained"] = study.measure(model, x, args.samples, sweep, args.replicates, comm)
 
     figure = None
+    if not root:
+        return 0
     if not args.no_figure:
         os.makedirs(args.out, exist_ok=True)
         figure = os.path.join(args.out, "estimator_variance.png")

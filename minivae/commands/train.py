@@ -14,6 +14,9 @@ Writes into --out: checkpoint.npz, metrics.json, metrics.csv, reconstructions.pn
 samples.png, latent.png, curves.png (and manifold.png when --latent 2).
 Exit status: 0 done, 1 the loss diverged (NaN/Inf), 2 a usage error (or --out in use by
 another minivae train), 130 stopped by Ctrl-C, 143 stopped by SIGTERM (state saved in both).
+
+  mpiexec -n 4 minivae train --out runs/mpi   # data-parallel over 4 MPI ranks (pip install
+                                              # 'minivae[mpi]'); rank 0 writes, see README "MPI"
 """
 from __future__ import annotations
 
@@ -123,60 +126,92 @@ def _writable_dir(out: Path):
 
 def run(args) -> int:
     from ..cli import UserError
-    from ..train import Diverged, ResumeConflict, TrainConfig, Trainer, run_lock
+    from ..engine.mpi import MPIUnavailable, run_on_all_ranks, world
 
+    try:
+        comm = world()          # SingleProcess, or every rank of an mpiexec launch
+    except MPIUnavailable as e:
+        raise UserError(str(e)) from None
+    return run_on_all_ranks(comm, "minivae train", lambda: _run(args, comm))
+
+
+def _everywhere(e):
+    """Mark an error that every rank raises at the same point (rank 0 alone prints it)."""
+    e.all_ranks = True
+    return e
+
+
+def _run(args, comm) -> int:
+    import contextlib
+    import json
+    import sys
+
+    from ..cli import UserError
+    from ..engine.data_parallel import ReplicasDiffer, share_bytes
+    from ..train import (CheckpointError, Diverged, ResumeConflict, RunLocked, TrainConfig,
+                         Trainer, load_checkpoint, run_lock)
+
+    root = comm.rank == 0
+    say = print if root else (lambda *a, **k: None)       # rank 0 alone speaks
     given = {flag: v for flag, v in vars(args).items() if flag in FIELDS and v is not None}
     if args.threads:
         from ..engine import set_num_threads
 
         set_num_threads(args.threads)
     if args.from_epoch is not None and not args.resume:
-        raise UserError("--from-epoch needs --resume")
+        raise _everywhere(UserError("--from-epoch needs --resume"))
     if not args.out.strip():
-        raise UserError("--out must name a run directory, got ''")
+        raise _everywhere(UserError("--out must name a run directory, got ''"))
     out = Path(args.out)
-    if args.resume and not (out / "checkpoint.npz").is_file():
-        raise UserError(f"--resume: no checkpoint.npz in {out}")
     if not args.resume and given.get("data", "mnist10k") == "mnist10k" and args.data_dir:
-        raise UserError("--data-dir needs --data mnist or --data fashion-mnist "
-                        "(mnist10k is bundled)")
-    _writable_dir(out)
-    with run_lock(out):
-        if args.resume:
-            if not (out / "checkpoint.npz").is_file():
-                raise UserError(f"--resume: no checkpoint.npz in {out}")
-            overrides = {FIELDS[f]: v for f, v in given.items()}
-            if args.from_epoch is not None and "epochs" not in overrides:
-                from ..train import load_checkpoint   # a rollback trains to the run's goal
+        raise _everywhere(UserError("--data-dir needs --data mnist or --data fashion-mnist "
+                                    "(mnist10k is bundled)"))
 
-                overrides["epochs"] = load_checkpoint(out)[1]["train_config"]["epochs"]
+    lock = contextlib.ExitStack()
+
+    def look_at_out():
+        """Rank 0 alone looks at --out and holds its lock; the others get what it found."""
+        if args.resume and not (out / "checkpoint.npz").is_file():
+            raise UserError(f"--resume: no checkpoint.npz in {out}")
+        _writable_dir(out)
+        lock.enter_context(run_lock(out))
+        if not args.resume and (out / "checkpoint.npz").exists():
+            raise UserError(f"{out} already holds a run: add --resume to continue it, or "
+                            f"choose another --out")
+        epochs = None
+        if args.resume and args.from_epoch is not None and "epochs" not in given:
+            epochs = load_checkpoint(out)[1]["train_config"]["epochs"]  # a rollback trains to
+        return json.dumps({"epochs": epochs}).encode()                 # the run's goal
+
+    with lock:
+        found = json.loads(share_bytes(comm, look_at_out,
+                                       errors=(UserError, RunLocked, CheckpointError)))
+        if args.resume:
+            overrides = {FIELDS[f]: v for f, v in given.items()}
+            if found["epochs"] is not None:
+                overrides["epochs"] = found["epochs"]
             try:
                 t = Trainer.resume(out, from_epoch=args.from_epoch,
                                    progress=not args.no_progress, figures=not args.no_figures,
-                                   **overrides)
+                                   comm=comm, **overrides)
             except ResumeConflict as e:
-                raise UserError(f"{FLAG[e.field]} {_show(e.asked)} differs from this run's "
-                                f"{_show(e.run_value)}; what defines a run cannot change on "
-                                f"--resume: drop the flag, or start a new run with another "
-                                f"--out") from None
+                raise _everywhere(UserError(
+                    f"{FLAG[e.field]} {_show(e.asked)} differs from this run's "
+                    f"{_show(e.run_value)}; what defines a run cannot change on --resume: drop "
+                    f"the flag, or start a new run with another --out")) from None
             if t.cfg.epochs < t.epoch:
-                raise UserError(f"{out} has completed {t.epoch} epochs; --epochs {t.cfg.epochs} "
-                                f"would undo them: give --epochs {t.epoch} or more")
+                raise _everywhere(UserError(
+                    f"{out} has completed {t.epoch} epochs; --epochs {t.cfg.epochs} would undo "
+                    f"them: give --epochs {t.epoch} or more"))
             where = (f"from its epoch {args.from_epoch} checkpoint"
                      if args.from_epoch is not None else f"at epoch {t.epoch} (step {t.step})")
-            print(f"resuming {out} {where}, training to epoch {t.cfg.epochs}")
+            say(f"resuming {out} {where}, training to epoch {t.cfg.epochs}{_ranks(comm)}")
             if t.cfg.epochs == t.epoch:
-                print(f"  note: the run has already completed {t.epoch} epochs, so nothing will "
-                      f"be trained: give --epochs {t.epoch + 1} or more to train longer")
+                say(f"  note: the run has already completed {t.epoch} epochs, so nothing will "
+                    f"be trained: give --epochs {t.epoch + 1} or more to train longer")
             for field, (old, new) in t.changed.items():
-                print(f"  changed: {FLAG.get(field, field)} {_show(old)} -> {_show(new)}")
+                say(f"  changed: {FLAG.get(field, field)} {_show(old)} -> {_show(new)}")
         else:
-            if given.get("data", "mnist10k") == "mnist10k" and args.data_dir:
-                raise UserError("--data-dir needs --data mnist or --data fashion-mnist "
-                                "(mnist10k is bundled)")
-            if (out / "checkpoint.npz").exists():
-                raise UserError(f"{out} already holds a run: add --resume to continue it, or "
-                                f"choose another --out")
             a = {**DEFAULTS, **given}
             cfg = TrainConfig(
                 data=a["data"], data_dir=a["data_dir"], model=a["model"], hidden=a["hidden"],
@@ -187,23 +222,32 @@ def run(args) -> int:
                 beta=a["beta"], warmup_epochs=a["warmup"], log_every=a["log_every"],
                 keep=a["keep"], out=str(out), progress=not args.no_progress,
                 figures=not args.no_figures)
-            t = Trainer(cfg)
-            print(f"training {type(t.model).__name__} "
-                  f"{'-'.join(map(str, [t.ds.dim, *cfg.hidden, cfg.latent]))} "
-                  f"({t.model.n_params():,} parameters) on {t.ds.name} "
-                  f"({t.n_train} train / {t.x_test.shape[0]} test), backend {t.backend.name}")
+            t = Trainer(cfg, comm=comm)
+            say(f"training {type(t.model).__name__} "
+                f"{'-'.join(map(str, [t.ds.dim, *cfg.hidden, cfg.latent]))} "
+                f"({t.model.n_params():,} parameters) on {t.ds.name} "
+                f"({t.n_train} train / {t.x_test.shape[0]} test), backend {t.backend.name}"
+                f"{_ranks(comm)}")
         try:
             status = t.fit()
         except Diverged as e:
-            print(f"minivae train: {e}")
+            say(f"minivae train: {e}")
+            return 1
+        except ReplicasDiffer as e:
+            if root:
+                print(f"minivae train: error: {e}", file=sys.stderr, flush=True)
             return 1
     if status == "interrupted":
         return 143 if t.stopped_by == "SIGTERM" else 130
     last = t.history[-1] if t.history else None
     if last:
-        print(f"done: test loss {last['test_loss']:.2f} nats/example after epoch {last['epoch']}; "
-              f"results in {out}/")
+        say(f"done: test loss {last['test_loss']:.2f} nats/example after epoch {last['epoch']}; "
+            f"results in {out}/")
     return 0
+
+
+def _ranks(comm) -> str:
+    return f", data-parallel on {comm.size} MPI ranks" if comm.size > 1 else ""
 
 
 def _show(v):

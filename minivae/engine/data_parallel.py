@@ -242,3 +242,80 @@ def train_step(model, opt, x, eps=None, check=True) -> LossResult:
     if dp is None:
         dp = _wrappers[model] = DataParallel(model)
     return dp.train_step(opt, x, eps, check)
+
+
+# -- what more than one rank needs besides the step ----------------------------------------------
+class ReplicasDiffer(RuntimeError):
+    """Ranks that must hold identical state (parameters, optimizer buffers, data) do not.
+    Raised on every rank at once (``all_ranks``)."""
+
+    all_ranks = True
+
+
+def _crc(a) -> int:
+    import zlib
+
+    import numpy as np
+
+    if type(a).__module__.startswith("cupy"):
+        a = a.get()
+    return zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B"))
+
+
+def check_same(comm: Communicator, arrays: dict, when: str) -> None:
+    """Compare a CRC-32 of each array's bytes across the ranks (one ``allreduce_sum`` of a
+    (len(arrays), size) table); every rank raises :class:`ReplicasDiffer` naming the arrays
+    and the ranks whose bytes differ from rank 0's. ``arrays``: {name: array} (host or
+    device); ``when``: for the message ("after epoch 3"). Nothing happens in one process."""
+    if comm.size == 1:
+        return
+    import numpy as np
+
+    names = list(arrays)
+    table = np.zeros((len(names), comm.size), np.float64)     # a CRC-32 is exact in float64
+    table[:, comm.rank] = [_crc(arrays[n]) for n in names]
+    flat = table.reshape(-1)
+    comm.allreduce_sum(flat)
+    table = flat.reshape(len(names), comm.size)
+    bad = [(n, [r for r in range(comm.size) if table[i, r] != table[i, 0]])
+           for i, n in enumerate(names)]
+    bad = [(n, rs) for n, rs in bad if rs]
+    if bad:
+        what = "; ".join(f"{n} on rank{'s' if len(rs) > 1 else ''} "
+                         f"{', '.join(map(str, rs))} (CRC-32 "
+                         f"{', '.join(f'{int(table[names.index(n), r]):#010x}' for r in rs)} vs "
+                         f"rank 0's {int(table[names.index(n), 0]):#010x})" for n, rs in bad)
+        raise ReplicasDiffer(f"{when}, the ranks no longer hold the same state: {what} differ "
+                             f"from rank 0. Every rank must run the same minivae, NumPy and "
+                             f"data; the run stopped without saving this state")
+
+
+def share_bytes(comm: Communicator, make, errors: tuple = (), root: int = 0) -> bytes:
+    """Rank ``root`` calls ``make() -> bytes``; every rank returns those bytes (two
+    ``broadcast`` calls: the length, then the bytes). An exception of a type in ``errors``
+    raised by ``make`` on root is raised on every rank, same type and message, marked
+    ``all_ranks`` (the type must take one message argument); other exceptions propagate on
+    root only. Used to read a checkpoint on rank 0 alone (no shared file system needed)."""
+    if comm.size == 1:
+        return make()
+    import numpy as np
+
+    head = np.zeros(2, np.int64)                 # [length, 1 + index of the error type, or 0]
+    err = None
+    if comm.rank == root:
+        try:
+            data = bytes(make())
+        except errors as e:
+            err, data = e, str(e).encode()
+            head[1] = 1 + next(i for i, t in enumerate(errors) if isinstance(e, t))
+        head[0] = len(data)
+    comm.broadcast(head, root)
+    buf = (np.frombuffer(data, np.uint8).copy() if comm.rank == root
+           else np.empty(int(head[0]), np.uint8))
+    if buf.size:
+        comm.broadcast(buf, root)
+    if head[1]:
+        e = err if err is not None else errors[int(head[1]) - 1](buf.tobytes().decode())
+        e.all_ranks = True
+        raise e
+    return buf.tobytes()

@@ -428,3 +428,41 @@ def test_two_ranks_through_the_communicator_train_like_one_process(rng):
     assert l0 == l1                               # the loss of the global batch, on every rank
     np.testing.assert_allclose(l0, ref_losses, rtol=1e-12)
     np.testing.assert_allclose(p0, ref.params.data, rtol=1e-10, atol=1e-13)
+
+
+def test_replica_checksums_and_shared_bytes_over_the_seam():
+    """check_same names the rank whose bytes differ, on every rank; share_bytes gives every
+    rank root's bytes, and root's refusal (of a listed type) is raised on every rank."""
+    from minivae.engine.data_parallel import ReplicasDiffer, check_same, share_bytes
+
+    group, out = LocalGroup(3), {}
+
+    def rank(r):
+        comm = group.rank(r)
+        res = {}
+        p = np.arange(5.0)
+        check_same(comm, {"parameters": p}, "at the start")          # equal: nothing happens
+        if r == 2:
+            p[3] = np.nextafter(p[3], 9.0)
+        try:
+            check_same(comm, {"parameters": p, "other": np.ones(2)}, "after epoch 1")
+        except ReplicasDiffer as e:
+            res["differ"] = str(e)
+        res["bytes"] = share_bytes(comm, lambda: b"checkpoint bytes")
+        try:
+            share_bytes(comm, lambda: (_ for _ in ()).throw(ValueError("damaged header")),
+                        errors=(ValueError,))
+        except ValueError as e:
+            res["refused"] = (str(e), getattr(e, "all_ranks", False))
+        out[r] = res
+
+    ts = [threading.Thread(target=rank, args=(r,)) for r in range(3)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    for r in range(3):
+        assert "after epoch 1" in out[r]["differ"] and "parameters on rank 2 " in out[r]["differ"]
+        assert "other" not in out[r]["differ"]
+        assert out[r]["bytes"] == b"checkpoint bytes"
+        assert out[r]["refused"] == ("damaged header", True)

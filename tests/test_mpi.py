@@ -180,7 +180,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_one_step_and_rank_0_saves(tmp_p
     """A scheduler's SIGTERM (here to rank 1 alone) stops all ranks after the same step; the
     saved mid-run state resumes in one process to the uninterrupted run's numbers."""
     base = _dirs(tmp_path, data, 2)
-    argv = [*RUN, "--epochs", "30", "--out", "run", "--no-figures"]
+    argv = [*RUN, "--epochs", "60", "--out", "run", "--no-figures"]
     r = "${OMPI_COMM_WORLD_RANK:-$PMI_RANK}"
     shell = (f'cd "{base}/d{r}" && echo $$ > "{base}/pid{r}" && exec {MINIVAE} '
              + " ".join(argv) + f' > "{base}/out{r}.txt" 2> "{base}/err{r}.txt"')
@@ -204,7 +204,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_one_step_and_rank_0_saves(tmp_p
     from minivae.train import load_checkpoint
 
     _, meta = load_checkpoint(base / "d0" / "run")
-    assert meta["epoch"] < 30
+    assert meta["epoch"] < 60
     # resume in one process, and compare with one uninterrupted process
     q = subprocess.run([MINIVAE, "train", "--resume", "--out", "run", "--no-progress",
                         "--no-figures"], cwd=base / "d0", capture_output=True, text=True,
@@ -288,3 +288,17 @@ def test_under_a_launcher_without_mpi4py_the_run_is_refused_in_one_line(tmp_path
     assert len(lines) == 1 and "mpi4py cannot be imported" in lines[0] and \
         "pip install 'minivae[mpi]'" in lines[0], p.stderr
     assert not (tmp_path / "run").exists()
+
+
+@needs_mpi
+def test_the_scaling_benchmark_runs_and_writes_nothing_unless_asked(tmp_path):
+    results = HERE.parent / "benchmarks" / "results"
+    before = {p: p.stat().st_mtime_ns for p in results.rglob("*")} if results.exists() else {}
+    p = subprocess.run([sys.executable, str(HERE.parent / "benchmarks" / "mpi_scaling.py"),
+                        "--steps", "3", "--warmup", "1", "--batch", "32"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120, env=ENV)
+    assert p.returncode == 0, p.stderr
+    assert "cost model t(N)" in p.stdout and "\n    2 " in p.stdout   # the 2-rank row
+    assert list(tmp_path.iterdir()) == []
+    after = {p: p.stat().st_mtime_ns for p in results.rglob("*")} if results.exists() else {}
+    assert after == before

@@ -24,7 +24,6 @@ import numpy as np
 from .backend import RNG
 from .models import check_count
 
-LOG_2PI = math.log(2.0 * math.pi)
 
 
 def _batches(n: int, size: int):
@@ -56,17 +55,6 @@ def _rng(model, rng, seed):
         raise TypeError(f"rng must be a minivae RNG on the model's backend "
                         f"(model.backend.rng(seed)), got {type(rng).__name__}")
     return rng
-
-
-def log_px_given_z(model, out, x):
-    """log p(x|z) from the decoder output. out: (R, D) or (R, 2D); x: (R, D) -> (R,)."""
-    nll, _ = model.px.nll(out, x)
-    return -nll
-
-
-def log_std_normal(xp, z):
-    """log N(z; 0, I) summed over the last axis. (..., L) -> (...)."""
-    return -0.5 * xp.sum(z * z + LOG_2PI, axis=-1)
 
 
 def elbo(model, x, batch_size: int = 1000, rng=None, check: bool = True) -> dict:
@@ -107,27 +95,16 @@ def iwae(model, x, k: int = 100, max_rows: int = 4096, rng=None) -> float:
     rng = _rng(model, rng, 0)
     xp = model.xp
     x = _to_backend(model, x)
-    n, D, L = x.shape[0], model.d_in, model.latent
+    n = x.shape[0]
     B = max(1, max_rows // k)
     kc = max(1, max_rows // B)
     total = xp.zeros((), dtype=model.dtype)
     for i, j in _batches(n, B):
-        b = j - i
         xb = x[i:j, :]
-        mu, logvar = model.encode(xb, check=False)                     # (b, L)
-        sigma = xp.exp(0.5 * logvar)
         m = None                                                        # running max  (b,)
         s = None                                                        # running sum  (b,)
         for c0, c1 in _batches(k, kc):
-            kk = c1 - c0
-            eps = rng.normal((kk, b, L), model.dtype)
-            z = mu + sigma * eps                                        # (kk, b, L)
-            out = model.decode_logits(xp.reshape(z, (kk * b, L)), check=False)
-            xr = xp.reshape(xp.broadcast_to(xp.expand_dims(xb, axis=0), (kk, b, D)), (kk * b, D))
-            log_pxz = xp.reshape(log_px_given_z(model, out, xr), (kk, b))
-            # log q(z|x) at z = mu + sigma * eps is log N(eps; 0, I) - sum(logvar)/2
-            log_w = log_pxz + log_std_normal(xp, z) - (log_std_normal(xp, eps)
-                                                        - 0.5 * xp.sum(logvar, axis=-1))
+            log_w = model.importance_log_weights(xb, c1 - c0, rng)     # (kk, b)
             cmax = xp.max(log_w, axis=0)
             if m is None:
                 m, s = cmax, xp.sum(xp.exp(log_w - cmax), axis=0)

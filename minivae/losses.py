@@ -105,6 +105,30 @@ def kl_normal_backward(xp, dout, cache):
     return mu * s, 0.5 * (var - 1.0) * s
 
 
+# -- KL of categorical latents against a uniform prior --------------------------------------
+def kl_categorical(xp, logits):
+    """KL(Cat(softmax(l)) || Uniform(C)) in closed form, summed over K independent variables.
+
+    logits: (B, K, C) -> kl: (B,) nats
+        KL = sum_K [ sum_C q log q + log C ],   log q = l - logsumexp_C(l)   (stable: shifted
+    by the row maximum). Zero when q is uniform; at most K log C (q one-hot).
+    """
+    a = logits - xp.max(logits, axis=-1, keepdims=True)
+    logq = a - xp.log(xp.sum(xp.exp(a), axis=-1, keepdims=True))
+    q = xp.exp(logq)
+    neg_entropy = xp.sum(q * logq, axis=-1)                          # (B, K)
+    kl = xp.sum(neg_entropy + math.log(logits.shape[-1]), axis=-1)
+    return kl, (q, logq, neg_entropy)
+
+
+def kl_categorical_backward(xp, dout, cache):
+    """-> dL/dlogits (B, K, C):  dKL/dl_j = q_j (log q_j - sum_C q log q)  per variable
+    (the softmax Jacobian applied to dKL/dq = log q + 1; the +1 cancels)."""
+    q, logq, neg_entropy = cache
+    s = dout if isinstance(dout, (int, float)) else xp.reshape(dout, (-1, 1, 1))
+    return q * (logq - xp.expand_dims(neg_entropy, axis=-1)) * s
+
+
 # -- KL, single-sample Monte-Carlo estimate (for study) ------------------------------------
 def kl_monte_carlo(xp, z, mu, logvar):
     """log q(z|x) - log p(z) at one sample z: an unbiased estimate of the analytic KL.

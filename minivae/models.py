@@ -33,7 +33,8 @@ from . import losses
 from .backend import resolve
 from .layers import ACTIVATIONS, INITS, mlp
 from .params import Layout, Params
-from .sampling import sample, sample_backward
+from .sampling import (gumbel, gumbel_softmax, gumbel_softmax_backward, one_hot, sample,
+                       sample_backward, straight_through)
 
 
 @dataclass
@@ -233,6 +234,15 @@ class _Model:
 
 
 class VAE(_Model):
+    #: q(z|x) is a Gaussian (codes are points of R^L; the manifold figure applies at L = 2)
+    continuous = True
+
+    @staticmethod
+    def widths(config) -> tuple[int, int]:
+        """(encoder output width, decoder input width) for a config: (2L, L)."""
+        latent = check_count(config.get("latent", 20), "latent")
+        return 2 * latent, latent
+
     """Variational autoencoder: encoder -> (mu, logvar) -> reparametrized z -> decoder.
 
     Defaults are the classic setup (Kingma & Welling; the PyTorch example): 784-400-20, ReLU,
@@ -325,9 +335,17 @@ class VAE(_Model):
             self.check_eps(eps, B)
         return eps
 
-    def draw_code(self, n: int):
-        """n codes from the prior p(z) = N(0, I), (n, L)."""
-        return self.draw_eps(n)
+    def draw_code(self, n: int, rng=None):
+        """n codes from the prior p(z) = N(0, I), (n, L), from ``rng`` (a backend RNG; default
+        the model's)."""
+        if rng is None:
+            return self.draw_eps(n)
+        return rng.normal((check_count(n, "n"), self.latent), self.dtype)
+
+    @property
+    def prior_text(self) -> str:
+        """The prior, in words (figure titles)."""
+        return f"z ~ N(0, I) ({self.latent}-d)"
 
     # -- inference ---------------------------------------------------------------------------
     def _encode(self, x):
@@ -375,6 +393,21 @@ class VAE(_Model):
         recon, kl = self._terms(x, self.prepare_eps(eps, x.shape[0], True))
         return -(recon + kl)
 
+    def importance_log_weights(self, x, k, rng):
+        """log w_i = log p(x|z_i) + log p(z_i) - log q(z_i|x) for k draws z_i ~ q(z|x) per
+        example (drawn with ``rng``), (k, B): the terms of the IWAE bound (Burda et al. 2016).
+        log q(z|x) at z = mu + sigma * eps is log N(eps; 0, I) - sum(logvar) / 2."""
+        xp, B, L = self.xp, x.shape[0], self.latent
+        mu, logvar = self._encode(x)                                    # (B, L)
+        eps = rng.normal((k, B, L), self.dtype)
+        z = mu + xp.exp(0.5 * logvar) * eps                             # (k, B, L)
+        out = self._decode_out(xp.reshape(z, (k * B, L)))
+        xr = xp.reshape(xp.broadcast_to(xp.expand_dims(x, axis=0), (k, B, self.d_in)),
+                        (k * B, self.d_in))
+        nll, _ = self.px.nll(out, xr)
+        log_pz, log_eps = (-0.5 * xp.sum(a * a + losses.LOG_2PI, axis=-1) for a in (z, eps))
+        return -xp.reshape(nll, (k, B)) + log_pz - (log_eps - 0.5 * xp.sum(logvar, axis=-1))
+
     def reconstruct(self, x, sample_z=False):
         """x: (B, D) -> mean of p(x|z) at z = mu (or a sample of q(z|x)), (B, D)."""
         if not isinstance(sample_z, bool):
@@ -391,6 +424,13 @@ class VAE(_Model):
 
 
 class Autoencoder(_Model):
+    continuous = True
+
+    @staticmethod
+    def widths(config) -> tuple[int, int]:
+        latent = check_count(config.get("latent", 20), "latent")
+        return latent, latent
+
     """Deterministic autoencoder: x -> code (B, L) -> reconstruction. The PCA generalisation:
     with ``activation=None`` and a Gaussian likelihood it is linear and learns the principal
     subspace. Loss = mean_B(-log p(x | decoder(encoder(x)))), no KL, no sampling.
@@ -471,8 +511,232 @@ class Autoencoder(_Model):
                         "model.loss(x), the reconstruction term")
 
 
+class DiscreteVAE(_Model):
+    """A VAE with categorical latents: K variables of C classes each, a uniform prior, and a
+    gradient through the sample from the Gumbel-softmax relaxation (or its straight-through
+    variant). One batch, top to bottom (:meth:`forward_backward`):
+
+        l          = encoder(x)                          (B, K*C)  logits, seen as (B, K, C)
+        y          = softmax((l + g) / tau)              (B, K, C) g ~ Gumbel(0, 1), drawn by the
+                                                                   model (straight_through: the
+                                                                   one-hot argmax, relaxed backward)
+        out        = decoder(y)                          (B, D)    y flattened to (B, K*C)
+        recon      = -log p(x|y)                         (B,)
+        kl         = KL(Cat(softmax(l)) || Uniform(C))   (B,)      analytic, summed over K
+        loss       = mean_B(recon + beta * kl)
+
+    (Jang, Gu & Poole 2017; Maddison, Mnih & Teh 2017.) ``latent`` is K, the number of
+    categorical variables, and ``categories`` is C; the code the decoder reads has
+    ``model.latent = K * C`` columns after construction (``config["latent"]`` stays K).
+
+    What the loss is: training minimises the *relaxed* objective above (the decoder sees points
+    inside the simplex). The model's ELBO (:meth:`loss_terms`, :meth:`elbo`, what evaluation
+    reports) is the true one, with exact one-hot samples c = argmax(l + g) (the Gumbel-max
+    trick), so it is comparable with the Gaussian VAE's. ``tau`` (> 0) can change between steps
+    (annealing); ``straight_through`` chooses the estimator.
+    Raises ValueError/TypeError for sizes, names or numbers that mean nothing.
+    """
+
+    has_prior = True
+    continuous = False
+
+    def __init__(self, d_in=784, hidden=(400,), latent=20, categories=10, tau=1.0,
+                 straight_through=False, activation="relu", likelihood="bernoulli", beta=1.0,
+                 x_sigma=1.0, init=None, backend="numpy", dtype="float32", seed=0):
+        d_in, hidden, K = _sizes(d_in, hidden, latent)
+        C = check_count(categories, "categories", low=2)
+        if not isinstance(straight_through, bool):
+            raise TypeError(f"straight_through must be True or False, got {straight_through!r}")
+        self.d_in, self.variables, self.categories = d_in, K, C
+        self.latent = K * C
+        self.beta, self.tau, self.straight_through = beta, tau, straight_through
+        nets = self._nets(d_in, hidden, K * C, K * C, likelihood, activation, init, backend)
+        self._setup(nets, likelihood, x_sigma, backend, dtype, seed)
+        self._config = dict(kind="discrete_vae", d_in=d_in, hidden=list(hidden), latent=K,
+                            categories=C, tau=self.tau, straight_through=straight_through,
+                            activation=activation, likelihood=likelihood, beta=self.beta,
+                            x_sigma=float(x_sigma), init=init)
+
+    @staticmethod
+    def widths(config) -> tuple[int, int]:
+        """(encoder output, decoder input) = (K*C, K*C)."""
+        K = check_count(config.get("latent", 20), "latent")
+        C = check_count(config.get("categories", 10), "categories", low=2)
+        return K * C, K * C
+
+    beta = VAE.beta
+
+    @property
+    def tau(self) -> float:
+        """The relaxation's temperature (> 0)."""
+        return self._tau
+
+    @tau.setter
+    def tau(self, value):
+        if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                or not math.isfinite(value) or value <= 0):
+            raise ValueError(f"tau must be a finite number > 0, got {value!r}")
+        self._tau = float(value)
+
+    def _grid(self, a):
+        """(B, K*C) -> (B, K, C)."""
+        return self.xp.reshape(a, (a.shape[0], self.variables, self.categories))
+
+    def _flat(self, a):
+        return self.xp.reshape(a, (a.shape[0], self.latent))
+
+    # -- the reference pass ----------------------------------------------------------------------
+    def forward_backward(self, P, x, g, batch_size=None):
+        """x: (b, D), g: (b, K*C) Gumbel noise -> per-row (loss, recon, kl), each (b,), of the
+        relaxed objective, and writes d(sum of these rows' losses / batch_size) / d params into
+        ``P.grad`` (as VAE.forward_backward)."""
+        xp = self.xp
+        n = x.shape[0] if batch_size is None else batch_size
+        # forward
+        h, enc_caches = self.encoder.forward(P, x)                      # (b, K*C) logits
+        logits = self._grid(h)
+        sampler = straight_through if self.straight_through else gumbel_softmax
+        y, s_cache = sampler(xp, logits, self._grid(g), self.tau)       # (b, K, C)
+        out, dec_caches = self.decoder.forward(P, self._flat(y))
+        recon, r_cache = self.px.nll(out, x)                            # -log p(x|y)   (b,)
+        kl, k_cache = losses.kl_categorical(xp, logits)                 # KL(q || U)    (b,)
+        loss_b = recon + self.beta * kl
+
+        # backward
+        dout = self.px.nll_backward(1.0 / n, r_cache)
+        dy, dec_grads = self.decoder.backward(P, dout, dec_caches)      # (b, K*C)
+        dlogits = gumbel_softmax_backward(xp, self._grid(dy), s_cache) \
+            + losses.kl_categorical_backward(xp, self.beta / n, k_cache)
+        _, enc_grads = self.encoder.backward(P, self._flat(dlogits), enc_caches)
+        P.write_grads({**enc_grads, **dec_grads})
+        return loss_b, recon, kl
+
+    # -- noise -----------------------------------------------------------------------------------
+    def draw_eps(self, batch: int):
+        """Gumbel(0, 1) noise g, (batch, K*C), from the model's RNG."""
+        u = self.rng.uniform((check_count(batch, "batch"), self.latent), self.dtype)
+        return gumbel(self.xp, u)
+
+    def check_eps(self, eps, batch, stacked=False):
+        """Raise TypeError/ValueError unless the noise is a finite (batch, K*C) array like the
+        model's (``stacked``: (S, batch, K*C))."""
+        self._check_array(eps, "g")
+        want = (batch, self.latent)
+        if (stacked and (eps.ndim != 3 or tuple(eps.shape[1:]) != want or eps.shape[0] < 1)) \
+                or (not stacked and tuple(eps.shape) != want):
+            raise ValueError(f"the Gumbel noise g has shape {tuple(eps.shape)}; expected "
+                             f"{'(S, ' if stacked else '('}{batch}, {self.latent}) (batch size, "
+                             f"K*C = {self.variables}*{self.categories})")
+        self._check_values(eps, "g", "noise")
+
+    prepare_eps = VAE.prepare_eps
+
+    def draw_code(self, n: int, rng=None):
+        """n codes from the uniform prior: one-hot rows, (n, K*C)."""
+        n = check_count(n, "n")
+        u = (rng or self.rng).uniform((n, self.variables, self.categories), self.dtype)
+        return self._flat(one_hot(self.xp, self.xp.argmax(u, axis=-1), self.categories,
+                                  self.dtype))
+
+    @property
+    def prior_text(self) -> str:
+        return f"{self.variables} categorical variables x {self.categories} classes, uniform"
+
+    # -- inference -------------------------------------------------------------------------------
+    def _encode(self, x):
+        h, _ = self.encoder.forward(self.params, x)
+        return h
+
+    def encode(self, x, check=True):
+        """x: (B, D) -> logits of q(z|x), (B, K*C) (variable k in columns k*C .. k*C + C-1)."""
+        if check:
+            self.check_input(x)
+        return self._encode(x)
+
+    def probabilities(self, x, check=True):
+        """x: (B, D) -> q(z|x)'s class probabilities, (B, K, C)."""
+        logits = self._grid(self.encode(x, check))
+        a = logits - self.xp.max(logits, axis=-1, keepdims=True)
+        e = self.xp.exp(a)
+        return e / self.xp.sum(e, axis=-1, keepdims=True)
+
+    def code(self, x):
+        """x: (B, D) -> the class probabilities flattened, (B, K*C) (the latent figure)."""
+        return self._flat(self.probabilities(x))
+
+    def _hard(self, logits, g):
+        """Exact samples of q: one_hot(argmax(l + g)), (B, K, C)."""
+        return one_hot(self.xp, self.xp.argmax(logits + g, axis=-1), self.categories, self.dtype)
+
+    def _relaxed_terms(self, x, g):
+        logits = self._grid(self._encode(x))
+        sampler = straight_through if self.straight_through else gumbel_softmax
+        y, _ = sampler(self.xp, logits, self._grid(g), self.tau)
+        recon, _ = self.px.nll(self._decode_out(self._flat(y)), x)
+        kl, _ = losses.kl_categorical(self.xp, logits)
+        return recon, kl
+
+    def _terms(self, x, g):
+        """The true ELBO's terms at exact one-hot samples: (-log p(x|z), KL), each (B,)."""
+        logits = self._grid(self._encode(x))
+        z = self._hard(logits, self._grid(g))
+        recon, _ = self.px.nll(self._decode_out(self._flat(z)), x)
+        kl, _ = losses.kl_categorical(self.xp, logits)
+        return recon, kl
+
+    def loss(self, x, eps=None, check=True):
+        """The relaxed objective mean_B(recon + beta * kl) that ``loss_and_grads`` returns and
+        differentiates, for the same x and Gumbel noise; forward only. 0-d backend array."""
+        if check:
+            self.check_input(x)
+        recon, kl = self._relaxed_terms(x, self.prepare_eps(eps, x.shape[0], check))
+        return self.xp.mean(recon + self.beta * kl)
+
+    def loss_terms(self, x, rng=None, check=True):
+        """Per-example (-log p(x|z), KL) of the true ELBO, one exact one-hot z ~ q(z|x) per
+        example drawn with ``rng`` (default the model's). No gradients."""
+        if check:
+            self.check_input(x)
+        u = (rng or self.rng).uniform((x.shape[0], self.latent), self.dtype)
+        return self._terms(x, gumbel(self.xp, u))
+
+    def elbo(self, x, eps=None):
+        """Per-example true ELBO (B,) in nats at the exact samples argmax(l + g)."""
+        self.check_input(x)
+        recon, kl = self._terms(x, self.prepare_eps(eps, x.shape[0], True))
+        return -(recon + kl)
+
+    def importance_log_weights(self, x, k, rng):
+        """log p(x|z_i) + log p(z_i) - log q(z_i|x) for k exact samples per example, (k, B)
+        (for the IWAE bound). log p(z) = -K log C; log q(z|x) = sum_K log q_k(c_k)."""
+        xp, B = self.xp, x.shape[0]
+        logits = self._grid(self._encode(x))
+        a = logits - xp.max(logits, axis=-1, keepdims=True)
+        logq = a - xp.log(xp.sum(xp.exp(a), axis=-1, keepdims=True))         # (B, K, C)
+        u = rng.uniform((k, B, self.variables, self.categories), self.dtype)
+        z = one_hot(xp, xp.argmax(xp.expand_dims(logits, axis=0) + gumbel(xp, u), axis=-1),
+                    self.categories, self.dtype)                               # (k, B, K, C)
+        log_q = xp.sum(z * xp.expand_dims(logq, axis=0), axis=(2, 3))          # (k, B)
+        out = self._decode_out(xp.reshape(z, (k * B, self.latent)))
+        xr = xp.reshape(xp.broadcast_to(xp.expand_dims(x, axis=0), (k, B, self.d_in)),
+                        (k * B, self.d_in))
+        nll, _ = self.px.nll(out, xr)
+        return -xp.reshape(nll, (k, B)) - self.variables * math.log(self.categories) - log_q
+
+    def reconstruct(self, x):
+        """x: (B, D) -> mean of p(x|z) at the most probable class of each variable, (B, D)."""
+        self.check_input(x)
+        logits = self._grid(self._encode(x))
+        z = one_hot(self.xp, self.xp.argmax(logits, axis=-1), self.categories, self.dtype)
+        return self.px.mean(self._decode_out(self._flat(z)))
+
+    def sample(self, n: int):
+        """n new examples: decode z from the uniform prior -> (n, D) means of p(x|z)."""
+        return self.px.mean(self._decode_out(self.draw_code(check_count(n, "n"))))
+
+
 #: model name (``model.config["kind"]``, the CLI's --model) -> class
-MODELS = {"vae": VAE, "autoencoder": Autoencoder}
+MODELS = {"vae": VAE, "autoencoder": Autoencoder, "discrete_vae": DiscreteVAE}
 
 
 def layout_of(config: dict) -> Layout:
@@ -485,8 +749,8 @@ def layout_of(config: dict) -> Layout:
         raise ValueError(f"unknown model kind {kind!r}; choose one of {', '.join(MODELS)}")
     d_in, hidden, latent = _sizes(config.get("d_in", 784), config.get("hidden", (400,)),
                                   config.get("latent", 20))
-    code = 2 * latent if MODELS[kind].has_prior else latent
-    nets = _build_nets(d_in, hidden, latent, code, config.get("likelihood", "bernoulli"),
+    code, dec_in = MODELS[kind].widths(config)
+    nets = _build_nets(d_in, hidden, dec_in, code, config.get("likelihood", "bernoulli"),
                        config.get("activation", "relu"), config.get("init"), "numpy")
     return Layout([e for net in nets for e in net.param_entries()])
 

@@ -74,10 +74,11 @@ def reconstructions(model, x, path, image_shape=(28, 28), n: int = 32, cols: int
 
 
 def samples(model, path, image_shape=(28, 28), n: int = 64, cols: int = 8, seed: int = 0):
-    """Decoder means p(x|z) at n draws z ~ N(0, I)."""
-    z = model.backend.rng(seed).normal((n, model.latent), model.dtype)
+    """Decoder means p(x|z) at n draws z from the model's prior (N(0, I), or uniform one-hot
+    codes for categorical latents)."""
+    z = model.draw_code(n, rng=model.backend.rng(seed))
     return _save_mosaic(tile(_host(model, model.decode(z)), image_shape, cols), path,
-                        f"samples from the prior, z ~ N(0, I) ({model.latent}-d)")
+                        f"samples from the prior, {model.prior_text}")
 
 
 def class_label(classes) -> str:
@@ -217,7 +218,7 @@ def save_all(model, ds, history, out, x_test=None) -> list[Path]:
     if model.has_prior:
         paths.append(samples(model, out / "samples.png", ds.image_shape))
     paths.append(latent_scatter(model, x, ds.y_test, out / "latent.png", ds.classes))
-    if model.has_prior and model.latent == 2:
+    if model.has_prior and model.continuous and model.latent == 2:
         paths.append(manifold(model, out / "manifold.png", ds.image_shape))
     if history:
         paths.append(curves(history, out / "curves.png"))

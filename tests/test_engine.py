@@ -114,7 +114,7 @@ def test_the_reference_imports_nothing_from_the_engine_and_has_no_threads(name):
     assert "backend.name ==" not in text and "backend.name !=" not in text
 
 
-NAMES = {"numpy", "cupy", "strict", "vae", "autoencoder"}   # backend names, model kinds
+NAMES = {"numpy", "cupy", "strict", "vae", "autoencoder", "discrete_vae"}   # backend names, model kinds
 
 
 def test_no_backend_name_or_model_kind_string_tests_outside_their_modules():

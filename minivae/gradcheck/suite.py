@@ -26,7 +26,7 @@ def run_all(backend="numpy", seed=0, full=False) -> Report:
     """
     from .. import layers, losses, sampling
     from ..backend import get_backend
-    from ..models import VAE, Autoencoder
+    from ..models import VAE, Autoencoder, DiscreteVAE
 
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0; got {seed!r}")
@@ -99,7 +99,22 @@ def run_all(backend="numpy", seed=0, full=False) -> Report:
                         xp, w, losses.kl_monte_carlo(xp, z, mu, logvar)[1]))),
                     {"z": z, "mu": mu, "logvar": logvar}, (B,))
 
-    # Whole models, end to end through the sampling step with eps held fixed.
+    # Categorical latents: the Gumbel-softmax relaxation (noise g held fixed, as eps is) and
+    # the KL against a uniform prior, on (B, K, C) = (4, 2, 3) logits of several magnitudes.
+    cat_logits = f64(rng.standard_normal((B, 2, 3)) * np.array([0.5, 2.0, 4.0]))
+    g = f64(-np.log(-np.log(rng.uniform(0.05, 0.95, size=(B, 2, 3)))))
+    report += piece("gumbel_softmax(tau=0.7)",
+                    lambda: sampling.gumbel_softmax(xp, cat_logits, g, 0.7)[0],
+                    lambda G: {name: sampling.gumbel_softmax_backward(
+                        xp, G, sampling.gumbel_softmax(xp, cat_logits, g, 0.7)[1])
+                        for name in ("logits", "g")},          # y depends on l + g alone
+                    {"logits": cat_logits, "g": g}, (B, 2, 3))
+    report += piece("kl_categorical", lambda: losses.kl_categorical(xp, cat_logits)[0],
+                    lambda w: {"logits": losses.kl_categorical_backward(
+                        xp, w, losses.kl_categorical(xp, cat_logits)[1])},
+                    {"logits": cat_logits}, (B,))
+
+    # Whole models, end to end through the sampling step with eps (or g) held fixed.
     data = f64(rng.uniform(size=(5, 12)))
     for label, model in [
         ("VAE", VAE(12, (10,), 3, backend=be, dtype="float64", seed=seed)),
@@ -107,6 +122,9 @@ def run_all(backend="numpy", seed=0, full=False) -> Report:
          VAE(12, (10, 7), 3, activation="tanh", likelihood="gaussian_learned", beta=0.5,
              backend=be, dtype="float64", seed=seed)),
         ("Autoencoder", Autoencoder(12, (10,), 3, backend=be, dtype="float64", seed=seed)),
+        ("DiscreteVAE(K=3, C=4, tau=0.8, relaxed)",
+         DiscreteVAE(12, (10,), 3, categories=4, tau=0.8, beta=0.7, backend=be,
+                     dtype="float64", seed=seed)),
     ]:
         report += check_model(model, data, seed=seed, name=label)
     if full:

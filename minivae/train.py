@@ -379,8 +379,8 @@ class Trainer:
             raise ValueError(f"batch_size {cfg.batch_size} is smaller than the {comm.size} ranks: "
                              f"each rank needs rows of every batch")
         self.backend = get_backend(cfg.backend)
-        if comm.size > 1 and self.backend.name == "cupy" and hasattr(comm, "use_local_device"):
-            comm.use_local_device()                      # before any array is made
+        if comm.size > 1 and hasattr(comm, "use_local_device"):
+            comm.use_local_device(self.backend)          # GPU ranks: before any array is made
         self.ds, x_tr, x_te = prepare_data(cfg, dataset)
         check_same(comm, {"training data": x_tr, "test data": x_te}, "at the start")
         mk = dict(d_in=self.ds.dim, hidden=cfg.hidden, latent=cfg.latent,

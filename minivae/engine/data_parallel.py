@@ -24,7 +24,10 @@ wrapper to the reference step.
 
 The communicator is the seam for more than one process (MPI): anything with ``rank``,
 ``size``, ``rows(n)``, ``allreduce_sum(buf)`` and ``broadcast(buf)``, as :class:`Communicator`
-describes. :class:`SingleProcess` is the one that ships.
+describes. :class:`SingleProcess` is one; ``minivae/engine/mpi.py``'s ``MPICommunicator`` (over
+mpi4py) is the other. :func:`check_same` and :func:`share_bytes`, built on the same four calls,
+are what a multi-rank trainer needs besides the step: replica checksums, and one rank's file
+read for all.
 """
 from __future__ import annotations
 

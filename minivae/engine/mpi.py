@@ -155,9 +155,13 @@ class MPICommunicator(Communicator):
         """This rank's index among the ranks on its machine."""
         return self.comm.Split_type(self.MPI.COMM_TYPE_SHARED).Get_rank()
 
-    def use_local_device(self) -> int:
-        """Make CUDA device ``local rank % device count`` current for this process (call
-        before any CuPy array is made). -> the device index."""
+    def use_local_device(self, backend) -> int | None:
+        """For a backend whose arrays live on a CUDA device (its namespace is CuPy's,
+        ``array_api_compat.cupy``), make device ``local rank % device count`` current for this
+        process; call before any array is made. -> the device index, or None for a host
+        backend (nothing done)."""
+        if not getattr(backend.xp, "__name__", "").endswith("cupy"):
+            return None
         import cupy
 
         n = cupy.cuda.runtime.getDeviceCount()

@@ -477,4 +477,7 @@ def _check(model, kl, x):
         raise ValueError(f"kl must be 'analytic' or 'mc', got {kl!r}")
     if not getattr(model, "has_prior", False):
         raise TypeError("gradient estimators need a VAE (a model that samples z)")
+    if not getattr(model, "continuous", True):
+        raise TypeError("these estimators are for a Gaussian q(z|x); for categorical latents "
+                        "use minivae.discrete (REINFORCE, Gumbel-softmax, straight-through)")
     model.check_input(x)

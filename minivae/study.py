@@ -32,7 +32,11 @@ CONFIGS = (
     ("score, MC KL", "score", "mc"),
     ("score + LOO baseline", "score_baseline", "analytic"),
     ("score + LOO baseline, MC KL", "score_baseline", "mc"),
+    ("score + delta-method CV", "score_delta", "analytic"),
+    ("measure-valued", "measure_valued", "analytic"),
 )
+#: the measure-valued estimator costs 1 + 4L decoder rows per sample: its sweep stops here
+MVD_MAX_SAMPLES = 4
 
 
 @one_blas_thread()
@@ -72,8 +76,11 @@ def _replicates(model, x, estimator, kl, samples, replicates, enc, comm):
         rounds, mine = range(first, min(first + size, replicates)), None
         for r in rounds:
             eps = est.draw_eps(model, samples, x.shape[0])        # every rank draws every one
+            noise = (est.draw_mvd_noise(model, samples, x.shape[0])
+                     if estimator == "measure_valued" else None)
             if r % size == rank:
-                g = est.estimate(model, x, estimator, eps=eps, samples=samples, kl=kl)
+                g = est.estimate(model, x, estimator, eps=eps, samples=samples, kl=kl,
+                                 noise=noise)
                 mine = xp.astype(g[enc], xp.float64)
         if size == 1:
             yield mine
@@ -106,12 +113,18 @@ def measure(model, x, samples=4, sweep=(1, 2, 4, 8, 16), replicates=50, comm=Non
     column of the same sweep. ``comm``: split the replicates over ranks (:func:`encoder_variance`).
 
     -> {"table": {label: mean_variance}, "sweep": {label: {S: mean_variance}}, "seconds": t}
-    The leave-one-out baseline needs S >= 2, so its sweep starts there.
+    The leave-one-out baseline needs S >= 2, so its sweep starts there; the measure-valued
+    estimator's stops at max(samples, MVD_MAX_SAMPLES) (it runs 1 + 4L decoder rows per sample).
     """
     t0 = time.perf_counter()
     sweep = sorted(set(sweep) | {samples})
+
+    def runs(e, S):
+        return not ((e == "score_baseline" and S < 2)
+                    or (e == "measure_valued" and S > max(samples, MVD_MAX_SAMPLES)))
+
     curves = {label: {S: encoder_variance(model, x, e, kl, S, replicates, comm)
-                      for S in sweep if not (e == "score_baseline" and S < 2)}
+                      for S in sweep if runs(e, S)}
               for label, e, kl in CONFIGS}
     table = {label: curve[samples] for label, curve in curves.items()}
     return {"table": table, "sweep": curves, "seconds": time.perf_counter() - t0}
@@ -125,7 +138,8 @@ def plot_sweeps(stages: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = {"pathwise": ("C0", "-"), "score": ("C3", "-"), "score + LOO baseline": ("C2", "-")}
+    styles = {"pathwise": ("C0", "-"), "score": ("C3", "-"), "score + LOO baseline": ("C2", "-"),
+              "score + delta-method CV": ("C1", "-"), "measure-valued": ("C4", "-")}
     fig, axes = plt.subplots(1, len(stages), figsize=(5.2 * len(stages), 4.2), sharey=True)
     axes = axes if len(stages) > 1 else [axes]
     for ax, (title, res) in zip(axes, stages.items()):
@@ -148,5 +162,75 @@ def plot_sweeps(stages: dict, path) -> None:
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.suptitle("Backprop through sampling: pathwise vs score-function gradient noise")
     fig.tight_layout(rect=(0, 0.11, 1, 1))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# -- discrete latents: bias and variance against the exact gradient ------------------------------
+#: the temperatures of the Gumbel-softmax and straight-through rows
+DISCRETE_TAUS = (0.1, 0.3, 1.0, 3.0)
+DISCRETE_LABELS = {"reinforce": "REINFORCE", "reinforce_baseline": "REINFORCE + LOO baseline",
+                   "gumbel_softmax": "Gumbel-softmax", "straight_through": "straight-through"}
+
+
+@one_blas_thread()
+def discrete_measure(model, x, samples=4, replicates=200, taus=DISCRETE_TAUS) -> dict:
+    """Every discrete estimator of :mod:`minivae.discrete` on a DiscreteVAE and a fixed batch x,
+    against the exact gradient by enumeration: relative bias ||mean - exact|| / ||exact||, the
+    noise floor of that number (what an unbiased estimator shows with R replicates), the mean
+    per-coordinate variance and the largest |z| of mean - exact (encoder coordinates).
+
+    -> {"exact_loss": nats per example, "rows": {label: {"estimator", "tau", "bias", "noise",
+    "variance", "max_z"}}, "seconds"}. Every rank of an MPI run computes the same numbers.
+    """
+    from . import discrete as D
+
+    t0 = time.perf_counter()
+    loss, exact = D.exact(model, x)
+    rows = {}
+    for name in ("reinforce", "reinforce_baseline"):
+        rows[DISCRETE_LABELS[name]] = {"estimator": name, "tau": None, **D.bias_and_variance(
+            model, x, name, exact, samples=samples, replicates=replicates)}
+    for name in ("gumbel_softmax", "straight_through"):
+        for tau in taus:
+            rows[f"{DISCRETE_LABELS[name]}, tau {tau:g}"] = {
+                "estimator": name, "tau": tau, **D.bias_and_variance(
+                    model, x, name, exact, samples=samples, replicates=replicates, tau=tau)}
+    return {"exact_loss": loss, "rows": rows, "seconds": time.perf_counter() - t0}
+
+
+def plot_tau(stages: dict, path) -> None:
+    """stages: {"at initialisation": discrete_measure(...), ...} -> a PNG of relative bias and
+    variance against tau for Gumbel-softmax and straight-through, with REINFORCE's (unbiased:
+    its bias is the noise floor) as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10.4, 4.2))
+    colors = {"gumbel_softmax": "C0", "straight_through": "C1", "reinforce": "C3",
+              "reinforce_baseline": "C2"}
+    for (title, res), alpha in zip(stages.items(), (0.35, 1.0) if len(stages) > 1 else (1.0,)):
+        rows = res["rows"]
+        for key, ax in (("bias", axes[0]), ("variance", axes[1])):
+            for name in ("gumbel_softmax", "straight_through"):
+                pts = sorted((r["tau"], r[key]) for r in rows.values() if r["estimator"] == name)
+                ax.loglog([t for t, _ in pts], [v for _, v in pts], "o-", color=colors[name],
+                          alpha=alpha, ms=4, label=f"{DISCRETE_LABELS[name]} ({title})")
+            for name in ("reinforce", "reinforce_baseline"):
+                v = next(r[key] for r in rows.values() if r["estimator"] == name)
+                ax.axhline(v, color=colors[name], ls="--", lw=1, alpha=alpha,
+                           label=f"{DISCRETE_LABELS[name]} ({title})")
+    axes[0].set_ylabel("relative bias ||E[g] - exact|| / ||exact||")
+    axes[1].set_ylabel("variance (mean over encoder coordinates)")
+    for ax in axes:
+        ax.set_xlabel("temperature tau")
+        ax.grid(True, which="both", alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
+    fig.suptitle("Discrete latents: the relaxation trades bias (left) for variance (right); "
+                 "REINFORCE's bias is only its noise floor")
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -55,6 +55,22 @@ def test_study_estimators_json_reports_every_estimator_and_the_variance_gap(tmp_
     assert res["ratio_score_over_pathwise"]["init"] == pytest.approx(
         res["score"]["init"] / res["pathwise"]["init"])
     assert_png(tmp_path / "estimator_variance.png")
+    # study II: the delta-method control variate, the measure-valued estimator and their cost
+    for key in ("score_delta", "measure_valued"):
+        assert np.isfinite(res[key]["init"]) and res[key]["init"] > 0, key
+    cost = res["cost_decoder_evaluations"]
+    assert cost["pathwise"] == 1 and cost["measure-valued"] == 1 + 4 * 20
+    # ... and discrete latents against the exact gradient
+    d = res["discrete"]
+    for stage in ("init", "trained"):
+        rows = d["rows"][stage]
+        assert {"REINFORCE", "REINFORCE + LOO baseline", "Gumbel-softmax, tau 0.1",
+                "straight-through, tau 3"} <= set(rows)
+        for label, r in rows.items():
+            assert all(np.isfinite(r[k]) and r[k] >= 0 for k in ("bias", "noise", "variance")), \
+                label
+    assert np.isfinite(d["exact_loss"]["init"])
+    assert_png(tmp_path / "discrete_bias_variance.png")
 
 
 def test_study_rejects_one_sample_for_the_table():

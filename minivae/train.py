@@ -57,6 +57,7 @@ from .optim import make_optimizer
 from .params import Layout
 
 CHECKPOINT = "checkpoint.npz"
+LATENT_TYPES = ("gaussian", "categorical")
 FORMAT = "minivae-checkpoint-1"
 
 
@@ -132,6 +133,13 @@ class TrainConfig:
     binarize: str = "none"            # none (grey levels) | static | dynamic
     beta: float = 1.0                 # weight of the KL term (beta-VAE)
     warmup_epochs: float = 0.0        # KL warm-up: beta ramps linearly from 0 over this many epochs
+    latent_type: str = "gaussian"     # gaussian (VAE) | categorical (DiscreteVAE: latent
+                                      #   categorical variables of `categories` classes each)
+    categories: int = 10              # classes per categorical variable
+    tau: float = 1.0                  # Gumbel-softmax temperature at the start
+    tau_min: float = 0.5              # ... annealed exponentially to this over tau_anneal epochs
+    tau_anneal: float = 0.0           # epochs of temperature annealing (0: tau stays constant)
+    straight_through: bool = False    # straight-through Gumbel-softmax instead of the relaxation
     log_every: int = 20               # steps between host read-backs (progress bar, NaN check)
     eval_batch: int = 1000
     out: str = "runs/vae"
@@ -146,19 +154,38 @@ class TrainConfig:
             raise ValueError(f"binarize must be one of {', '.join(BINARIZE)}, got {self.binarize!r}")
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
-        for name in ("epochs", "batch_size", "latent", "log_every", "eval_batch", "keep", "seed"):
-            v, low = getattr(self, name), (0 if name in ("epochs", "keep", "seed") else 1)
+        if self.latent_type not in LATENT_TYPES:
+            raise ValueError(f"latent_type must be one of {', '.join(LATENT_TYPES)}, got "
+                             f"{self.latent_type!r}")
+        if self.latent_type == "categorical" and not MODELS[self.model].has_prior:
+            raise ValueError("categorical latents need a VAE: an autoencoder has no latent "
+                             "distribution to sample")
+        if not isinstance(self.straight_through, bool):
+            raise ValueError(f"straight_through must be true or false, got "
+                             f"{self.straight_through!r}")
+        for name in ("epochs", "batch_size", "latent", "log_every", "eval_batch", "keep", "seed",
+                     "categories"):
+            v, low = getattr(self, name), (0 if name in ("epochs", "keep", "seed") else
+                                           2 if name == "categories" else 1)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"{name} must be a whole number >= {low}, got {v!r}")
-        for name in ("beta", "warmup_epochs", "lr", "weight_decay"):
+        for name in ("beta", "warmup_epochs", "lr", "weight_decay", "tau_anneal", "tau",
+                     "tau_min"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-                    or v < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+                    or v < 0 or (v == 0 and name in ("tau", "tau_min")):
+                low = "> 0" if name in ("tau", "tau_min") else ">= 0"
+                raise ValueError(f"{name} must be a finite number {low}, got {v!r}")
 
     #: what defines the model and its data: a resumed run may not change these
     FIXED = ("data", "data_dir", "model", "hidden", "latent", "activation", "likelihood", "init",
-             "optimizer", "batch_size", "dtype", "seed", "binarize")
+             "optimizer", "batch_size", "dtype", "seed", "binarize", "latent_type", "categories",
+             "straight_through")
+
+    @property
+    def kind(self) -> str:
+        """The model kind (a key of models.MODELS) this configuration builds."""
+        return "discrete_vae" if self.latent_type == "categorical" else self.model
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -289,7 +316,8 @@ _META = {
 }
 
 
-_NEWER_FIELDS = ("keep",)   # TrainConfig fields a checkpoint from an earlier minivae may lack
+_NEWER_FIELDS = ("keep", "latent_type", "categories", "tau", "tau_min", "tau_anneal",
+                 "straight_through")   # TrainConfig fields a checkpoint from an earlier minivae may lack
 
 
 def _finite_value(v) -> bool:
@@ -385,9 +413,12 @@ class Trainer:
         check_same(comm, {"training data": x_tr, "test data": x_te}, "at the start")
         mk = dict(d_in=self.ds.dim, hidden=cfg.hidden, latent=cfg.latent,
                   activation=cfg.activation, likelihood=cfg.likelihood, init=cfg.init)
-        if MODELS[cfg.model].has_prior:                 # a KL term, weighted by beta
+        if MODELS[cfg.kind].has_prior:                  # a KL term, weighted by beta
             mk["beta"] = cfg.beta
-        self.model = build_model({"kind": cfg.model, **mk}, backend=self.backend,
+        if not MODELS[cfg.kind].continuous:             # categorical latents
+            mk.update(categories=cfg.categories, tau=cfg.tau,
+                      straight_through=cfg.straight_through)
+        self.model = build_model({"kind": cfg.kind, **mk}, backend=self.backend,
                                  dtype=cfg.dtype, seed=cfg.seed)
         self.opt = make_optimizer(cfg.optimizer, self.model.params, lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
@@ -419,6 +450,15 @@ class Trainer:
     @property
     def steps_per_epoch(self) -> int:
         return math.ceil(self.n_train / self.cfg.batch_size)
+
+    def tau_at(self, step: int) -> float:
+        """Gumbel-softmax temperature for step ``step``: exponential annealing from cfg.tau to
+        cfg.tau_min over cfg.tau_anneal epochs, then constant (Jang et al. 2017 anneal
+        tau = max(0.5, exp(-r t)); this form names its end points instead of a rate r)."""
+        c, T = self.cfg, self.cfg.tau_anneal * self.steps_per_epoch
+        if T <= 0:
+            return c.tau
+        return c.tau * (c.tau_min / c.tau) ** min(1.0, step / T)
 
     def beta_at(self, step: int) -> float:
         """KL weight for optimizer step ``step`` (0-based): linear warm-up to cfg.beta."""
@@ -509,6 +549,8 @@ class Trainer:
                 xb = xp.astype(model.rng.uniform(tuple(xb.shape), model.dtype) < xb, model.dtype)
             if model.has_prior:                        # a KL term to warm up
                 model.beta = self.beta_at(self.step)
+            if hasattr(model, "tau"):                  # a Gumbel-softmax temperature to anneal
+                model.tau = self.tau_at(self.step)
             if self._dp is None:
                 r = train_step(model, self.opt, xb, check=False)
             else:                                      # this rank's rows, one all-reduce
@@ -547,7 +589,9 @@ class Trainer:
         return {"epoch": self.epoch, "step": self.step,
                 "train_loss": (rec + kl) / n, "train_recon": rec / n, "train_kl": kl / n,
                 "test_loss": test["loss"], "test_recon": test["recon"], "test_kl": test["kl"],
-                "beta": self.beta_at(self.step - 1), "seconds": seconds,
+                "beta": self.beta_at(self.step - 1),
+                **({"tau": self.tau_at(self.step - 1)} if hasattr(model, "tau") else {}),
+                "seconds": seconds,
                 "samples_per_s": (n - seen0) / max(seconds, 1e-9)}
 
     def _agree_stop(self):

@@ -241,3 +241,89 @@ def test_figures_for_categorical_latents(tmp_path, rng):
         m = DiscreteVAE(d_in=16, hidden=(8,), latent=K, categories=C, seed=0)
         names = sorted(p.name for p in save_all(m, ds, [], tmp_path / f"{K}x{C}"))
         assert names == ["latent.png", "reconstructions.png", "samples.png"]
+
+
+# -- training from the trainer and the CLI ------------------------------------------------------
+@pytest.fixture(scope="module")
+def blobs():
+    from minivae.data import Dataset
+
+    r = np.random.default_rng(0)
+    y = r.integers(0, 3, 300)
+    x = np.clip(r.random((3, 16))[y] + 0.15 * r.standard_normal((300, 16)), 0, 1)
+    return Dataset("tiny", x[:240].astype(np.float32), y[:240], x[240:].astype(np.float32),
+                   y[240:], image_shape=(4, 4))
+
+
+def _cfg(tmp_path, **kw):
+    from minivae.train import TrainConfig
+
+    base = dict(latent_type="categorical", latent=3, categories=4, hidden=[8], epochs=2,
+                batch_size=32, log_every=3, progress=False, figures=False,
+                out=str(tmp_path / "run"))
+    return TrainConfig(**{**base, **kw})
+
+
+def test_trainer_anneals_tau_and_resumes_a_discrete_run_bit_for_bit(tmp_path, blobs):
+    from minivae.train import Trainer
+
+    full = Trainer(_cfg(tmp_path / "a", epochs=3, tau=2.0, tau_min=0.5, tau_anneal=2),
+                   dataset=blobs, log=lambda m: None)
+    assert isinstance(full.model, DiscreteVAE) and full.model.categories == 4
+    assert full.tau_at(0) == 2.0 and full.tau_at(8) == pytest.approx(1.0)   # halfway: sqrt
+    assert full.tau_at(16) == pytest.approx(0.5) and full.tau_at(100) == pytest.approx(0.5)
+    full.fit()
+    assert [r["tau"] for r in full.history] == pytest.approx(
+        [2.0 * 0.25 ** (7 / 16), 2.0 * 0.25 ** (15 / 16), 0.5])
+    assert all(math.isfinite(r["test_loss"]) for r in full.history)
+    part = Trainer(_cfg(tmp_path / "b", epochs=1, tau=2.0, tau_min=0.5, tau_anneal=2),
+                   dataset=blobs, log=lambda m: None)
+    part.fit()
+    rest = Trainer.resume(tmp_path / "b" / "run", dataset=blobs, log=lambda m: None, epochs=3)
+    rest.fit()
+    np.testing.assert_array_equal(rest.model.params.data, full.model.params.data)
+    assert [r["test_loss"] for r in rest.history] == [r["test_loss"] for r in full.history]
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(categories=1), "categories must be a whole number >= 2"),
+    (dict(tau=0.0), "tau must be a finite number > 0"),
+    (dict(tau_min=float("nan")), "tau_min must be a finite number > 0"),
+    (dict(latent_type="bernoulli"), "latent_type must be one of gaussian, categorical"),
+    (dict(model="autoencoder"), "categorical latents need a VAE"),
+    (dict(straight_through="yes"), "straight_through must be true or false"),
+])
+def test_bad_categorical_settings_name_the_field(tmp_path, kw, message):
+    with pytest.raises(ValueError, match=message):
+        _cfg(tmp_path, **kw)
+
+
+def test_a_discrete_vae_trains_from_the_cli_and_evaluates(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+    out = tmp_path / "cat"
+    p = subprocess.run([sys.executable, "-m", "minivae", "train", "--latent-type", "categorical",
+                        "--latent", "6", "--categories", "5", "--hidden", "64", "--tau", "1.5",
+                        "--tau-anneal", "2", "--straight-through", "--epochs", "2", "--out",
+                        str(out), "--no-progress"], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "DiscreteVAE 784-64-(6 x 5 categories)" in p.stdout
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["model"]["kind"] == "discrete_vae" and doc["model"]["straight_through"] is True
+    assert doc["epochs"][-1]["tau"] == pytest.approx(1.5 * (1 / 3) ** (141 / 142))  # 71 steps/epoch
+    assert sorted(f.name for f in out.glob("*.png")) == ["curves.png", "latent.png",
+                                                        "reconstructions.png", "samples.png"]
+    e = subprocess.run([sys.executable, "-m", "minivae", "evaluate", str(out), "--k", "20",
+                        "--json"], env=env, capture_output=True, text=True, timeout=120)
+    assert e.returncode == 0, e.stderr
+    res = json.loads(e.stdout.strip().splitlines()[-1])
+    assert res["loss"] == pytest.approx(doc["epochs"][-1]["test_loss"], rel=1e-6)
+    r = subprocess.run([sys.executable, "-m", "minivae", "train", "--resume", "--out", str(out),
+                        "--epochs", "3", "--categories", "4"], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "--categories 4 differs from this run's 5" in r.stderr

@@ -6,6 +6,8 @@ VAE with ReLU and a Bernoulli likelihood on grey levels, Adam 1e-3, batch 128, 1
   minivae train                               # bundled mnist10k, runs/vae/
   minivae train --epochs 1 --out runs/t       # a quick look
   minivae train --latent 2 --out runs/z2      # adds manifold.png
+  minivae train --latent-type categorical --latent 20 --categories 10 --tau 1 \
+      --tau-anneal 10 --out runs/cat          # a discrete VAE (Gumbel-softmax)
   minivae train --data fashion-mnist --data-dir /usr/share/datasets/fashion-mnist
   minivae train --resume --out runs/t --epochs 20    # continue a run (Ctrl-C saves first)
   minivae train --resume --out runs/t --from-epoch 3 --lr 3e-4   # roll back a diverged run
@@ -36,7 +38,9 @@ HELP = "train a VAE on MNIST-like data; metrics, checkpoint and figures go to --
 DEFAULTS = dict(data="mnist10k", data_dir=None, binarize="none", model="vae", hidden=[400],
                 latent=20, activation="relu", likelihood="bernoulli", init=None, beta=1.0,
                 warmup=0.0, optimizer="adam", lr=1e-3, weight_decay=0.0, epochs=10, batch=128,
-                seed=0, device="numpy", dtype="float32", log_every=20, keep=3)
+                seed=0, device="numpy", dtype="float32", log_every=20, keep=3,
+                latent_type="gaussian", categories=10, tau=1.0, tau_min=0.5, tau_anneal=0.0,
+                straight_through=False)
 
 #: flag -> TrainConfig field, for the flags a run remembers
 FIELDS = dict(data="data", data_dir="data_dir", binarize="binarize", model="model",
@@ -44,7 +48,9 @@ FIELDS = dict(data="data", data_dir="data_dir", binarize="binarize", model="mode
               likelihood="likelihood", init="init", beta="beta", warmup="warmup_epochs",
               optimizer="optimizer", lr="lr", weight_decay="weight_decay", epochs="epochs",
               batch="batch_size", seed="seed", device="backend", dtype="dtype",
-              log_every="log_every", keep="keep")
+              log_every="log_every", keep="keep", latent_type="latent_type",
+              categories="categories", tau="tau", tau_min="tau_min", tau_anneal="tau_anneal",
+              straight_through="straight_through")
 FLAG = {field: "--" + flag.replace("_", "-") for flag, field in FIELDS.items()}
 
 
@@ -61,10 +67,30 @@ def add_arguments(p):
                    help="none: grey levels as Bernoulli targets, as the PyTorch example (default); "
                         "static: one fixed 0/1 draw; dynamic: redrawn every epoch")
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=list(MODELS), help="default vae")
+    g.add_argument("--model", choices=[k for k, m in MODELS.items() if m.continuous],
+                   help="default vae")
     g.add_argument("--hidden", type=layer_sizes, metavar="H[,H...]",
                    help="hidden layer widths (default 400)")
-    g.add_argument("--latent", type=pos_int, help="latent size (default 20)")
+    g.add_argument("--latent", type=pos_int,
+                   help="latent size (default 20); with --latent-type categorical: the number "
+                        "of categorical variables")
+    g.add_argument("--latent-type", choices=["gaussian", "categorical"],
+                   help="gaussian: q(z|x) = N(mu, sigma^2), the reparametrization trick "
+                        "(default); categorical: --latent variables of --categories classes, "
+                        "a uniform prior, trained through the Gumbel-softmax relaxation "
+                        "(Jang et al. 2017); evaluated with exact one-hot samples")
+    g.add_argument("--categories", type=number(2, kind=int), metavar="C",
+                   help="classes per categorical variable (default 10)")
+    g.add_argument("--tau", type=pos_float,
+                   help="Gumbel-softmax temperature (default 1.0)")
+    g.add_argument("--tau-min", type=pos_float,
+                   help="temperature at the end of the annealing (default 0.5)")
+    g.add_argument("--tau-anneal", type=nonneg, metavar="EPOCHS",
+                   help="anneal tau exponentially to --tau-min over this many epochs, then "
+                        "hold --tau-min (default 0: constant tau)")
+    g.add_argument("--straight-through", action="store_const", const=True,
+                   help="straight-through Gumbel-softmax: one-hot codes forward, the relaxed "
+                        "gradient backward")
     g.add_argument("--activation", choices=list(ACTIVATIONS), help="default relu")
     g.add_argument("--likelihood", choices=list(LIKELIHOODS), help="default bernoulli")
     g.add_argument("--init", choices=list(INITS),
@@ -94,8 +120,9 @@ def add_arguments(p):
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint. Flags that define the "
                         "run (data, model, --batch, --optimizer, --dtype, --seed) must match it; "
-                        "--epochs, --lr, --weight-decay, --beta, --warmup, --log-every, --keep, "
-                        "--device may change and are reported (--threads is the process's)")
+                        "--epochs, --lr, --weight-decay, --beta, --warmup, --tau, --tau-min, "
+                        "--tau-anneal, --log-every, --keep, --device may change and are "
+                        "reported (--threads is the process's)")
     g.add_argument("--from-epoch", type=number(0, kind=int), metavar="E",
                    help="with --resume: restart from the kept checkpoint of epoch E (see --keep), "
                         "discarding the later epochs, e.g. to continue a diverged run with a "
@@ -220,11 +247,15 @@ def _run(args, comm) -> int:
                 weight_decay=a["weight_decay"], epochs=a["epochs"], batch_size=a["batch"],
                 backend=a["device"], dtype=a["dtype"], seed=a["seed"], binarize=a["binarize"],
                 beta=a["beta"], warmup_epochs=a["warmup"], log_every=a["log_every"],
-                keep=a["keep"], out=str(out), progress=not args.no_progress,
-                figures=not args.no_figures)
+                keep=a["keep"], latent_type=a["latent_type"], categories=a["categories"],
+                tau=a["tau"], tau_min=a["tau_min"], tau_anneal=a["tau_anneal"],
+                straight_through=a["straight_through"], out=str(out),
+                progress=not args.no_progress, figures=not args.no_figures)
             t = Trainer(cfg, comm=comm)
+            code = (f"({cfg.latent} x {cfg.categories} categories)"
+                    if cfg.latent_type == "categorical" else str(cfg.latent))
             say(f"training {type(t.model).__name__} "
-                f"{'-'.join(map(str, [t.ds.dim, *cfg.hidden, cfg.latent]))} "
+                f"{'-'.join(map(str, [t.ds.dim, *cfg.hidden, code]))} "
                 f"({t.model.n_params():,} parameters) on {t.ds.name} "
                 f"({t.n_train} train / {t.x_test.shape[0]} test), backend {t.backend.name}"
                 f"{_ranks(comm)}")

@@ -80,9 +80,9 @@ from .models import check_count
 from .sampling import sample, sample_backward
 
 #: estimators that are deterministic functions of eps and support both KL modes
-ESTIMATORS = ("pathwise", "score", "score_baseline", "score_delta")
-#: every estimator name ``estimate`` accepts (measure_valued also draws its own coupling noise)
-ALL_ESTIMATORS = ESTIMATORS + ("measure_valued",)
+#: every estimator name ``estimate`` accepts (measure_valued also takes its coupling noise)
+ESTIMATORS = ("pathwise", "score", "score_baseline", "score_delta", "measure_valued")
+ALL_ESTIMATORS = ESTIMATORS
 CONTROL_VARIATES = (None, "delta")
 KL_MODES = ("analytic", "mc")
 

@@ -13,6 +13,8 @@
       threads.py        the thread team, the thread count, one-BLAS-thread sections
       data_parallel.py  DataParallel (the wrapper: shard rows, all-reduce, update) and
                         train_step
+      mpi.py            the MPI communicator (mpi4py) behind DataParallel's comm seam, launch
+                        detection, and aborting every rank when one fails
 
 The rule between the two rooms: the reference (layers, sampling, losses, models, optim) never
 imports the engine; the engine imports the reference, and every twin has a test that ties it to

@@ -35,6 +35,10 @@ def set_threads(n: int | None, minivae_threads: int | None = None) -> int:
         os.environ[var] = str(n)
     os.environ.pop("OPENBLAS_THREAD_TIMEOUT", None)
     os.environ["MINIVAE_NUM_THREADS"] = str(int(minivae_threads or n))
+    if n == 1:   # XLA's CPU backend: one thread for its Eigen pool and its intra-op work
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false "
+                                   "intra_op_parallelism_threads=1").strip()
     return n
 
 
@@ -87,6 +91,11 @@ def machine_info() -> dict:
         info["torch_blas"] = "MKL" if torch.backends.mkl.is_available() else "other"
     except ImportError:
         info["torch"] = None
+    for mod in ("jax", "jaxlib", "optax"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except ImportError:
+            info[mod] = None
     return info
 
 
@@ -145,6 +154,54 @@ def mnist_batches(batch: int, n_batches: int, seed: int = 0, dtype="float32"):
     idx = np.resize(idx, need)
     return [np.ascontiguousarray(x[idx[i * batch:(i + 1) * batch]], dtype=dtype)
             for i in range(n_batches)]
+
+
+def jax_step(d_in=784, hidden=400, latent=20, seed=0):
+    """The same VAE in JAX as a user would write it for speed: the loss of the PyTorch example
+    (BCE-with-logits sum + closed-form KL, eps from jax.random), value_and_grad and optax.adam
+    (lr 1e-3) in one jax.jit-compiled step. -> (step(x) -> loss array, state dict), or raises
+    ImportError where jax or optax is missing."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    key = jax.random.PRNGKey(seed)
+    ks = jax.random.split(key, 5)
+
+    def linear(k, fan_in, fan_out):                    # nn.Linear's default initialisation
+        bound = 1.0 / fan_in ** 0.5
+        kw, kb = jax.random.split(k)
+        return (jax.random.uniform(kw, (fan_in, fan_out), jnp.float32, -bound, bound),
+                jax.random.uniform(kb, (fan_out,), jnp.float32, -bound, bound))
+
+    params = {"enc": linear(ks[0], d_in, hidden), "enc_out": linear(ks[1], hidden, 2 * latent),
+              "dec": linear(ks[2], latent, hidden), "dec_out": linear(ks[3], hidden, d_in)}
+
+    def loss_fn(p, x, k):
+        h = jax.nn.relu(x @ p["enc"][0] + p["enc"][1]) @ p["enc_out"][0] + p["enc_out"][1]
+        mu, logvar = h[:, :latent], h[:, latent:]
+        z = mu + jnp.exp(0.5 * logvar) * jax.random.normal(k, mu.shape, jnp.float32)
+        logits = jax.nn.relu(z @ p["dec"][0] + p["dec"][1]) @ p["dec_out"][0] + p["dec_out"][1]
+        recon = jnp.sum(optax.sigmoid_binary_cross_entropy(logits, x))
+        kl = 0.5 * jnp.sum(mu * mu + jnp.exp(logvar) - 1.0 - logvar)
+        return (recon + kl) / x.shape[0]
+
+    opt = optax.adam(1e-3)
+
+    @jax.jit
+    def step(p, opt_state, x, k):
+        k, sub = jax.random.split(k)
+        loss, grads = jax.value_and_grad(loss_fn)(p, x, sub)
+        updates, opt_state = opt.update(grads, opt_state, p)
+        return optax.apply_updates(p, updates), opt_state, k, loss
+
+    state = {"p": params, "opt": opt.init(params), "k": ks[4]}
+
+    def run(x):
+        state["p"], state["opt"], state["k"], loss = step(state["p"], state["opt"], x, state["k"])
+        return loss
+
+    return run, state
 
 
 def torch_vae(d_in=784, hidden=400, latent=20):

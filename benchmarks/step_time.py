@@ -62,8 +62,16 @@ def parse(argv=None):
     p.add_argument("--torch-compile", action="store_true",
                    help="add torch.compile(model) as a contender (compiles during warm-up; "
                         "left out, with the reason, where it fails)")
+    p.add_argument("--jax", action="store_true",
+                   help="add JAX (value_and_grad + optax.adam, the whole step jax.jit-compiled) "
+                        "as a contender (left out, with the reason, where jax/optax are missing)")
+    p.add_argument("--peers", action="store_true",
+                   help="every compiled peer: --torch-compile and --jax")
     p.add_argument("--quiet", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.peers:
+        args.torch_compile = args.jax = True
+    return args
 
 
 class GPUUnavailable(RuntimeError):
@@ -168,6 +176,25 @@ def contenders(args):
         except Exception as e:                 # no compiler, no triton, an unsupported op
             SKIPPED["torch_compile"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             torch_compiled = None
+    jax_fn = None
+    if args.jax and not gpu:
+        try:
+            import jax
+
+            jrun, _ = _machine.jax_step(D, H, L)
+            jxs = [jax.device_put(x) for x in host]
+            for i in range(3):                 # compiles here, not in the timed turns
+                jrun(jxs[i % n_batches]).block_until_ready()
+
+            def jax_fn(i):
+                t0 = time.perf_counter()
+                jrun(jxs[i % n_batches]).block_until_ready()
+                return time.perf_counter() - t0, 0.0
+        except Exception as e:
+            SKIPPED["jax_jit"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            jax_fn = None
+    elif args.jax:
+        SKIPPED["jax_jit"] = "the JAX contender runs on the CPU only here"
     try:
         torch_fused = torch_contender(fused=True)
         torch_fused(0)
@@ -214,7 +241,7 @@ def contenders(args):
 
     fns = {"minivae": minivae_step, "minivae_unfused": minivae_phases,
            "minivae_no_kernels": minivae_numpy if kernels.available() and not gpu else None,
-           "torch": torch_step, "torch_compile": torch_compiled,
+           "torch": torch_step, "torch_compile": torch_compiled, "jax_jit": jax_fn,
            "torch_fused_adam": torch_fused, "gemm_floor": np_floor,
            "gemm_floor_split": split_floor, "torch_gemm_floor": torch_floor}
     return {name: f for name, f in fns.items() if f is not None}
@@ -304,6 +331,8 @@ def main(argv=None) -> int:
         "torch_fused_adam_ms": med.get("torch_fused_adam"),
         "ratio_minivae_to_torch_fused_adam": (med["minivae"] / med["torch_fused_adam"]
                                               if "torch_fused_adam" in med else None),
+        "jax_jit_ms": med.get("jax_jit"),
+        "ratio_minivae_to_jax_jit": (med["minivae"] / med["jax_jit"] if "jax_jit" in med else None),
         "torch_compile_ms": med.get("torch_compile"),
         "ratio_minivae_to_torch_compile": (med["minivae"] / med["torch_compile"]
                                            if "torch_compile" in med else None),
@@ -326,6 +355,8 @@ def main(argv=None) -> int:
         for n in ("minivae_unfused", "torch", "torch_fused_adam", "torch_compile"):
             if n in med:
                 print(f"{n:22}{med[n]:9.3f}  {phase[n][0]:8.3f}  {phase[n][1]:6.3f}")
+        if "jax_jit" in med:
+            print(f"{'jax_jit (whole step)':22}{med['jax_jit']:9.3f}")
         print(f"{'GEMM floor (numpy)':22}{res['gemm_floor_ms']:9.3f}   = min(BLAS threads "
               f"{med['gemm_floor']:.3f}, batch split {med['gemm_floor_split']:.3f})")
         print(f"{'GEMM floor (torch)':22}{med['torch_gemm_floor']:9.3f}")
@@ -343,9 +374,10 @@ def main(argv=None) -> int:
 
         keys = ["batch", "device", "minivae_ms", "torch_ms", "gemm_floor_ms",
                 "ratio_minivae_to_torch", "ratio_minivae_to_gemm_floor"]
-        if args.device == "gpu" or args.torch_compile:
+        if args.device == "gpu" or args.torch_compile or args.jax:
             keys += ["torch_fused_adam_ms", "ratio_minivae_to_torch_fused_adam",
-                     "torch_compile_ms", "ratio_minivae_to_torch_compile", "minivae_unfused_ms",
+                     "torch_compile_ms", "ratio_minivae_to_torch_compile", "jax_jit_ms",
+                     "ratio_minivae_to_jax_jit", "minivae_unfused_ms",
                      "phases_ms", "contenders", "skipped", "steps_kept", "model", "machine"]
         print(json.dumps({k: res[k] for k in keys}))
     return 0

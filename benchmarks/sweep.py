@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""Step time over batch size (32..1024) and hidden width: minivae vs PyTorch eager (CPU).
+"""Step time over batch size (32..1024) and hidden width: minivae vs PyTorch eager (CPU), and
+with --peers every compiled peer too (torch fused Adam, torch.compile, JAX jit).
 
     python benchmarks/sweep.py                  # prints the table; writes nothing
     python benchmarks/sweep.py --save           # also benchmarks/results/sweep.json and sweep.png
+    python benchmarks/sweep.py --peers --save   # ... against every peer (slower: each point compiles)
     python benchmarks/sweep.py --steps 40 --batches 32,128,512 --hidden 400 --out /tmp/s  # /tmp/s.{json,png}
 
 Each point is measured as in step_time.py (interleaved turns, medians, same thread count), in
@@ -37,6 +39,8 @@ def main(argv=None) -> int:
     p.add_argument("--block", type=float, default=0.4, help="seconds per turn")
     p.add_argument("--settle", type=float, default=0.2, help="seconds per turn not counted")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--peers", action="store_true",
+                   help="also torch fused Adam, torch.compile and JAX jit (as step_time.py --peers)")
     p.add_argument("--save", action="store_true",
                    help="also write benchmarks/results/sweep.json and sweep.png (only when given)")
     p.add_argument("--out", default=None, metavar="STEM",
@@ -61,7 +65,9 @@ def main(argv=None) -> int:
                 pt = measure_point(step_time, h, b, args)
                 print(f"{h:6d} {b:6d} {pt['minivae_ms']:11.3f} {pt['torch_ms']:9.3f} "
                       f"{pt['gemm_floor_ms']:9.3f} {pt['ratio_minivae_to_torch']:9.3f} "
-                      f"{pt['ratio_minivae_to_gemm_floor']:9.3f}", flush=True)
+                      f"{pt['ratio_minivae_to_gemm_floor']:9.3f}" + "".join(
+                          f"  /{peer} {pt[f'ratio_minivae_to_{peer}']:.3f}" for peer in PEERS[1:]
+                          if f"ratio_minivae_to_{peer}" in pt), flush=True)
                 key = (h, b)
                 if key not in best or pt["gemm_floor_ms"] < best[key]["gemm_floor_ms"]:
                     best[key] = pt
@@ -85,17 +91,27 @@ def main(argv=None) -> int:
 def measure_point(step_time, h, b, args):
     import numpy as np
 
-    a = step_time.parse(["--batch", str(b), "--hidden", str(h)])
+    a = step_time.parse(["--batch", str(b), "--hidden", str(h)]
+                        + (["--peers"] if args.peers else []))
     fns = step_time.contenders(a)
-    for extra in ("minivae_unfused", "torch_fused_adam"):   # step_time.py's business
+    for extra in ("minivae_unfused", "minivae_no_kernels") + (
+            () if args.peers else ("torch_fused_adam",)):    # step_time.py's business
         fns.pop(extra, None)
     kept = step_time.measure(fns, args.steps, args.block, args.settle, warmup=3)
     med = {n: float(np.median([x + y for x, y in v])) * 1e3 for n, v in kept.items()}
     floor = min(med["gemm_floor"], med["gemm_floor_split"])   # as step_time.py defines it
-    return {"hidden": h, "batch": b, "minivae_ms": med["minivae"], "torch_ms": med["torch"],
-            "gemm_floor_ms": floor, "torch_gemm_floor_ms": med["torch_gemm_floor"],
-            "ratio_minivae_to_torch": med["minivae"] / med["torch"],
-            "ratio_minivae_to_gemm_floor": med["minivae"] / floor}
+    pt = {"hidden": h, "batch": b, "minivae_ms": med["minivae"], "gemm_floor_ms": floor,
+          "torch_gemm_floor_ms": med["torch_gemm_floor"],
+          "ratio_minivae_to_gemm_floor": med["minivae"] / floor}
+    for peer in PEERS:
+        if peer in med:
+            pt[f"{peer}_ms"] = med[peer]
+            pt[f"ratio_minivae_to_{peer}"] = med["minivae"] / med[peer]
+    return pt
+
+
+#: the contenders minivae is compared with, where they ran
+PEERS = ("torch", "torch_fused_adam", "torch_compile", "jax_jit")
 
 
 def plot(points, path, info):
@@ -116,7 +132,13 @@ def plot(points, path, info):
                 label=f"torch, H={h}")
         a1.plot(b, [1e3 * p["gemm_floor_ms"] / p["batch"] for p in pts], ":", color=c,
                 label=f"GEMM floor, H={h}")
-        a2.plot(b, [p["ratio_minivae_to_torch"] for p in pts], "-o", color=c, label=f"H={h}")
+        for peer, marker in zip(PEERS, "os^D"):
+            if all(f"ratio_minivae_to_{peer}" in p for p in pts):
+                a2.plot(b, [p[f"ratio_minivae_to_{peer}"] for p in pts], "-" + marker, color=c,
+                        ms=4, alpha=1.0 if peer == "torch" else 0.6,
+                        label=f"/ {peer}, H={h}")
+        a2.plot(b, [p["ratio_minivae_to_gemm_floor"] for p in pts], ":", color=c,
+                label=f"/ GEMM floor, H={h}")
     for a in (a1, a2):
         a.set_xscale("log", base=2)
         a.set_xlabel("batch size")
@@ -124,8 +146,9 @@ def plot(points, path, info):
     a1.set_ylabel("µs per example (one training step)")
     a1.legend(fontsize=7, ncol=1)
     a2.axhline(1.0, color="k", lw=0.8)
-    a2.set_ylabel("minivae time / PyTorch eager time")
-    a2.legend(fontsize=8)
+    a2.set_ylabel("minivae time / peer's time")
+    a2.set_yscale("log")
+    a2.legend(fontsize=6, ncol=2)
     fig.suptitle(f"784-H-20 VAE step, float32 — {info['cpu']}, {info['cores']} cores, "
                  f"numpy {info['numpy']} ({info['numpy_blas'].get('name')}), torch {info.get('torch')}",
                  fontsize=9)

@@ -158,6 +158,30 @@ def test_step_time_benchmark_prints_its_json_as_the_last_line():
     assert res["ratio_minivae_to_torch"] == pytest.approx(res["minivae_ms"] / res["torch_ms"])
 
 
+def test_step_time_races_every_compiled_peer_or_says_why_not():
+    """--peers: torch fused Adam, torch.compile and JAX jit (value_and_grad + optax.adam, the
+    whole step compiled) run beside minivae, or are listed as skipped with the reason; the
+    machine record names the versions."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
+    out = subprocess.run([sys.executable, str(script), "--batch", "16", "--steps", "3",
+                          "--block", "0.05", "--settle", "0", "--warmup", "1", "--threads", "1",
+                          "--peers", "--json"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    for peer in ("torch_fused_adam", "torch_compile", "jax_jit"):
+        ran = peer in res["contenders"]
+        assert ran != (peer in res["skipped"]), peer
+        if ran:
+            assert res[f"{peer}_ms"] > 0
+            assert res[f"ratio_minivae_to_{peer}"] == pytest.approx(
+                res["minivae_ms"] / res[f"{peer}_ms"])
+    for lib in ("torch", "jax", "optax"):
+        assert lib in res["machine"]
+
+
 def test_ab_step_time_runs_two_checkouts_side_by_side():
     """benchmarks/ab_step_time.py against this very checkout: both run, the JSON is the last
     line, and nothing is written without --save."""

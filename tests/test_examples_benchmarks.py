@@ -155,6 +155,7 @@ BENCH_SMALL = {
               "--block", "0.05", "--settle", "0"],
     "memory_import": ["--steps", "1", "--repeats", "1"],
     "pytorch_example_vae": ["--seeds", "0", "--epochs", "1"],
+    "profile_step": ["--batches", "16", "--steps", "3"],
 }
 
 

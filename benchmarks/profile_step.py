@@ -1,0 +1,152 @@
+#!/usr/bin/env python
+"""Where one training step of the default VAE spends its time, beside the matrix products.
+
+    python benchmarks/profile_step.py                    # batch 32, 128, 512; one thread
+    python benchmarks/profile_step.py --batches 128 --save   # also benchmarks/results/profile_step.json
+
+Method: the engine's NumPy step (DataParallel on one thread, minivae's C kernels as installed)
+on real MNIST batches, float32, 784-400-20 Bernoulli VAE. First the whole step, the
+forward+backward alone and Adam alone (medians over --steps). Then the forward+backward again
+with a timer around each of its pieces: the matrix products of each Dense layer (forward, weight
+gradient, input gradient), the bias additions and bias gradients, ReLU forward/backward, the
+Bernoulli likelihood and its gradient, the sampler and the KL; what is left of the measured
+total is the Python between them (calls, dispatch, small allocations, the means). The timers
+cost about a microsecond each, which lands in that rest. One thread, so that the numbers add up;
+the thread team splits the same work over the rows.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _machine  # noqa: E402
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batches", default="32,128,512")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--save", action="store_true",
+                   help="write benchmarks/results/profile_step.json (only when given)")
+    return p.parse_args(argv)
+
+
+def profile(B: int, steps: int) -> dict:
+    import numpy as np
+
+    from minivae import VAE, Adam, DataParallel, losses
+    from minivae.engine import numpy_twins as nt
+    from minivae.engine import registry
+    from minivae.layers import Dense, ReLU
+
+    model = VAE(seed=0)
+    opt = Adam(model.params)
+    dp = DataParallel(model, threads=1)
+    xs = [model.backend.asarray(x) for x in _machine.mnist_batches(B, 16)]
+    for i in range(10):
+        dp.train_step(opt, xs[i % 16], check=False)
+
+    def median_ms(f):
+        ts = []
+        for i in range(steps):
+            t = time.perf_counter()
+            f(i)
+            ts.append(time.perf_counter() - t)
+        return float(np.median(ts)) * 1e3
+
+    step = median_ms(lambda i: dp.train_step(opt, xs[i % 16], check=False))
+    fb = median_ms(lambda i: dp.loss_and_grads(xs[i % 16], check=False))
+
+    T = collections.Counter()
+    table = registry._BY_BACKEND["numpy"]
+    saved = {k: table[k] for k in (Dense.backward, ReLU.forward, ReLU.backward,
+                                   losses.Bernoulli.nll, losses.Bernoulli.nll_backward)}
+    saved_forward, saved_nt = Dense.forward, {n: getattr(nt, n) for n in
+                                              ("sample", "sample_backward")}
+    saved_kl = (nt.losses.kl_normal, nt.losses.kl_normal_backward)
+
+    def timed(label, f):
+        def run(*a, **k):
+            t = time.perf_counter()
+            r = f(*a, **k)
+            T[label] += time.perf_counter() - t
+            return r
+        return run
+
+    def dense_forward(self, params, x):
+        t0 = time.perf_counter()
+        out = np.matmul(x, params["W"])
+        t1 = time.perf_counter()
+        out += params["b"]
+        T["matrix products"] += t1 - t0
+        T["bias additions"] += time.perf_counter() - t1
+        return out, x
+
+    def dense_backward(layer, params, dout, cache, grads, need_dx, overwrite):
+        t0 = time.perf_counter()
+        np.matmul(cache.T, dout, out=grads["W"])
+        t1 = time.perf_counter()
+        np.sum(dout, axis=0, out=grads["b"])
+        t2 = time.perf_counter()
+        dx = np.matmul(dout, params["W"].T) if need_dx else None
+        T["matrix products"] += (t1 - t0) + (time.perf_counter() - t2)
+        T["bias gradients"] += t2 - t1
+        return dx
+
+    try:
+        Dense.forward = dense_forward
+        table[Dense.backward] = dense_backward
+        table[ReLU.forward] = timed("ReLU", saved[ReLU.forward])
+        table[ReLU.backward] = timed("ReLU", saved[ReLU.backward])
+        table[losses.Bernoulli.nll] = timed("Bernoulli likelihood", saved[losses.Bernoulli.nll])
+        table[losses.Bernoulli.nll_backward] = timed("Bernoulli likelihood",
+                                                     saved[losses.Bernoulli.nll_backward])
+        nt.sample = timed("sampler and KL", saved_nt["sample"])
+        nt.sample_backward = timed("sampler and KL", saved_nt["sample_backward"])
+        nt.losses.kl_normal = timed("sampler and KL", saved_kl[0])
+        nt.losses.kl_normal_backward = timed("sampler and KL", saved_kl[1])
+        T.clear()
+        t0 = time.perf_counter()
+        for i in range(steps):
+            dp.loss_and_grads(xs[i % 16], check=False)
+        timed_total = (time.perf_counter() - t0) / steps * 1e3
+    finally:
+        Dense.forward = saved_forward
+        table.update(saved)
+        for n, f in saved_nt.items():
+            setattr(nt, n, f)
+        nt.losses.kl_normal, nt.losses.kl_normal_backward = saved_kl
+    parts = {k: v / steps * 1e3 for k, v in T.items()}
+    parts["Python and the rest"] = timed_total - sum(parts.values())
+    return {"batch": B, "step_ms": step, "forward_backward_ms": fb, "adam_ms": step - fb,
+            "timed_forward_backward_ms": timed_total,
+            "parts_ms": dict(sorted(parts.items(), key=lambda kv: -kv[1]))}
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    _machine.set_threads(1)
+    info = _machine.machine_info()
+    _machine.print_machine(info)
+    rows = []
+    for B in [int(b) for b in args.batches.split(",")]:
+        r = profile(B, args.steps)
+        rows.append(r)
+        print(f"\nbatch {B}: step {r['step_ms']:.3f} ms = forward+backward "
+              f"{r['forward_backward_ms']:.3f} + Adam {r['adam_ms']:.3f} (one thread)")
+        for k, v in r["parts_ms"].items():
+            share = v / r["timed_forward_backward_ms"]
+            print(f"  {k:24s} {v:7.3f} ms  {share:6.1%} of the timed forward+backward")
+    if args.save:
+        path = _machine.save("profile_step.json", {"rows": rows, "machine": info,
+                                                   "steps": args.steps})
+        print(f"# wrote {os.path.relpath(path)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

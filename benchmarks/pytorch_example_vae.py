@@ -32,13 +32,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 # -- the PyTorch example, verbatim in substance ------------------------------------------------------
-def pytorch_run(ds, seed: int, epochs: int, batch: int = 128, lr: float = 1e-3) -> dict:
+def example_model():
+    """-> (VAE class, loss_function), as in pytorch/examples vae/main.py."""
     import torch
     import torch.nn.functional as F
-    from torch import nn, optim
-    from torch.utils.data import DataLoader, TensorDataset
-
-    torch.manual_seed(seed)
+    from torch import nn
 
     class VAE(nn.Module):
         def __init__(self):
@@ -72,6 +70,19 @@ def pytorch_run(ds, seed: int, epochs: int, batch: int = 128, lr: float = 1e-3) 
         KLD = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
         return BCE + KLD
 
+    return VAE, loss_function
+
+
+def pytorch_run(ds, seed: int, epochs: int, batch: int = 128, lr: float = 1e-3,
+                keep_model: bool = False, quiet: bool = False) -> dict:
+    """Train the example's VAE; -> {"seed", "epochs": per-epoch rows}, plus "model" (the trained
+    nn.Module, for :func:`pytorch_iwae`) when ``keep_model``."""
+    import torch
+    from torch import optim
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(seed)
+    VAE, loss_function = example_model()
     train = DataLoader(TensorDataset(torch.from_numpy(ds.x_train), torch.from_numpy(ds.y_train)),
                        batch_size=batch, shuffle=True)
     test = DataLoader(TensorDataset(torch.from_numpy(ds.x_test), torch.from_numpy(ds.y_test)),
@@ -99,9 +110,47 @@ def pytorch_run(ds, seed: int, epochs: int, batch: int = 128, lr: float = 1e-3) 
                 test_loss += loss_function(recon, data, mu, logvar).item()
         rows.append({"epoch": epoch, "train_loss": train_loss / len(train.dataset),
                      "test_loss": test_loss / len(test.dataset), "train_seconds": seconds})
-        print(f"  torch seed {seed} epoch {epoch}: train {rows[-1]['train_loss']:.2f} "
-              f"test {rows[-1]['test_loss']:.2f} ({seconds:.1f} s)")
-    return {"seed": seed, "epochs": rows}
+        if not quiet:
+            print(f"  torch seed {seed} epoch {epoch}: train {rows[-1]['train_loss']:.2f} "
+                  f"test {rows[-1]['test_loss']:.2f} ({seconds:.1f} s)")
+    out = {"seed": seed, "epochs": rows}
+    if keep_model:
+        out["model"] = model
+    return out
+
+
+def pytorch_iwae(model, x, k: int = 100, seed: int = 0, max_rows: int = 4096) -> float:
+    """IWAE_k of the example's model, the estimator of minivae.evaluate.iwae (Burda et al. 2016):
+    per example k draws z_i ~ q(z|x), log w_i = log p(x|z_i) + log p(z_i) - log q(z_i|x),
+    IWAE_k = logsumexp_i log w_i - log k, averaged over the examples (nats, negative).
+    log p(x|z) is the example's own likelihood, -BCE(decode(z), x) summed over pixels (sigmoid
+    then binary_cross_entropy, as its loss_function), so that E[IWAE_1] is its ELBO.
+    x: (N, 784) float32 host array; eps from torch.Generator seeded ``seed``."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(int(seed))
+    xt = torch.from_numpy(x)
+    n, d = xt.shape
+    B = max(1, max_rows // k)
+    total = 0.0
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, n, B):
+            xb = xt[i:i + B]
+            b = xb.shape[0]
+            mu, logvar = model.encode(xb)                                   # (b, L)
+            eps = torch.randn((k, b, mu.shape[1]), generator=gen, dtype=mu.dtype)
+            z = mu + torch.exp(0.5 * logvar) * eps                          # (k, b, L)
+            recon = model.decode(z.reshape(k * b, -1))
+            xr = xb.unsqueeze(0).expand(k, b, d).reshape(k * b, d)
+            log_px = -F.binary_cross_entropy(recon, xr, reduction="none").sum(1).reshape(k, b)
+            log_pz = -0.5 * (z * z + math.log(2 * math.pi)).sum(-1)
+            log_qz = -0.5 * (eps * eps + math.log(2 * math.pi)).sum(-1) - 0.5 * logvar.sum(-1)
+            total += float(torch.logsumexp(log_px + log_pz - log_qz, dim=0).sum())
+    return total / n - math.log(k)
 
 
 def minivae_run(ds, seed: int, epochs: int, init, out: Path) -> dict:

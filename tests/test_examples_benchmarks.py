@@ -156,6 +156,7 @@ BENCH_SMALL = {
     "memory_import": ["--steps", "1", "--repeats", "1"],
     "pytorch_example_vae": ["--seeds", "0", "--epochs", "1"],
     "profile_step": ["--batches", "16", "--steps", "3"],
+    "peers": ["--runs", "1", "--batches", "16", "--steps", "2", "--threads", "1"],
 }
 
 

@@ -69,6 +69,14 @@ def parse(argv=None):
                    help="every compiled peer: --torch-compile and --jax")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    for name in ("batch", "hidden", "latent", "steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.block <= 0 or args.settle < 0 or args.settle >= args.block or args.warmup < 0:
+        p.error("--block must be > 0, --settle in [0, --block) and --warmup >= 0")
+    for name in ("threads", "minivae_threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.peers:
         args.torch_compile = args.jax = True
     return args
@@ -345,6 +353,15 @@ def main(argv=None) -> int:
         "settle_s": args.settle, "threads": threads,
         "machine": info,
     }
+    # A busy machine shows as two measurements of the same products that disagree: then no
+    # ratio of this run is worth quoting (say so, in the output and the JSON).
+    floors = (med["gemm_floor"], med["gemm_floor_split"])
+    res["disturbed"] = args.device == "cpu" and max(floors) > 2.0 * min(floors)
+    if res["disturbed"]:
+        print(f"step_time.py: warning: the GEMM floor measured {floors[0]:.3f} ms on BLAS threads "
+              f"and {floors[1]:.3f} ms split over the batch: another process is competing for "
+              f"the cores, so these ratios are not trustworthy; measure on a quiet machine",
+              file=sys.stderr)
     if not args.quiet:
         print(f"# {res['model']}, batch {args.batch}, {args.device}, {threads} threads, "
               f"median of {args.steps} interleaved steps")
@@ -373,7 +390,7 @@ def main(argv=None) -> int:
         import json
 
         keys = ["batch", "device", "minivae_ms", "torch_ms", "gemm_floor_ms",
-                "ratio_minivae_to_torch", "ratio_minivae_to_gemm_floor"]
+                "ratio_minivae_to_torch", "ratio_minivae_to_gemm_floor", "disturbed"]
         if args.device == "gpu" or args.torch_compile or args.jax:
             keys += ["torch_fused_adam_ms", "ratio_minivae_to_torch_fused_adam",
                      "torch_compile_ms", "ratio_minivae_to_torch_compile", "jax_jit_ms",

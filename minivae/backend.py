@@ -165,8 +165,9 @@ class Backend:
         return np.asarray(a)
 
     def is_array(self, a) -> bool:
-        if self.name == "numpy":   # np.matrix: an ndarray whose * and indexing differ
-            return isinstance(a, np.ndarray) and not isinstance(a, np.matrix)
+        if self.name == "numpy":   # np.matrix (* and indexing differ) and masked arrays (the
+            return (isinstance(a, np.ndarray)          # mask would be silently dropped)
+                    and not isinstance(a, (np.matrix, np.ma.MaskedArray)))
         if self.name == "strict":
             return isinstance(a, self.xp.Array) if hasattr(self.xp, "Array") else hasattr(a, "_array")
         import cupy

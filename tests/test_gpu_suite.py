@@ -52,6 +52,21 @@ def test_the_gpu_suite_runs_to_the_end_without_a_gpu_and_says_why_it_skipped(tmp
     assert "passed" in (tmp_path / "tests.txt").read_text()
 
 
+def test_an_unwritable_out_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("")
+    p = _run(tmp_path / "afile")
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert "cannot write there" in p.stderr
+
+
+def test_gradcheck_json_without_the_backend_is_still_json():
+    p = subprocess.run([sys.executable, "-m", "minivae", "gradcheck", "--backend", "cupy",
+                        "--json"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "CuPy" in p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["passed"] is False and "CuPy" in doc["error"] and doc["checks"] == []
+
+
 def test_a_failing_step_fails_the_suite(tmp_path):
     p = _run(tmp_path, "--steps", "tests", "--tests", "tests/no_such_test_file.py")
     assert p.returncode == 1

@@ -368,6 +368,13 @@ def test_numpy_matrix_is_refused_not_multiplied_elementwise():
     assert m.rng.get_state() == state                           # no eps drawn
 
 
+def test_a_masked_array_is_refused_not_used_without_its_mask():
+    m = _small_vae(dtype="float64")
+    x = np.random.default_rng(0).random((5, 12))
+    with pytest.raises(TypeError, match="x is a numpy.ma.MaskedArray"):
+        m.loss_and_grads(np.ma.masked_array(x, mask=x > 0.5))
+
+
 @pytest.mark.parametrize("kw, error, message", [
     (dict(seed=-1), ValueError, "seed must be >= 0, got -1"),
     (dict(seed=1.5), TypeError, "seed must be a whole number"),

@@ -73,6 +73,12 @@ def test_study_estimators_json_reports_every_estimator_and_the_variance_gap(tmp_
     assert_png(tmp_path / "discrete_bias_variance.png")
 
 
+def test_study_refuses_a_batch_larger_than_the_test_set():
+    proc = subprocess.run([sys.executable, "-m", "minivae", "study", "estimators", "--batch",
+                           "5000"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--batch 5000 is more than the 1000 test images" in proc.stderr
+
+
 def test_study_rejects_one_sample_for_the_table():
     proc = subprocess.run([sys.executable, "-m", "minivae", "study", "estimators", "--samples",
                            "1"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)

@@ -74,7 +74,13 @@ def parse(argv=None):
 class Suite:
     def __init__(self, args):
         self.args, self.out = args, Path(args.out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / ".write-test").write_bytes(b"")
+            (self.out / ".write-test").unlink()
+        except OSError as e:
+            raise SystemExit(f"suite.py: error: --out {self.out}: cannot write there "
+                             f"({e.strerror or e})") from None
         self.work = Path(tempfile.mkdtemp(prefix="minivae-gpu-"))
         self.t0 = time.monotonic()
         self.summary = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "quick": args.quick,
@@ -174,6 +180,8 @@ class Suite:
             try:
                 doc[be] = json.loads(out.strip().splitlines()[-1])
             except (IndexError, ValueError):
+                doc[be] = None
+            if doc[be] is None or doc[be].get("error"):     # the command could not run there
                 doc[be] = None
                 doc[f"{be}_error"] = (err.strip() or out.strip() or f"exit {rc}")[-500:]
         self.write("gradcheck.json", doc)

@@ -45,9 +45,16 @@ def add_arguments(p):
 
 def run(args) -> int:
     t0 = time.perf_counter()
+    from ..backend import BackendUnavailable
     from ..gradcheck import run_all
 
-    report = run_all(args.backend, seed=args.seed, full=args.full)
+    try:
+        report = run_all(args.backend, seed=args.seed, full=args.full)
+    except BackendUnavailable as e:
+        if args.json:     # a script reading stdout gets JSON either way (the line goes to stderr)
+            print(strict_json({"backend": args.backend, "passed": False, "error": str(e),
+                               "checks": []}))
+        raise
     if args.json:
         print(strict_json({
             "backend": args.backend, "dtype": "float64", "seed": args.seed, "full": args.full,

@@ -12,8 +12,9 @@ gradient is a sum over 64 configurations) on the same images, where REINFORCE (w
 without a baseline), Gumbel-softmax and straight-through at several temperatures are measured
 for bias against the exact gradient and for variance, at initialisation and after training.
 
-It prints the tables, writes two figures (variance against the number of samples S; bias and
-variance against tau), and with --json prints the numbers instead.
+It prints the tables (with --json: the numbers as one JSON object instead) and writes two
+figures (variance against the number of samples S; bias and variance against tau) unless
+--no-figure.
 
 The estimators are in minivae/estimators.py and minivae/discrete.py (maths in the docstrings);
 their unbiasedness is proven against a closed-form linear-Gaussian VAE
@@ -72,9 +73,12 @@ def _run(args, comm) -> int:
         raise UserError("--samples must be >= 2 (the leave-one-out baseline needs two)")
     if args.replicates < 2 or args.batch < 1 or args.steps < 0:
         raise UserError("--replicates must be >= 2, --batch >= 1 and --steps >= 0")
+    if args.batch > 1000:
+        raise UserError(f"--batch {args.batch} is more than the 1000 test images of mnist10k "
+                        f"the study draws its fixed batch from")
     t0 = time.perf_counter()
     sweep = (1, 2, 4, 8, 16)
-    if args.quick:
+    if args.quick:                    # the header and the JSON report the values used
         args.batch, args.replicates, args.steps = min(args.batch, 8), min(args.replicates, 5), \
             min(args.steps, 20)
         sweep = (1, 2, 4)

@@ -121,7 +121,7 @@ class TrainConfig:
     latent: int = 20
     activation: str = "relu"
     likelihood: str = "bernoulli"     # bernoulli | gaussian | gaussian_learned
-    init: str | None = None           # None: He for ReLU (minivae's default) | glorot | torch
+    init: str | None = None           # None: default_init (torch for ReLU) | he | glorot | torch
     optimizer: str = "adam"
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -847,10 +847,13 @@ def _norm(v):
 
 
 def _effective(field, value, saved):
-    """What a setting means for the run: init None is He for ReLU nets (else Glorot), and a
-    data directory means nothing for the bundled mnist10k."""
+    """What a setting means for the run: init None is layers.default_init (PyTorch's nn.Linear
+    init for ReLU nets, else Glorot), and a data directory means nothing for the bundled
+    mnist10k."""
     if field == "init" and value is None:
-        return "he" if saved.get("activation") in ("relu", "leaky_relu") else "glorot"
+        from .layers import default_init
+
+        return default_init(saved.get("activation"))
     if field == "data_dir" and saved.get("data") == "mnist10k":
         return None
     return _norm(value)

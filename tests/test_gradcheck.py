@@ -119,7 +119,10 @@ def test_4_analytic_keys_and_shapes_must_match_exactly(rng):
 
 
 def f32_default_vae_decoder_bias():
-    m = VAE(seed=0, dtype="float32")
+    # He init (the default until issue 18): its larger weights give gradients float32 finite
+    # differences can resolve; from PyTorch's smaller init the checker (rightly) answers
+    # "unresolved, check in float64" instead of passing
+    m = VAE(seed=0, dtype="float32", init="he")
     x = rng_(0).uniform(size=(8, 784)).astype(np.float32)
     eps = m.draw_eps(8)
     m.loss_and_grads(x, eps)
@@ -139,7 +142,7 @@ def test_5_float32_a_30_percent_wrong_bias_gradient_fails_and_the_right_one_pass
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_5_float32_correct_small_vaes_pass(seed):
-    m = VAE(40, (30,), 5, seed=seed, dtype="float32")
+    m = VAE(40, (30,), 5, seed=seed, dtype="float32", init="he")   # see f32_default_vae_decoder_bias
     r = check_model(m, rng_(seed).uniform(size=(8, 40)).astype(np.float32), name="VAE f32")
     assert r.passed, r.table()
 
@@ -458,7 +461,10 @@ def test_cli_full_json_keeps_every_relative_error_below_1e_7_on_the_default_vae(
     assert main(["gradcheck", "--full", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     big = [c for c in out["checks"] if c["name"].startswith("VAE 784-400-20.")]
-    assert len(big) == 8 and all(c["passed"] and c["max_rel_error"] <= 1e-7 for c in big), big
+    # weights within 1e-7; biases within 1e-5: PyTorch's init (the default since issue 18) gives
+    # nonzero biases, and a bias direction that meets a ReLU kink is resolved to about 2e-6
+    assert len(big) == 8 and all(c["passed"] for c in big), big
+    assert all(c["max_rel_error"] <= (1e-7 if c["name"].endswith(".W") else 1e-5) for c in big), big
 
 
 def test_cli_runs_on_the_strict_backend(capsys):

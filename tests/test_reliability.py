@@ -330,7 +330,7 @@ def test_sample_into_a_full_disk_keeps_the_previous_png(run1, capsys):
 def test_resume_details_a_new_user_found(run1, capsys):
     """The default given explicitly is no conflict; a setting change is saved even when there
     is nothing left to train, which the output says; an empty --out is refused."""
-    code, text = train(capsys, run1, "--resume", "--init", "he")        # None means He for ReLU
+    code, text = train(capsys, run1, "--resume", "--init", "torch")     # None: torch for ReLU
     assert code == 0 and "nothing will be trained: give --epochs 3" in text
     code, text = train(capsys, run1, "--resume", "--lr", "0.002")
     assert code == 0 and "changed: --lr 0.001 -> 0.002" in text

@@ -94,7 +94,12 @@ def add_arguments(p):
     g.add_argument("--activation", choices=list(ACTIVATIONS), help="default relu")
     g.add_argument("--likelihood", choices=list(LIKELIHOODS), help="default bernoulli")
     g.add_argument("--init", choices=list(INITS),
-                   help="weight init (default: He for ReLU; 'torch' = PyTorch nn.Linear's)")
+                   help="weight init. torch (the default for ReLU nets): PyTorch nn.Linear's "
+                        "default, kaiming_uniform(a=sqrt 5) weights = U(+-1/sqrt(fan_in)), bias "
+                        "U(+-1/sqrt(fan_in)); he: He et al. 2015, N(0, 2/fan_in), bias 0; "
+                        "glorot: Glorot & Bengio 2010, U(+-sqrt(6/(fan_in+fan_out))), bias 0 "
+                        "(the default for other activations). Chosen by benchmarks/quality.py, "
+                        "see the README's Quality section")
     g.add_argument("--beta", type=nonneg, help="KL weight (beta-VAE), default 1")
     g.add_argument("--warmup", type=nonneg, metavar="EPOCHS",
                    help="KL warm-up: beta ramps linearly from 0 over this many epochs (default 0)")

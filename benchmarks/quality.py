@@ -47,7 +47,7 @@ DATASETS = ("mnist10k", *FULL)
 INITS = ("he", "torch", "glorot")
 TORCH = "pytorch-example"
 QUICK = {"epochs": 3, "n_train": 3000, "n_test": 500, "seeds": [0, 1], "data": ["mnist10k"],
-         "k": 100}
+         "k": 100, "threads": 1}
 # CI's tolerance (tests/test_quality.py): in quick mode minivae's mean -ELBO and -IWAE_100 over
 # the seeds are within this many nats of the PyTorch example's.
 QUICK_TOLERANCE_NATS = 4.0
@@ -174,18 +174,22 @@ def markdown(doc: dict, default: str | None = None) -> str:
     "(default)" marks ``default`` (minivae's default init now, :func:`default_init`; the
     document's ``minivae_default_init`` is the default when it was measured)."""
     k, dflt = doc["config"]["k"], default or default_init()
-    lines = [f"| data set | model | -ELBO (nats) | -IWAE_{k} (nats) | seeds | train s / run |",
-             "|---|---|---|---|---|---|"]
+    import numpy as np
+
+    lines = [f"| data set | model | -ELBO (nats) | -IWAE_{k} (nats) | seeds | "
+             f"train s / run, median (min) |", "|---|---|---|---|---|---|"]
     for name, d in doc["datasets"].items():
         if "skipped" in d:
-            lines.append(f"| {name} | skipped: {d['skipped']} | | | | |")
+            lines.append(f"| {name} | not run: {d['skipped'].removesuffix('; skipped')} "
+                         f"| | | | |")
             continue
         for model, s in d["summary"].items():
-            label = model + (" (default)" if model == f"minivae:{dflt}" else "")
+            label = model + (" **(default)**" if model == f"minivae:{dflt}" else "")
             e, n = s["elbo_loss"], s[f"nll_{k}"]
+            t = [r["train_seconds"] for r in d["runs"][model]]
             lines.append(f"| {name} | {label} | {e['mean']:.2f} ± {e['sd']:.2f} | "
                          f"{n['mean']:.2f} ± {n['sd']:.2f} | {len(s['seeds'])} | "
-                         f"{s['train_seconds']['mean']:.1f} |")
+                         f"{np.median(t):.1f} ({min(t):.1f}) |")
     return "\n".join(lines)
 
 
@@ -240,7 +244,8 @@ def main(argv=None) -> dict:
     p.add_argument("--n-test", type=int, default=None, help="first N test images only")
     p.add_argument("--quick", action="store_true",
                    help=f"CI's short version: {QUICK['epochs']} epochs, {QUICK['n_train']} / "
-                        f"{QUICK['n_test']} images of mnist10k, seeds {QUICK['seeds']}")
+                        f"{QUICK['n_test']} images of mnist10k, seeds {QUICK['seeds']}, one "
+                        f"thread")
     p.add_argument("--save", action="store_true",
                    help="write benchmarks/results/quality[_quick].json and .png")
     p.add_argument("--markdown", metavar="RESULTS_JSON", default=None,
@@ -262,15 +267,31 @@ def main(argv=None) -> dict:
 
 
 def run(args) -> dict:
-    os.environ["MINIVAE_NUM_THREADS"] = str(args.threads)
+    """Run the benchmark on args.threads threads for minivae and torch alike; the caller's
+    thread settings (environment, minivae, torch) are restored afterwards."""
     import torch
 
-    import minivae
+    from minivae.engine import threads
+
+    saved = (os.environ.get("MINIVAE_NUM_THREADS"), threads._threads, torch.get_num_threads())
+    os.environ["MINIVAE_NUM_THREADS"] = str(args.threads)
+    threads.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        if saved[0] is None:
+            os.environ.pop("MINIVAE_NUM_THREADS", None)
+        else:
+            os.environ["MINIVAE_NUM_THREADS"] = saved[0]
+        threads.set_num_threads(saved[1])
+        torch.set_num_threads(saved[2])
+
+
+def _run(args) -> dict:
     import _machine
     from _machine import machine_info, print_machine, save
 
-    minivae.set_num_threads(args.threads)
-    torch.set_num_threads(args.threads)
     info = machine_info()
     print_machine(info)
     started = time.perf_counter()

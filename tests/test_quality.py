@@ -133,3 +133,30 @@ def test_pytorch_iwae_is_minivaes_estimator_on_the_same_weights(tmp_path):
     th = -pytorch_iwae(net, x, k=100, seed=1)
     assert abs(mv - th) < 0.3, (mv, th)
     assert mv < mv_elbo - 2.0      # the bound is tighter than the ELBO, by more than the noise
+
+
+def test_full_mnist_runs_when_its_files_are_there_and_is_skipped_with_the_reason_otherwise(
+        tmp_path, capsys):
+    """The same code path as the full table, on four small IDX files standing in for MNIST
+    (300 / 100 random images): both models train and are evaluated; an empty directory gives a
+    row saying why nothing ran."""
+    from minivae.data import write_idx
+
+    rng = np.random.default_rng(0)
+    d = tmp_path / "mnist"
+    d.mkdir()
+    for stem, n in (("train", 300), ("t10k", 100)):
+        write_idx(d / f"{stem}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), np.uint8))
+        write_idx(d / f"{stem}-labels-idx1-ubyte.gz", rng.integers(0, 10, n, np.uint8))
+    args = ["--data", "mnist", "--seeds", "0", "--epochs", "1", "--k", "5", "--threads", "1",
+            "--inits", "torch"]
+    doc = quality.main([*args, "--mnist-dir", str(d)])
+    m = doc["datasets"]["mnist"]
+    assert (m["n_train"], m["n_test"], m["source"]) == (300, 100, str(d))
+    assert set(m["runs"]) == {"minivae:torch", quality.TORCH}
+    assert all(0 < r["nll_5"] <= r["elbo_loss"] + 1.0 for runs in m["runs"].values() for r in runs)
+    (tmp_path / "empty").mkdir()
+    doc = quality.main([*args, "--mnist-dir", str(tmp_path / "empty")])
+    assert "not on this machine" in doc["datasets"]["mnist"]["skipped"]
+    assert "| mnist | not run: " in quality.markdown(doc)
+    assert "mnist          skipped:" in capsys.readouterr().out

@@ -58,6 +58,9 @@ from .params import Layout
 
 CHECKPOINT = "checkpoint.npz"
 LATENT_TYPES = ("gaussian", "categorical")
+#: the lowest Gumbel-softmax temperature accepted: below it the relaxed gradient (~1/tau) and
+#: the softmax overflow float32 long before the relaxation is any closer to the discrete sample
+MIN_TAU = 0.01
 FORMAT = "minivae-checkpoint-1"
 
 
@@ -172,10 +175,13 @@ class TrainConfig:
         for name in ("beta", "warmup_epochs", "lr", "weight_decay", "tau_anneal", "tau",
                      "tau_min"):
             v = getattr(self, name)
+            low = MIN_TAU if name in ("tau", "tau_min") else 0.0
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-                    or v < 0 or (v == 0 and name in ("tau", "tau_min")):
-                low = "> 0" if name in ("tau", "tau_min") else ">= 0"
-                raise ValueError(f"{name} must be a finite number {low}, got {v!r}")
+                    or v < low:
+                raise ValueError(f"{name} must be a finite number >= {low:g}, got {v!r}")
+        if self.tau_anneal > 0 and self.tau_min > self.tau:
+            raise ValueError(f"tau_min ({self.tau_min:g}) is above tau ({self.tau:g}): annealing "
+                             f"lowers the temperature")
 
     #: what defines the model and its data: a resumed run may not change these
     FIXED = ("data", "data_dir", "model", "hidden", "latent", "activation", "likelihood", "init",
@@ -625,9 +631,11 @@ class Trainer:
                    else f"start again with a smaller --lr (now {self.cfg.lr:g})")
             back = (f" (or go back further with --from-epoch E, kept epochs: "
                     f"{', '.join(map(str, kept))})" if kept else "")
+            tau = (f"; or raise the Gumbel-softmax temperature (--tau, --tau-min; now "
+                   f"{self.model.tau:g})" if hasattr(self.model, "tau") else "")
             raise Diverged(f"{where} became NaN/Inf near step {self.step} of epoch "
                            f"{self.epoch + 1}; stopped without saving the bad state: {have}. "
-                           f"To {how}{back}, or add a KL warm-up (--warmup)")
+                           f"What to do: {how}{back}; or add a KL warm-up (--warmup){tau}")
 
     @contextlib.contextmanager
     def _catch_signals(self):

@@ -287,8 +287,10 @@ def test_trainer_anneals_tau_and_resumes_a_discrete_run_bit_for_bit(tmp_path, bl
 
 @pytest.mark.parametrize("kw, message", [
     (dict(categories=1), "categories must be a whole number >= 2"),
-    (dict(tau=0.0), "tau must be a finite number > 0"),
-    (dict(tau_min=float("nan")), "tau_min must be a finite number > 0"),
+    (dict(tau=0.0), "tau must be a finite number >= 0.01"),
+    (dict(tau=0.005), "tau must be a finite number >= 0.01"),
+    (dict(tau_min=float("nan")), "tau_min must be a finite number >= 0.01"),
+    (dict(tau=0.5, tau_min=0.8, tau_anneal=1.0), "tau_min \\(0.8\\) is above tau"),
     (dict(latent_type="bernoulli"), "latent_type must be one of gaussian, categorical"),
     (dict(model="autoencoder"), "categorical latents need a VAE"),
     (dict(straight_through="yes"), "straight_through must be true or false"),
@@ -327,3 +329,42 @@ def test_a_discrete_vae_trains_from_the_cli_and_evaluates(tmp_path):
                         "--epochs", "3", "--categories", "4"], env=env, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "--categories 4 differs from this run's 5" in r.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tau", "0.5"], "--tau only apply to categorical latents"),
+    (["--categories", "4", "--straight-through"],
+     "--categories, --straight-through only apply to categorical latents"),
+    (["--latent-type", "categorical", "--tau", "0.001"], "--tau: must be >= 0.01"),
+    (["--latent-type", "categorical", "--tau", "0.5", "--tau-min", "2", "--tau-anneal", "1"],
+     "tau_min (2) is above tau (0.5)"),
+])
+def test_categorical_flags_are_refused_where_they_would_mean_nothing(tmp_path, capsys, flags,
+                                                                     message):
+    from minivae.cli import main
+
+    out = tmp_path / "r"
+    with pytest.raises(SystemExit) if "must be >=" in message else _no_exit():
+        code = main(["train", "--epochs", "1", "--out", str(out), *flags])
+        assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (out / "checkpoint.npz").exists()
+
+
+class _no_exit:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def test_resuming_a_gaussian_run_with_a_temperature_is_refused(tmp_path, capsys):
+    from minivae.cli import main
+
+    out = tmp_path / "g"
+    assert main(["train", "--epochs", "1", "--hidden", "8", "--latent", "2", "--out", str(out),
+                 "--no-progress", "--no-figures"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(out), "--epochs", "2", "--tau", "0.3"]) == 2
+    assert "--tau only apply to categorical latents" in capsys.readouterr().err

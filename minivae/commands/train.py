@@ -81,10 +81,10 @@ def add_arguments(p):
                         "(Jang et al. 2017); evaluated with exact one-hot samples")
     g.add_argument("--categories", type=number(2, kind=int), metavar="C",
                    help="classes per categorical variable (default 10)")
-    g.add_argument("--tau", type=pos_float,
-                   help="Gumbel-softmax temperature (default 1.0)")
-    g.add_argument("--tau-min", type=pos_float,
-                   help="temperature at the end of the annealing (default 0.5)")
+    g.add_argument("--tau", type=number(0.01),
+                   help="Gumbel-softmax temperature, >= 0.01 (default 1.0)")
+    g.add_argument("--tau-min", type=number(0.01),
+                   help="temperature at the end of the annealing, <= --tau (default 0.5)")
     g.add_argument("--tau-anneal", type=nonneg, metavar="EPOCHS",
                    help="anneal tau exponentially to --tau-min over this many epochs, then "
                         "hold --tau-min (default 0: constant tau)")
@@ -173,6 +173,22 @@ def _everywhere(e):
     return e
 
 
+#: flags that mean something only for categorical latents
+CATEGORICAL_ONLY = ("categories", "tau", "tau_min", "tau_anneal", "straight_through")
+
+
+def _categorical_only(given, latent_type):
+    """Refuse the categorical-latent flags on a run with Gaussian latents (they would be
+    silently ignored)."""
+    from ..cli import UserError
+
+    stray = [f for f in CATEGORICAL_ONLY if f in given]
+    if stray and latent_type != "categorical":
+        raise _everywhere(UserError(
+            f"{', '.join(FLAG[FIELDS[f]] for f in stray)} only apply to categorical latents: "
+            f"add --latent-type categorical (this run's latents are {latent_type})"))
+
+
 def _run(args, comm) -> int:
     import contextlib
     import json
@@ -198,6 +214,12 @@ def _run(args, comm) -> int:
     if not args.resume and given.get("data", "mnist10k") == "mnist10k" and args.data_dir:
         raise _everywhere(UserError("--data-dir needs --data mnist or --data fashion-mnist "
                                     "(mnist10k is bundled)"))
+    if not args.resume:
+        _categorical_only(given, given.get("latent_type", "gaussian"))
+    if "device" in given:             # before --out is made: a missing GPU leaves nothing behind
+        from ..backend import get_backend
+
+        get_backend(given["device"])
 
     lock = contextlib.ExitStack()
 
@@ -231,6 +253,7 @@ def _run(args, comm) -> int:
                     f"{FLAG[e.field]} {_show(e.asked)} differs from this run's "
                     f"{_show(e.run_value)}; what defines a run cannot change on --resume: drop "
                     f"the flag, or start a new run with another --out")) from None
+            _categorical_only(given, t.cfg.latent_type)
             if t.cfg.epochs < t.epoch:
                 raise _everywhere(UserError(
                     f"{out} has completed {t.epoch} epochs; --epochs {t.cfg.epochs} would undo "
@@ -245,6 +268,7 @@ def _run(args, comm) -> int:
                 say(f"  changed: {FLAG.get(field, field)} {_show(old)} -> {_show(new)}")
         else:
             a = {**DEFAULTS, **given}
+            _categorical_only(given, a["latent_type"])
             cfg = TrainConfig(
                 data=a["data"], data_dir=a["data_dir"], model=a["model"], hidden=a["hidden"],
                 latent=a["latent"], activation=a["activation"], likelihood=a["likelihood"],

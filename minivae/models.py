@@ -545,6 +545,11 @@ class DiscreteVAE(_Model):
                  x_sigma=1.0, init=None, backend="numpy", dtype="float32", seed=0):
         d_in, hidden, K = _sizes(d_in, hidden, latent)
         C = check_count(categories, "categories", low=2)
+        if init is None and activation in ("relu", "leaky_relu"):
+            # He, not the Gaussian VAE's default (PyTorch's nn.Linear init): on mnist10k, 10
+            # epochs, 20 x 10 categories, tau 1 -> 0.5, the test -ELBO was 136.1 / 135.2 with He
+            # and 149.2 / 150.2 with torch's init (seeds 0 / 1; Glorot 141.5 at seed 1)
+            init = "he"
         if not isinstance(straight_through, bool):
             raise TypeError(f"straight_through must be True or False, got {straight_through!r}")
         self.d_in, self.variables, self.categories = d_in, K, C

@@ -861,6 +861,9 @@ def _effective(field, value, saved):
     if field == "init" and value is None:
         from .layers import default_init
 
+        if saved.get("latent_type") == "categorical" and \
+                saved.get("activation") in ("relu", "leaky_relu"):
+            return "he"                          # models.DiscreteVAE's default
         return default_init(saved.get("activation"))
     if field == "data_dir" and saved.get("data") == "mnist10k":
         return None

@@ -368,3 +368,16 @@ def test_resuming_a_gaussian_run_with_a_temperature_is_refused(tmp_path, capsys)
     capsys.readouterr()
     assert main(["train", "--resume", "--out", str(out), "--epochs", "2", "--tau", "0.3"]) == 2
     assert "--tau only apply to categorical latents" in capsys.readouterr().err
+
+
+def test_the_discrete_vae_defaults_to_he_init_for_relu_nets():
+    """Chosen by measurement (models.DiscreteVAE): He beat PyTorch's nn.Linear init by ~14 nats
+    of test -ELBO on mnist10k; the model's config records the init it used."""
+    from minivae import DiscreteVAE
+
+    m = DiscreteVAE(d_in=12, hidden=(10,), latent=2, categories=3)
+    assert m.config["init"] == "he"
+    assert DiscreteVAE(d_in=12, hidden=(10,), latent=2, categories=3, activation="tanh")\
+        .config["init"] is None
+    assert DiscreteVAE(d_in=12, hidden=(10,), latent=2, categories=3, init="torch")\
+        .config["init"] == "torch"

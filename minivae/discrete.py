@@ -39,6 +39,7 @@ import itertools
 import numpy as np
 
 from . import losses
+from .estimators import _noise as _gaussian_noise
 from .models import DiscreteVAE, check_count
 from .sampling import gumbel, one_hot
 
@@ -61,15 +62,8 @@ def draw_g(model, samples: int, batch: int):
 
 
 def _noise(model, x, g, samples, baseline=False):
-    if g is None:
-        S = check_count(samples, "samples (S)")
-        if baseline and S < 2:
-            raise ValueError("the leave-one-out baseline needs at least S = 2 samples per example")
-        return draw_g(model, S, x.shape[0])
-    model.check_eps(g, x.shape[0], stacked=True)
-    if baseline and g.shape[0] < 2:
-        raise ValueError("the leave-one-out baseline needs at least S = 2 samples per example")
-    return g
+    """g validated, or drawn (:func:`draw_g`) once every argument was checked."""
+    return _gaussian_noise(model, x, g, samples, baseline, draw=draw_g)
 
 
 def _log_softmax(xp, logits):

@@ -94,14 +94,15 @@ def draw_eps(model, samples: int, batch: int):
     return model.rng.normal((S, check_count(batch, "batch"), model.latent), model.dtype)
 
 
-def _noise(model, x, eps, samples, baseline=False):
-    """The (S, B, L) noise: eps validated, or drawn (after every argument was checked, so a
-    refused call leaves the model's RNG where it was)."""
+def _noise(model, x, eps, samples, baseline=False, draw=None):
+    """The (S, B, L) noise: eps validated (``model.check_eps``), or drawn with ``draw`` (default
+    :func:`draw_eps`; minivae.discrete passes its Gumbel draw) after every argument was checked,
+    so a refused call leaves the model's RNG where it was."""
     if eps is None:
         S = check_count(samples, "samples (S)")
         if baseline and S < 2:
             raise ValueError("the leave-one-out baseline needs at least S = 2 samples per example")
-        return draw_eps(model, S, x.shape[0])
+        return (draw or draw_eps)(model, S, x.shape[0])
     model.check_eps(eps, x.shape[0], stacked=True)
     if baseline and eps.shape[0] < 2:
         raise ValueError("the leave-one-out baseline needs at least S = 2 samples per example")

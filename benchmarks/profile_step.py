@@ -30,12 +30,17 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", default="32,128,512")
     p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--threads", type=int, default=1,
+                   help="minivae's and the BLAS's threads (default 1). With more, a batch too "
+                        "small to split over threads (engine/threads.py, MIN_ROWS) still runs "
+                        "on one Python thread, its products on the BLAS's threads, so the pieces "
+                        "still add up; a batch split over threads is refused")
     p.add_argument("--save", action="store_true",
                    help="write benchmarks/results/profile_step.json (only when given)")
     return p.parse_args(argv)
 
 
-def profile(B: int, steps: int) -> dict:
+def profile(B: int, steps: int, threads: int = 1) -> dict:
     import numpy as np
 
     from minivae import VAE, Adam, DataParallel, losses
@@ -45,7 +50,7 @@ def profile(B: int, steps: int) -> dict:
 
     model = VAE(seed=0)
     opt = Adam(model.params)
-    dp = DataParallel(model, threads=1)
+    dp = DataParallel(model, threads=threads)
     xs = [model.backend.asarray(x) for x in _machine.mnist_batches(B, 16)]
     for i in range(10):
         dp.train_step(opt, xs[i % 16], check=False)
@@ -129,21 +134,33 @@ def profile(B: int, steps: int) -> dict:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    _machine.set_threads(1)
+    if args.threads < 1:
+        raise SystemExit("profile_step.py: --threads must be >= 1")
+    _machine.set_threads(args.threads)
+    from minivae.engine import threads
+
+    batches = [int(b) for b in args.batches.split(",")]
+    split = [B for B in batches if min(args.threads, B // threads.MIN_ROWS) > 1]
+    if split:
+        raise SystemExit(f"profile_step.py: batch {split[0]} would be split over threads "
+                         f"(from {threads.MIN_ROWS} rows a thread) and its pieces would not add "
+                         f"up: profile it with --threads 1")
     info = _machine.machine_info()
     _machine.print_machine(info)
     rows = []
-    for B in [int(b) for b in args.batches.split(",")]:
-        r = profile(B, args.steps)
+    for B in batches:
+        r = profile(B, args.steps, args.threads)
         rows.append(r)
         print(f"\nbatch {B}: step {r['step_ms']:.3f} ms = forward+backward "
-              f"{r['forward_backward_ms']:.3f} + Adam {r['adam_ms']:.3f} (one thread)")
+              f"{r['forward_backward_ms']:.3f} + Adam {r['adam_ms']:.3f} ({args.threads} thread"
+              f"{'s' if args.threads > 1 else ''})")
         for k, v in r["parts_ms"].items():
             share = v / r["timed_forward_backward_ms"]
             print(f"  {k:24s} {v:7.3f} ms  {share:6.1%} of the timed forward+backward")
     if args.save:
-        path = _machine.save("profile_step.json", {"rows": rows, "machine": info,
-                                                   "steps": args.steps})
+        name = "profile_step.json" if args.threads == 1 else f"profile_step_t{args.threads}.json"
+        path = _machine.save(name, {"rows": rows, "machine": info, "steps": args.steps,
+                                    "threads": args.threads})
         print(f"# wrote {os.path.relpath(path)}")
     return 0
 

@@ -25,9 +25,9 @@ the PyTorch example or most code uses, but is PyTorch at its best.
 GEMM floor: the time of only the matrix products a step must do (4 forward, 4 weight-gradient,
 3 input-gradient; the first layer needs no input gradient), with NumPy's BLAS into
 preallocated outputs, done the faster of two ways: whole-batch products on OpenBLAS's own
-threads, or the batch split into one block per thread with a one-thread BLAS each (the way
-minivae's step does them; its weight gradients then still need summing, which the floor does
-not count). No step on this BLAS can be faster. torch's own floor (MKL, torch.mm) is reported
+threads (the way minivae's step does them below MIN_ROWS = 128 rows a thread), or the batch
+split into one block per thread with a one-thread BLAS each (the way minivae's step does them
+above; its weight gradients then still need summing, which the floor does not count). No step on this BLAS can be faster. torch's own floor (MKL, torch.mm) is reported
 beside it for reference.
 """
 from __future__ import annotations
@@ -257,12 +257,14 @@ def contenders(args):
 
 def split_gemm_floor(B, gemm_set, rng):
     """The floor's products with the batch split over minivae's threads: block i of the batch
-    in thread i with a one-thread BLAS, as minivae's data-parallel step does them."""
+    in thread i with a one-thread BLAS, as minivae's data-parallel step does them at large
+    batches. Split over all the threads whatever the batch (minivae itself splits only from
+    MIN_ROWS rows a thread), so that the floor is the lower of the two ways at every batch."""
     import numpy as np
 
     from minivae.engine import threads as parallel
 
-    k = parallel.shards(B)
+    k = max(1, min(parallel.get_num_threads(), B))
     blocks = [gemm_set(np, lambda *s: np.empty(s, dtype=np.float32),
                        lambda *s: rng.standard_normal(s).astype(np.float32), lambda: None,
                        B=hi - lo) for lo, hi in parallel.bounds(B, k)]

@@ -191,6 +191,43 @@ def test_small_batches_and_other_backends_are_not_split(monkeypatch):
     assert opt.t == 1
 
 
+@needs_pinnable_blas
+@pytest.mark.parametrize("opt_name", ["adam", "sgd_momentum"])
+def test_a_batch_too_small_to_split_runs_here_with_the_blas_on_the_threads(rng, opt_name):
+    """Below MIN_ROWS rows per thread the pass runs on the calling thread, with the BLAS on
+    minivae's thread count (not a row split, not one BLAS thread), and the step is still the
+    reference step; the BLAS count is restored afterwards."""
+    parallel.set_num_threads(3)
+    seen = []
+    fast, ref = MODELS["vae"](), MODELS["vae"]()
+    dp = DataParallel(fast)
+    pass_ = dp._forward_backward
+
+    def spy(*a):
+        seen.append((threading.current_thread() is threading.main_thread(),
+                     blas.describe().get("threads")))
+        return pass_(*a)
+
+    dp._forward_backward = spy
+    B = 2 * parallel.MIN_ROWS - 1
+    assert dp._k(B) == 1
+    x = (rng.random((B, 30)) < 0.4).astype(np.float64)
+    eps = rng.standard_normal((B, 3))
+    opt_f, opt_r = OPTIMIZERS[opt_name](fast.params), OPTIMIZERS[opt_name](ref.params)
+    before = blas.set_threads(1)
+    try:
+        for _ in range(3):
+            r = dp.train_step(opt_f, x, eps)
+            want = ref.loss_and_grads(x, eps)
+            opt_r.step()
+            np.testing.assert_allclose(float(r.loss), float(want.loss), rtol=1e-13)
+        assert blas.set_threads(before) == 1                  # restored after the step
+    finally:
+        blas.set_threads(before)
+    assert seen == [(True, 3)] * 3
+    np.testing.assert_allclose(fast.params.data, ref.params.data, rtol=1e-12, atol=1e-14)
+
+
 def test_thread_count_is_validated(monkeypatch):
     with pytest.raises(ValueError, match="whole number >= 1"):
         minivae.set_num_threads(0)

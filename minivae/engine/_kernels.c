@@ -14,6 +14,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <float.h>
 #include <math.h>
 #include <string.h>
 
@@ -35,7 +36,7 @@
  *   m <- b1 m + c1 g;   v <- b2 v + c2 g^2;   p <- decay p - step (m / (sqrt(v) + eps))
  * with c1 = 1 - b1, c2 = 1 - b2, step = (lr / (1 - b1^t)) * sqrt(1 - b2^t),
  * eps = eps_adam * sqrt(1 - b2^t), decay = 1 - lr wd (AdamW) or 1. */
-#define DEFINE_ADAM(NAME, T, SQRT)                                                        \
+#define DEFINE_ADAM(NAME, T, SQRT, TINY)                                                      \
     VECTOR_CLONES static void NAME(T **gs, int k, T *p, T *m, T *v, Py_ssize_t n, T b1, T c1, T b2,     \
                      T c2, T step, T eps, T decay)                                        \
     {                                                                                     \
@@ -51,6 +52,8 @@
                 T gi = g[i];                                                              \
                 T mi = b1 * mm[i] + c1 * gi;                                              \
                 T vi = b2 * vv[i] + c2 * (gi * gi);                                       \
+                mi = (mi < TINY && mi > -TINY) ? (T)0 : mi; /* no subnormal state */      \
+                vi = vi < TINY ? (T)0 : vi;                                               \
                 mm[i] = mi;                                                               \
                 vv[i] = vi;                                                               \
                 pp[i] = decay * pp[i] - step * (mi / (SQRT(vi) + eps));                   \
@@ -58,8 +61,8 @@
         }                                                                                 \
     }
 
-DEFINE_ADAM(adam_f32, float, sqrtf)
-DEFINE_ADAM(adam_f64, double, sqrt)
+DEFINE_ADAM(adam_f32, float, sqrtf, FLT_MIN)
+DEFINE_ADAM(adam_f64, double, sqrt, DBL_MIN)
 
 /* ----------------------------------------------------------------------------------------- */
 /* The Bernoulli likelihood on logits l and data x, around NumPy's SIMD exp and log1p

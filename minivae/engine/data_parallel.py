@@ -117,11 +117,15 @@ class DataParallel:
         return f"DataParallel({type(self.model).__name__}, threads={self.threads}, " \
                f"comm={type(self.comm).__name__})"
 
-    def _k(self, rows: int) -> int:
+    def _threads(self) -> int:
         if not self.engine:
             return 1
-        k = _threads.get_num_threads() if self.threads is None else self.threads
-        return max(1, min(k, rows // _threads.MIN_ROWS))
+        return _threads.get_num_threads() if self.threads is None else self.threads
+
+    def _k(self, rows: int) -> int:
+        """Row blocks (threads) a pass over ``rows`` rows is split into: as many as the
+        threads allow with at least ``MIN_ROWS`` rows each (:func:`threads.shards`)."""
+        return max(1, min(self._threads(), rows // _threads.MIN_ROWS))
 
     # -- public steps ---------------------------------------------------------------------------
     def loss_and_grads(self, x, eps=None, check=True) -> LossResult:
@@ -158,15 +162,23 @@ class DataParallel:
         k = self._k(hi - lo)
         fuse = opt is not None and self.comm.size == 1
         terms = self._blocks(x, eps, B, k, opt if fuse else None) if k > 1 else None
-        if terms is None:                   # one thread (or the team is busy: a nested call)
-            pin = _threads.one_blas_thread() if self.engine else nullcontext()
+        blas_k = 1
+        if terms is None:
+            # Too few rows to split (or the team is busy: a nested call): the pass runs here,
+            # its matrix products on the BLAS's threads, which split them without the per-
+            # thread gradient buffers a row split needs (engine/threads.py, MIN_ROWS).
+            blas_k = self._threads() if k == 1 else 1
+            pin = _threads.blas_threads(blas_k) if self.engine else nullcontext()
             with pin:
                 terms = self._forward_backward(m, m.params, x, eps, B)
             fuse = False
         if self.comm.size > 1:
             self.comm.allreduce_sum(m.params.grad)
         if opt is not None and not fuse:
-            self.optimizer_step(opt)
+            if blas_k > 1:                  # Adam is memory-bound: one thread, the caller
+                _one_thread_step(opt)
+            else:
+                self.optimizer_step(opt)
         loss_b, recon, kl = terms
         if self.comm.size == 1:
             loss, mrecon, mkl = xp.mean(loss_b), xp.mean(recon), xp.mean(kl)
@@ -224,6 +236,13 @@ def optimizer_step(opt) -> None:
         update(opt, 0, grad.shape[0], (grad,))
         return
     _threads.in_ranges(grad.shape[0], lambda lo, hi: update(opt, lo, hi, (grad[lo:hi],)))
+
+
+def _one_thread_step(opt) -> None:
+    """``opt.step()`` through the engine's in-place twin of the update, on the calling thread."""
+    opt.start_step()
+    grad = opt.params.grad
+    pick(type(opt).update, opt.params.backend)(opt, 0, grad.shape[0], (grad,))
 
 
 _wrappers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

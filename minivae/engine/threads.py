@@ -7,11 +7,17 @@ the other cores spin. Instead minivae splits the *batch*: with k threads, thread
 whole forward and backward pass on rows [lo_i, hi_i), with the BLAS on one thread, writing
 d(sum of its rows' losses / B)/d params into its own gradient buffer; the k buffers are then
 summed, slice by slice, in parallel. Adam runs on k slices of the flat buffers the same way.
-Every core does useful work, and nothing spins. (NumPy releases the GIL inside its loops and
-BLAS calls, and ctypes around its foreign calls, so plain Python threads suffice.) On the
-2-core CI machine this takes the 784-400-20 step at batch 128 from 1.13x PyTorch's time on
-one thread to 0.71x on two (benchmarks/results/step_time_cpu_b128*.json; both with the compiled
-kernels of :mod:`minivae.engine.kernels`).
+Every core does useful work, and nothing spins.
+
+That pays only for enough rows a thread (MIN_ROWS = 128). Below it a row split costs more than
+it saves: every thread writes a whole weight gradient from a few rows, the k buffers must then
+be summed, and the Python of k passes runs under one GIL. So a smaller batch runs its pass on
+the calling thread with the BLAS on k threads, which split each product among themselves, and
+Adam follows on the calling thread (it is memory-bound: a second thread gains nothing). The
+choice depends only on the batch and the thread count, never on a timing, so a run is
+reproducible bit for bit. Measured on 2 cores by benchmarks/split_modes.py (784-400-20,
+float32, one Adam step; results/split_modes.json): batch 32/64/128 on BLAS threads 1.75/2.28/
+3.49 ms against 2.14/2.60/3.60 ms split; batch 256/512 split 5.26/8.90 ms against 5.72/10.29.
 
 What changes. Only the order of the floating-point additions over the batch, exactly as a
 different BLAS thread count would. The random stream does not change: eps is drawn for the
@@ -23,7 +29,8 @@ one-thread step.
 
 With 1 thread the step runs on the calling thread as before, also with a one-thread BLAS.
 The BLAS thread count is process-wide: while a minivae step runs, other threads' NumPy
-products also get one BLAS thread; it is restored when the step ends. Splitting needs
+products also get the step's count (one, or k for a batch too small to split); it is restored
+when the step ends. Splitting needs
 NumPy's BLAS to be an OpenBLAS >= 0.3.27 (what NumPy's wheels ship, see :mod:`minivae.engine.blas`);
 with another BLAS minivae runs one thread and leaves the BLAS's threading alone.
 """
@@ -38,8 +45,11 @@ import threading
 from . import blas
 
 MAX_DEFAULT_THREADS = 4
-MIN_ROWS = 16          # batch rows per thread below which a thread costs more than it saves
-                       # (measured on 2 cores: batch 32 as 2 x 16 rows is 15% faster than 1 x 32)
+MIN_ROWS = 128         # batch rows per thread for a row split. With fewer, the pass runs on the
+                       # calling thread and the BLAS threads its matrix products instead: a row
+                       # split then costs more than it saves (each thread writes a whole weight
+                       # gradient from a few rows, and Python runs twice under one GIL): see
+                       # the module's docstring and benchmarks/split_modes.py
 MIN_SLICE = 1 << 16    # numbers per thread in an elementwise update, same reason
 
 _threads: int | None = None
@@ -78,22 +88,22 @@ def set_num_threads(n: int | None) -> None:
 
 
 _pin_lock = threading.Lock()
-_pin_depth = 0          # how many blocks (in any thread) are inside one_blas_thread
+_pin_depth = 0          # how many blocks (in any thread) are inside blas_threads
 _pin_saved = 0          # the count to restore when the last one leaves
 
 
 @contextlib.contextmanager
-def one_blas_thread():
-    """Matrix products use one BLAS thread inside the block (process-wide: see
-    :func:`blas.set_threads`). Blocks may nest and overlap across threads; the count from
-    before the first one is restored when the last one ends."""
+def blas_threads(n: int):
+    """Matrix products use n BLAS threads inside the block (process-wide: see
+    :func:`blas.set_threads`). Blocks may nest and overlap across threads: the first block's
+    count holds until the last one ends, then the count from before the first is restored."""
     global _pin_depth, _pin_saved
     if not blas.pinnable():
         yield
         return
     with _pin_lock:
         if _pin_depth == 0:
-            _pin_saved = blas.set_threads(1)
+            _pin_saved = blas.set_threads(n)
         _pin_depth += 1
     try:
         yield
@@ -102,6 +112,11 @@ def one_blas_thread():
             _pin_depth -= 1
             if _pin_depth == 0:
                 blas.set_threads(_pin_saved)
+
+
+def one_blas_thread():
+    """Matrix products use one BLAS thread inside the block: :func:`blas_threads` (1)."""
+    return blas_threads(1)
 
 
 # -- the team ----------------------------------------------------------------------------------

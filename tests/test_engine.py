@@ -205,3 +205,22 @@ def test_fast_step_keeps_float32_end_to_end(rng):
     r = minivae.train_step(m, opt, x)
     for a in (r.loss, r.elbo, r.grads, m.params.data, opt.m, opt.v):
         assert a.dtype == np.float32
+
+
+@pytest.mark.parametrize("rows", [1, 8, 32, 33])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_input_grad_takes_either_form_of_the_same_product(rows, dtype):
+    """numpy_twins.input_grad computes G W^T as (W G^T)^T for small float32 batches with a
+    long inner dimension (faster on OpenBLAS): the same product, to float32 round-off, and
+    C-contiguous either way."""
+    from minivae.engine import numpy_twins as nt
+
+    rng = np.random.default_rng(rows)
+    G = rng.standard_normal((rows, 300)).astype(dtype)
+    W = rng.standard_normal((50, 300)).astype(dtype)
+    got = nt.input_grad(G, W)
+    want = G.astype(np.float64) @ W.T.astype(np.float64)
+    assert got.dtype == dtype and got.shape == (rows, 50) and got.flags.c_contiguous
+    np.testing.assert_allclose(got, want, rtol=1e-4 if dtype == np.float32 else 1e-12,
+                               atol=1e-4 if dtype == np.float32 else 1e-12)
+    np.testing.assert_allclose(got, np.matmul(G, W.T), rtol=1e-5, atol=1e-5)

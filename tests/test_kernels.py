@@ -236,3 +236,83 @@ def test_more_gradient_buffers_than_one_call_takes_are_all_summed(rng):
     kernels.adam(gs, p, m, v, *HYPER.values())
     for got, exp in zip((gs[0], p, m, v), (want[0], *want[k:])):
         np.testing.assert_allclose(got, exp, rtol=1e-13, atol=1e-15)
+
+
+# -- a Dense layer's bias and the ReLU after it, in one pass ------------------------------------
+def _activations(rng, dtype, rows=9, cols=13):
+    out = rng.standard_normal((rows, cols)).astype(dtype)
+    out[0, :4] = [np.nan, np.inf, -np.inf, -0.0]
+    b = rng.standard_normal(cols).astype(dtype)
+    b[5] = -out[1, 5]                                      # out + b == 0 exactly: the kink
+    return out, b
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_bias_relu_is_the_bias_then_the_relu_to_the_last_bit(rng, dtype):
+    out, b = _activations(rng, dtype)
+    want = np.maximum(out + b, 0.0)                        # Dense.forward, then ReLU.forward
+    kernels.bias_relu(out.reshape(-1), b, *out.shape)
+    np.testing.assert_array_equal(out, want)               # NaN where the reference has NaN
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("in_place", [True, False])
+def test_relu_grad_bias_is_the_mask_then_the_bias_gradient_to_the_last_bit(rng, dtype, in_place):
+    pre, b = _activations(rng, dtype)
+    out = np.maximum(pre + b, 0.0)
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    dout[2, :2] = [np.inf, np.nan]
+    want = dout * (out > 0.0).astype(dtype)                # ReLU.backward
+    want_db = np.sum(want, axis=0)                         # Dense.backward's db
+    g = dout if in_place else np.full_like(dout, 7.0)
+    db = np.full(out.shape[1], 3.0, dtype)
+    kernels.relu_grad_bias(dout.reshape(-1), out.reshape(-1), g.reshape(-1), db, *out.shape)
+    np.testing.assert_array_equal(g, want)
+    np.testing.assert_array_equal(db, want_db)
+
+
+@needs_kernels
+@pytest.mark.parametrize("call, error, message", [
+    (lambda o, b, g, db: kernels.bias_relu(o, b[:-1], 9, 13), ValueError, "b has 12 numbers, not 13"),
+    (lambda o, b, g, db: kernels.bias_relu(o, b, 9, 12), ValueError, "not rows \\* cols"),
+    (lambda o, b, g, db: kernels.bias_relu(o, b.astype(np.float32), 9, 13), TypeError,
+     "different dtype"),
+    (lambda o, b, g, db: kernels.relu_grad_bias(o, o, g, db[:-1], 9, 13), ValueError,
+     "db has 12 numbers"),
+    (lambda o, b, g, db: kernels.relu_grad_bias(o, o[:-1], g, db, 9, 13), ValueError,
+     "numbers"),
+    (lambda o, b, g, db: kernels.relu_grad_bias(o, o, g, db, -1, 13), ValueError, ">= 0"),
+])
+def test_bad_bias_relu_buffers_raise_and_change_nothing(rng, call, error, message):
+    out, b = _activations(rng, np.float64)
+    o, g, db = out.reshape(-1), np.zeros(out.size), np.zeros(13)
+    before = [a.copy() for a in (o, b, g, db)]
+    with pytest.raises(error, match=message):
+        call(o, b, g, db)
+    for a, was in zip((o, b, g, db), before):
+        np.testing.assert_array_equal(a, was)
+
+
+@needs_kernels
+def test_the_fused_passes_change_no_number_of_a_training_step(rng):
+    """The VAE step with the fused Dense+ReLU passes and with the layer-by-layer twins:
+    the same loss, gradients and trained parameters, to the last bit (float32)."""
+    from minivae import VAE, DataParallel
+
+    x = (rng.random((24, 50)) < 0.3).astype(np.float32)
+    eps = rng.standard_normal((24, 4)).astype(np.float32)
+    runs = []
+    for fuse in (True, False):
+        m = VAE(d_in=50, hidden=(32, 16), latent=4, seed=1)
+        opt, dp = Adam(m.params), DataParallel(m, threads=1)
+        previous, nt.FUSE = nt.FUSE, fuse
+        try:
+            losses_ = [float(dp.train_step(opt, x, eps).loss) for _ in range(3)]
+        finally:
+            nt.FUSE = previous
+        runs.append((losses_, m.params.grad.copy(), m.params.data.copy()))
+    assert runs[0][0] == runs[1][0]
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])
+    np.testing.assert_array_equal(runs[0][2], runs[1][2])

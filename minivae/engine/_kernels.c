@@ -92,6 +92,44 @@ DEFINE_BERNOULLI(f32, float, fabsf)
 DEFINE_BERNOULLI(f64, double, fabs)
 
 /* ----------------------------------------------------------------------------------------- */
+/* A Dense layer's bias and the ReLU after it, forward and backward, each in one pass over the
+ * (rows, cols) activations (minivae/layers.py: Dense.forward's out += b, then ReLU's
+ * max(out, 0); ReLU.backward's dout * [out > 0], then Dense.backward's db = sum over rows):
+ *     out[i, j] <- max(out[i, j] + b[j], 0)                      (NaN stays NaN, as np.maximum)
+ *     g[i, j] <- src[i, j] * [out[i, j] > 0];  db[j] <- sum_i g[i, j]   (rows added in order)
+ * (src may be g itself). Measured at batch 128, 2 cores: 3% off the forward+backward. */
+#define DEFINE_BIAS_RELU(SUFFIX, T)                                                       \
+    VECTOR_CLONES static void bias_relu_##SUFFIX(T *out, const T *restrict b,            \
+                                                 Py_ssize_t rows, Py_ssize_t cols)        \
+    {                                                                                     \
+        for (Py_ssize_t i = 0; i < rows; i++) {                                           \
+            T *restrict o = out + i * cols;                                               \
+            for (Py_ssize_t j = 0; j < cols; j++) {                                       \
+                T y = o[j] + b[j];                                                        \
+                o[j] = (y > (T)0 || y != y) ? y : (T)0;                                   \
+            }                                                                             \
+        }                                                                                 \
+    }                                                                                     \
+    VECTOR_CLONES static void relu_grad_bias_##SUFFIX(const T *src, const T *restrict c, \
+                                                      T *g, T *restrict db,               \
+                                                      Py_ssize_t rows, Py_ssize_t cols)   \
+    {                                                                                     \
+        for (Py_ssize_t j = 0; j < cols; j++) db[j] = (T)0;                               \
+        for (Py_ssize_t i = 0; i < rows; i++) {                                           \
+            const T *si = src + i * cols, *restrict ci = c + i * cols;                    \
+            T *gi = g + i * cols;                                                         \
+            for (Py_ssize_t j = 0; j < cols; j++) {                                       \
+                T v = si[j] * (T)(ci[j] > (T)0);                                          \
+                gi[j] = v;                                                                \
+                db[j] += v;                                                               \
+            }                                                                             \
+        }                                                                                 \
+    }
+
+DEFINE_BIAS_RELU(f32, float)
+DEFINE_BIAS_RELU(f64, double)
+
+/* ----------------------------------------------------------------------------------------- */
 /* Buffers: acquire, check, release. */
 typedef struct {
     Py_buffer views[MAX_GRADS + 3];
@@ -236,6 +274,98 @@ static PyObject *bernoulli_nll_grad(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* Acquire obj like acquire(), but of n numbers (not the first buffer's length). */
+static void *acquire_n(Views *vs, PyObject *obj, const char *what, int writable, Py_ssize_t n)
+{
+    Py_buffer *view = &vs->views[vs->held];
+    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(obj, view, flags) < 0)
+        return NULL;
+    vs->held++;
+    const char *fmt = view->format ? view->format : "B";
+    if (fmt[0] == '=' || fmt[0] == '<' || fmt[0] == '@') fmt++;
+    if (view->ndim != 1 || !(strcmp(fmt, "f") == 0 || strcmp(fmt, "d") == 0)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a one-dimensional float32 or float64 array",
+                     what);
+        return NULL;
+    }
+    if (view->itemsize != vs->views[0].itemsize) {
+        PyErr_Format(PyExc_TypeError, "%s has a different dtype from %s", what, vs->first_name);
+        return NULL;
+    }
+    if (view->len != n * view->itemsize) {
+        PyErr_Format(PyExc_ValueError, "%s has %zd numbers, not %zd", what,
+                     view->len / view->itemsize, n);
+        return NULL;
+    }
+    return view->buf;
+}
+
+static PyObject *bias_relu(PyObject *self, PyObject *args)
+{
+    PyObject *out_obj, *b_obj;
+    Py_ssize_t rows, cols;
+    Views vs = {.held = 0, .first_name = "out"};
+    if (!PyArg_ParseTuple(args, "OOnn:bias_relu", &out_obj, &b_obj, &rows, &cols))
+        return NULL;
+    if (rows < 0 || cols < 0)
+        return PyErr_Format(PyExc_ValueError, "rows and cols must be >= 0");
+    void *out = acquire(&vs, out_obj, "out", 1), *b = NULL;
+    if (out != NULL && vs.views[0].len != rows * cols * vs.views[0].itemsize) {
+        PyErr_Format(PyExc_ValueError, "out has %zd numbers, not rows * cols = %zd",
+                     vs.views[0].len / vs.views[0].itemsize, rows * cols);
+        out = NULL;
+    }
+    if (out == NULL || (b = acquire_n(&vs, b_obj, "b", 0, cols)) == NULL) {
+        release_all(&vs);
+        return NULL;
+    }
+    Py_ssize_t itemsize = vs.views[0].itemsize;
+    Py_BEGIN_ALLOW_THREADS
+    if (itemsize == 4)
+        bias_relu_f32(out, b, rows, cols);
+    else
+        bias_relu_f64(out, b, rows, cols);
+    Py_END_ALLOW_THREADS
+    release_all(&vs);
+    Py_RETURN_NONE;
+}
+
+static PyObject *relu_grad_bias(PyObject *self, PyObject *args)
+{
+    static const char *names[] = {"src", "the ReLU output", "g"};
+    static const int writable[] = {0, 0, 1};
+    PyObject *objs[3], *db_obj;
+    void *a[3], *db;
+    Py_ssize_t rows, cols;
+    Views vs;
+    if (!PyArg_ParseTuple(args, "OOOOnn:relu_grad_bias", &objs[0], &objs[1], &objs[2],
+                          &db_obj, &rows, &cols))
+        return NULL;
+    if (rows < 0 || cols < 0)
+        return PyErr_Format(PyExc_ValueError, "rows and cols must be >= 0");
+    if (acquire_all(&vs, objs, names, writable, 3, a) < 0)
+        return NULL;
+    if (vs.views[0].len != rows * cols * vs.views[0].itemsize) {
+        release_all(&vs);
+        return PyErr_Format(PyExc_ValueError, "src has %zd numbers, not rows * cols = %zd",
+                            vs.views[0].len / vs.views[0].itemsize, rows * cols);
+    }
+    if ((db = acquire_n(&vs, db_obj, "db", 1, cols)) == NULL) {
+        release_all(&vs);
+        return NULL;
+    }
+    Py_ssize_t itemsize = vs.views[0].itemsize;
+    Py_BEGIN_ALLOW_THREADS
+    if (itemsize == 4)
+        relu_grad_bias_f32(a[0], a[1], a[2], db, rows, cols);
+    else
+        relu_grad_bias_f64(a[0], a[1], a[2], db, rows, cols);
+    Py_END_ALLOW_THREADS
+    release_all(&vs);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"adam", adam, METH_VARARGS,
      "adam(gs, p, m, v, b1, c1, b2, c2, step, eps, decay): gs[0] <- sum(gs); then\n"
@@ -246,6 +376,11 @@ static PyMethodDef methods[] = {
     {"bernoulli_nll_grad", bernoulli_nll_grad, METH_VARARGS,
      "bernoulli_nll_grad(l, x, e, out, scale): out <- (P (1 - x) - Q x) / (e + 1) * scale,\n"
      "(P, Q) = (1, e) where l >= 0, else (e, 1); e = exp(-|l|)."},
+    {"bias_relu", bias_relu, METH_VARARGS,
+     "bias_relu(out, b, rows, cols): out[i, j] <- max(out[i, j] + b[j], 0), in place."},
+    {"relu_grad_bias", relu_grad_bias, METH_VARARGS,
+     "relu_grad_bias(src, out, g, db, rows, cols): g[i, j] <- src[i, j] * [out[i, j] > 0],\n"
+     "db[j] <- sum_i g[i, j] (rows in order); src may be g."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -86,6 +86,20 @@ def bernoulli_nll_grad(logits, x, e, out, scale: float) -> None:
     _c.bernoulli_nll_grad(logits, x, e, out, scale)
 
 
+def bias_relu(out, b, rows: int, cols: int) -> None:
+    """out[i, j] <- max(out[i, j] + b[j], 0) in one pass: a Dense layer's bias and the ReLU
+    after it. out: flat (rows * cols,) view of a C-contiguous (rows, cols) array; b: (cols,)."""
+    _c.bias_relu(out, b, rows, cols)
+
+
+def relu_grad_bias(src, out, g, db, rows: int, cols: int) -> None:
+    """g[i, j] <- src[i, j] * [out[i, j] > 0] and db[j] <- sum_i g[i, j] (rows added in
+    order) in one pass: a ReLU's backward and the bias gradient of the Dense below it. src,
+    out (the ReLU's output), g: flat views of C-contiguous (rows, cols) arrays (src may be g);
+    db: (cols,)."""
+    _c.relu_grad_bias(src, out, g, db, rows, cols)
+
+
 def flat(*arrays):
     """The arrays as flat views for a kernel, or None when one is not C-contiguous or they
     differ in dtype (the caller then runs the NumPy twin)."""

@@ -3,16 +3,20 @@
 
     python benchmarks/profile_step.py                    # batch 32, 128, 512; one thread
     python benchmarks/profile_step.py --batches 128 --save   # also benchmarks/results/profile_step.json
+    python benchmarks/profile_step.py --threads 2 --batches 32,128 --save   # profile_step_t2.json
 
 Method: the engine's NumPy step (DataParallel on one thread, minivae's C kernels as installed)
 on real MNIST batches, float32, 784-400-20 Bernoulli VAE. First the whole step, the
 forward+backward alone and Adam alone (medians over --steps). Then the forward+backward again
 with a timer around each of its pieces: the matrix products of each Dense layer (forward, weight
 gradient, input gradient), the bias additions and bias gradients, ReLU forward/backward, the
-Bernoulli likelihood and its gradient, the sampler and the KL; what is left of the measured
+Bernoulli likelihood and its gradient, the sampler and the KL, and the fused bias+ReLU passes
+where the compiled kernels run them (engine/numpy_twins.py, FUSE); what is left of the measured
 total is the Python between them (calls, dispatch, small allocations, the means). The timers
-cost about a microsecond each, which lands in that rest. One thread, so that the numbers add up;
-the thread team splits the same work over the rows.
+cost about a microsecond each, which lands in that rest. One Python thread, so that the numbers
+add up: by default one thread in all; with --threads k the batches that minivae does not split
+over threads (fewer than MIN_ROWS = 128 rows a thread) run as in training, the products on k
+BLAS threads, everything else on the calling thread.
 """
 from __future__ import annotations
 
@@ -73,6 +77,7 @@ def profile(B: int, steps: int, threads: int = 1) -> dict:
     saved_forward, saved_nt = Dense.forward, {n: getattr(nt, n) for n in
                                               ("sample", "sample_backward")}
     saved_kl = (nt.losses.kl_normal, nt.losses.kl_normal_backward)
+    saved_fused = (nt.matmul, nt.input_grad, nt.kernels.bias_relu, nt.kernels.relu_grad_bias)
 
     def timed(label, f):
         def run(*a, **k):
@@ -97,7 +102,7 @@ def profile(B: int, steps: int, threads: int = 1) -> dict:
         t1 = time.perf_counter()
         np.sum(dout, axis=0, out=grads["b"])
         t2 = time.perf_counter()
-        dx = np.matmul(dout, params["W"].T) if need_dx else None
+        dx = saved_fused[1](dout, params["W"]) if need_dx else None
         T["matrix products"] += (t1 - t0) + (time.perf_counter() - t2)
         T["bias gradients"] += t2 - t1
         return dx
@@ -114,6 +119,11 @@ def profile(B: int, steps: int, threads: int = 1) -> dict:
         nt.sample_backward = timed("sampler and KL", saved_nt["sample_backward"])
         nt.losses.kl_normal = timed("sampler and KL", saved_kl[0])
         nt.losses.kl_normal_backward = timed("sampler and KL", saved_kl[1])
+        # the fused Dense+ReLU passes (numpy_twins.FUSE): their products and their kernels
+        nt.matmul = timed("matrix products", saved_fused[0])
+        nt.input_grad = timed("matrix products", saved_fused[1])
+        nt.kernels.bias_relu = timed("bias + ReLU (fused)", saved_fused[2])
+        nt.kernels.relu_grad_bias = timed("ReLU + bias gradient (fused)", saved_fused[3])
         T.clear()
         t0 = time.perf_counter()
         for i in range(steps):
@@ -125,6 +135,7 @@ def profile(B: int, steps: int, threads: int = 1) -> dict:
         for n, f in saved_nt.items():
             setattr(nt, n, f)
         nt.losses.kl_normal, nt.losses.kl_normal_backward = saved_kl
+        nt.matmul, nt.input_grad, nt.kernels.bias_relu, nt.kernels.relu_grad_bias = saved_fused
     parts = {k: v / steps * 1e3 for k, v in T.items()}
     parts["Python and the rest"] = timed_total - sum(parts.values())
     return {"batch": B, "step_ms": step, "forward_backward_ms": fb, "adam_ms": step - fb,

@@ -97,9 +97,12 @@ def pinnable() -> bool:
 
 def set_threads(n: int) -> int:
     """BLAS threads for the process's matrix products from now on; -> the previous count."""
-    fn = _library().openblas_set_num_threads_local
-    fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
-    return int(fn(int(n)))
+    fn = _fns.get("set_threads")
+    if fn is None:                      # set up once: this runs twice a training step
+        fn = _library().openblas_set_num_threads_local
+        fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+        _fns["set_threads"] = fn
+    return fn(int(n))
 
 
 # -- y <- a x + b y ------------------------------------------------------------------------------

@@ -200,6 +200,7 @@ def _backward_twin(layer):
 
 
 FUSE = True     # the fused Dense+ReLU passes (False: the layer-by-layer twins, to compare)
+matmul = np.matmul   # the fused passes' products, by this name so that a profiler can time them
 
 
 def _fusable(net, i) -> bool:
@@ -221,7 +222,7 @@ def sequential_forward(net, P, x):
         name, layer = net.names[i], net.layers[i]
         if _fusable(net, i):
             g = P.group(name)
-            out = np.matmul(x, g["W"])
+            out = matmul(x, g["W"])
             if (views := kernels.flat(out, g["b"])) is not None:
                 kernels.bias_relu(views[0], views[1], *out.shape)
                 caches += [x, out]                    # Dense caches x, ReLU its output
@@ -259,7 +260,7 @@ def sequential_backward(net, P, dout, caches, need_dx=True, overwrite_dout=False
             views = kernels.flat(dout, out, G, g["b"])
             if views is not None:
                 kernels.relu_grad_bias(*views, *out.shape)            # G and db
-                np.matmul(caches[i - 1].T, G, out=g["W"])
+                matmul(caches[i - 1].T, G, out=g["W"])
                 need = need_dx or i - 1 > 0
                 dout = input_grad(G, P.group(below)["W"]) if need else None
                 i -= 2

@@ -11,7 +11,8 @@ forward+backward alone and Adam alone (medians over --steps). Then the forward+b
 with a timer around each of its pieces: the matrix products of each Dense layer (forward, weight
 gradient, input gradient), the bias additions and bias gradients, ReLU forward/backward, the
 Bernoulli likelihood and its gradient, the sampler and the KL, and the fused bias+ReLU passes
-where the compiled kernels run them (engine/numpy_twins.py, FUSE); what is left of the measured
+where the compiled kernels run them, with the decoder's last bias counted in the Bernoulli
+likelihood that takes it in (engine/numpy_twins.py, FUSE); what is left of the measured
 total is the Python between them (calls, dispatch, small allocations, the means). The timers
 cost about a microsecond each, which lands in that rest. One Python thread, so that the numbers
 add up: by default one thread in all; with --threads k the batches that minivae does not split
@@ -77,7 +78,8 @@ def profile(B: int, steps: int, threads: int = 1) -> dict:
     saved_forward, saved_nt = Dense.forward, {n: getattr(nt, n) for n in
                                               ("sample", "sample_backward")}
     saved_kl = (nt.losses.kl_normal, nt.losses.kl_normal_backward)
-    saved_fused = (nt.matmul, nt.input_grad, nt.kernels.bias_relu, nt.kernels.relu_grad_bias)
+    saved_fused = (nt.matmul, nt.input_grad, nt.kernels.bias_relu, nt.kernels.relu_grad_bias,
+                   nt.bernoulli_nll_bias, nt.bernoulli_nll_grad_bias)
 
     def timed(label, f):
         def run(*a, **k):
@@ -124,6 +126,8 @@ def profile(B: int, steps: int, threads: int = 1) -> dict:
         nt.input_grad = timed("matrix products", saved_fused[1])
         nt.kernels.bias_relu = timed("bias + ReLU (fused)", saved_fused[2])
         nt.kernels.relu_grad_bias = timed("ReLU + bias gradient (fused)", saved_fused[3])
+        nt.bernoulli_nll_bias = timed("Bernoulli likelihood", saved_fused[4])
+        nt.bernoulli_nll_grad_bias = timed("Bernoulli likelihood", saved_fused[5])
         T.clear()
         t0 = time.perf_counter()
         for i in range(steps):
@@ -135,7 +139,8 @@ def profile(B: int, steps: int, threads: int = 1) -> dict:
         for n, f in saved_nt.items():
             setattr(nt, n, f)
         nt.losses.kl_normal, nt.losses.kl_normal_backward = saved_kl
-        nt.matmul, nt.input_grad, nt.kernels.bias_relu, nt.kernels.relu_grad_bias = saved_fused
+        (nt.matmul, nt.input_grad, nt.kernels.bias_relu, nt.kernels.relu_grad_bias,
+         nt.bernoulli_nll_bias, nt.bernoulli_nll_grad_bias) = saved_fused
     parts = {k: v / steps * 1e3 for k, v in T.items()}
     parts["Python and the rest"] = timed_total - sum(parts.values())
     return {"batch": B, "step_ms": step, "forward_backward_ms": fb, "adam_ms": step - fb,

@@ -316,3 +316,43 @@ def test_the_fused_passes_change_no_number_of_a_training_step(rng):
     assert runs[0][0] == runs[1][0]
     np.testing.assert_array_equal(runs[0][1], runs[1][1])
     np.testing.assert_array_equal(runs[0][2], runs[1][2])
+
+
+# -- the decoder's last bias, folded into the Bernoulli likelihood ------------------------------
+@needs_kernels
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_likelihood_with_the_last_bias_is_the_bias_then_the_likelihood_to_the_last_bit(
+        rng, dtype):
+    logits, x = bernoulli_case(rng, dtype, shape=(7, 300))
+    b = (rng.standard_normal(300) * 3).astype(dtype)
+    want_l = logits + b                                # Dense.forward's bias, then Bernoulli.nll
+    want_nll, (_, _, want_e) = nt.bernoulli_nll(PX, want_l.copy(), x)
+    got_l = logits.copy()
+    got_nll, (l_c, x_c, got_e) = nt.bernoulli_nll_bias(got_l, b, x)
+    np.testing.assert_array_equal(got_l, want_l)
+    np.testing.assert_array_equal(got_e, want_e)
+    np.testing.assert_array_equal(got_nll, want_nll)
+    assert l_c is got_l and x_c is x
+    scale = 1.0 / 7
+    want_g = nt.bernoulli_nll_backward(PX, scale, (want_l, x, want_e))
+    db = np.full(300, 5.0, dtype)
+    got_g = nt.bernoulli_nll_grad_bias((got_l, x, got_e), scale, db)
+    np.testing.assert_array_equal(got_g, want_g)
+    np.testing.assert_array_equal(db, np.sum(want_g, axis=0))   # Dense.backward's db
+
+
+@needs_kernels
+def test_the_likelihood_with_the_last_bias_refuses_what_the_kernels_cannot_take(rng):
+    logits, x = bernoulli_case(rng, np.float64)
+    b = rng.standard_normal(logits.shape[1])
+    before = logits.copy()
+    assert nt.bernoulli_nll_bias(logits, b, x.astype(np.float32)) is None      # mixed dtypes
+    assert nt.bernoulli_nll_bias(logits, b, np.asfortranarray(x)) is None      # not C order
+    np.testing.assert_array_equal(logits, before)                              # nothing written
+    with pytest.raises(ValueError, match="b has 299 numbers, not 300"):
+        kernels.bernoulli_bias_negabs(logits.reshape(-1), b[:-1], np.empty(logits.size),
+                                      *logits.shape)
+    with pytest.raises(ValueError, match="db has 299 numbers"):
+        kernels.bernoulli_nll_grad_db(logits.reshape(-1), x.reshape(-1), np.ones(logits.size),
+                                      np.empty(logits.size), 1.0, np.empty(299), *logits.shape)
+    np.testing.assert_array_equal(logits, before)

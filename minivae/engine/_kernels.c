@@ -91,6 +91,44 @@ DEFINE_ADAM(adam_f64, double, sqrt, DBL_MIN)
 DEFINE_BERNOULLI(f32, float, fabsf)
 DEFINE_BERNOULLI(f64, double, fabs)
 
+/* The decoder's last bias, folded into the likelihood's first and last passes:
+ *     l[i, j] <- l[i, j] + b[j];  e[i, j] <- -|l[i, j]|            (before exp and log1p)
+ *     out[i, j] as nll_grad above;  db[j] <- sum_i out[i, j]          (rows added in order) */
+#define DEFINE_BERNOULLI_BIAS(SUFFIX, T, ABS)                                             \
+    VECTOR_CLONES static void bias_negabs_##SUFFIX(T *restrict l, const T *restrict b,   \
+                                                   T *restrict e, Py_ssize_t rows,        \
+                                                   Py_ssize_t cols)                       \
+    {                                                                                     \
+        for (Py_ssize_t i = 0; i < rows; i++) {                                           \
+            T *restrict li = l + i * cols, *restrict ei = e + i * cols;                   \
+            for (Py_ssize_t j = 0; j < cols; j++) {                                       \
+                T y = li[j] + b[j];                                                       \
+                li[j] = y;                                                                \
+                ei[j] = -ABS(y);                                                          \
+            }                                                                             \
+        }                                                                                 \
+    }                                                                                     \
+    VECTOR_CLONES static void nll_grad_db_##SUFFIX(const T *restrict l, const T *restrict x, \
+                                                   const T *restrict e, T *restrict out,  \
+                                                   T *restrict db, Py_ssize_t rows,       \
+                                                   Py_ssize_t cols, T scale)              \
+    {                                                                                     \
+        for (Py_ssize_t j = 0; j < cols; j++) db[j] = (T)0;                               \
+        for (Py_ssize_t i = 0; i < rows; i++) {                                           \
+            Py_ssize_t o = i * cols;                                                      \
+            for (Py_ssize_t j = 0; j < cols; j++) {                                       \
+                T li = l[o + j], ei = e[o + j], xi = x[o + j];                            \
+                T P = li >= 0 ? (T)1 : ei, Q = li >= 0 ? ei : (T)1;                       \
+                T v = (P * ((T)1 - xi) - Q * xi) / (ei + (T)1) * scale;                   \
+                out[o + j] = v;                                                           \
+                db[j] += v;                                                               \
+            }                                                                             \
+        }                                                                                 \
+    }
+
+DEFINE_BERNOULLI_BIAS(f32, float, fabsf)
+DEFINE_BERNOULLI_BIAS(f64, double, fabs)
+
 /* ----------------------------------------------------------------------------------------- */
 /* A Dense layer's bias and the ReLU after it, forward and backward, each in one pass over the
  * (rows, cols) activations (minivae/layers.py: Dense.forward's out += b, then ReLU's
@@ -366,6 +404,77 @@ static PyObject *relu_grad_bias(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *bernoulli_bias_negabs(PyObject *self, PyObject *args)
+{
+    static const char *names[] = {"the logits", "e"};
+    static const int writable[] = {1, 1};
+    PyObject *objs[2], *b_obj;
+    void *a[2], *b;
+    Py_ssize_t rows, cols;
+    Views vs;
+    if (!PyArg_ParseTuple(args, "OOOnn:bernoulli_bias_negabs", &objs[0], &b_obj, &objs[1],
+                          &rows, &cols))
+        return NULL;
+    if (rows < 0 || cols < 0)
+        return PyErr_Format(PyExc_ValueError, "rows and cols must be >= 0");
+    if (acquire_all(&vs, objs, names, writable, 2, a) < 0)
+        return NULL;
+    if (vs.views[0].len != rows * cols * vs.views[0].itemsize) {
+        release_all(&vs);
+        return PyErr_Format(PyExc_ValueError, "the logits have %zd numbers, not rows * cols = %zd",
+                            vs.views[0].len / vs.views[0].itemsize, rows * cols);
+    }
+    if ((b = acquire_n(&vs, b_obj, "b", 0, cols)) == NULL) {
+        release_all(&vs);
+        return NULL;
+    }
+    Py_ssize_t itemsize = vs.views[0].itemsize;
+    Py_BEGIN_ALLOW_THREADS
+    if (itemsize == 4)
+        bias_negabs_f32(a[0], b, a[1], rows, cols);
+    else
+        bias_negabs_f64(a[0], b, a[1], rows, cols);
+    Py_END_ALLOW_THREADS
+    release_all(&vs);
+    Py_RETURN_NONE;
+}
+
+static PyObject *bernoulli_nll_grad_db(PyObject *self, PyObject *args)
+{
+    static const char *names[] = {"the logits", "x", "e", "out"};
+    static const int writable[] = {0, 0, 0, 1};
+    PyObject *objs[4], *db_obj;
+    void *a[4], *db;
+    double scale;
+    Py_ssize_t rows, cols;
+    Views vs;
+    if (!PyArg_ParseTuple(args, "OOOOdOnn:bernoulli_nll_grad_db", &objs[0], &objs[1],
+                          &objs[2], &objs[3], &scale, &db_obj, &rows, &cols))
+        return NULL;
+    if (rows < 0 || cols < 0)
+        return PyErr_Format(PyExc_ValueError, "rows and cols must be >= 0");
+    if (acquire_all(&vs, objs, names, writable, 4, a) < 0)
+        return NULL;
+    if (vs.views[0].len != rows * cols * vs.views[0].itemsize) {
+        release_all(&vs);
+        return PyErr_Format(PyExc_ValueError, "the logits have %zd numbers, not rows * cols = %zd",
+                            vs.views[0].len / vs.views[0].itemsize, rows * cols);
+    }
+    if ((db = acquire_n(&vs, db_obj, "db", 1, cols)) == NULL) {
+        release_all(&vs);
+        return NULL;
+    }
+    Py_ssize_t itemsize = vs.views[0].itemsize;
+    Py_BEGIN_ALLOW_THREADS
+    if (itemsize == 4)
+        nll_grad_db_f32(a[0], a[1], a[2], a[3], db, rows, cols, (float)scale);
+    else
+        nll_grad_db_f64(a[0], a[1], a[2], a[3], db, rows, cols, scale);
+    Py_END_ALLOW_THREADS
+    release_all(&vs);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"adam", adam, METH_VARARGS,
      "adam(gs, p, m, v, b1, c1, b2, c2, step, eps, decay): gs[0] <- sum(gs); then\n"
@@ -376,6 +485,11 @@ static PyMethodDef methods[] = {
     {"bernoulli_nll_grad", bernoulli_nll_grad, METH_VARARGS,
      "bernoulli_nll_grad(l, x, e, out, scale): out <- (P (1 - x) - Q x) / (e + 1) * scale,\n"
      "(P, Q) = (1, e) where l >= 0, else (e, 1); e = exp(-|l|)."},
+    {"bernoulli_bias_negabs", bernoulli_bias_negabs, METH_VARARGS,
+     "bernoulli_bias_negabs(l, b, e, rows, cols): l[i, j] <- l[i, j] + b[j], e <- -|l|."},
+    {"bernoulli_nll_grad_db", bernoulli_nll_grad_db, METH_VARARGS,
+     "bernoulli_nll_grad_db(l, x, e, out, scale, db, rows, cols): out as bernoulli_nll_grad,\n"
+     "and db[j] <- sum_i out[i, j] (rows in order)."},
     {"bias_relu", bias_relu, METH_VARARGS,
      "bias_relu(out, b, rows, cols): out[i, j] <- max(out[i, j] + b[j], 0), in place."},
     {"relu_grad_bias", relu_grad_bias, METH_VARARGS,

@@ -86,6 +86,19 @@ def bernoulli_nll_grad(logits, x, e, out, scale: float) -> None:
     _c.bernoulli_nll_grad(logits, x, e, out, scale)
 
 
+def bernoulli_bias_negabs(logits, b, e, rows: int, cols: int) -> None:
+    """l[i, j] <- l[i, j] + b[j] and e[i, j] <- -|l[i, j]| in one pass: the decoder's last bias
+    and the Bernoulli likelihood's first step. Flat views of C-contiguous (rows, cols) arrays
+    of one dtype; b: (cols,)."""
+    _c.bernoulli_bias_negabs(logits, b, e, rows, cols)
+
+
+def bernoulli_nll_grad_db(logits, x, e, out, scale: float, db, rows: int, cols: int) -> None:
+    """:func:`bernoulli_nll_grad`, and db[j] <- sum_i out[i, j] (rows added in order): the
+    decoder's last bias gradient, in the same pass."""
+    _c.bernoulli_nll_grad_db(logits, x, e, out, scale, db, rows, cols)
+
+
 def bias_relu(out, b, rows: int, cols: int) -> None:
     """out[i, j] <- max(out[i, j] + b[j], 0) in one pass: a Dense layer's bias and the ReLU
     after it. out: flat (rows * cols,) view of a C-contiguous (rows, cols) array; b: (cols,)."""

@@ -211,15 +211,19 @@ def _fusable(net, i) -> bool:
 
 
 @twin_of(Sequential.forward, exact=True, case=_sequential_forward_case)
-def sequential_forward(net, P, x):
+def sequential_forward(net, P, x, last_bias=True):
     """Sequential.forward where a layer right after a Dense works in place on its output
     (a fresh array nothing else holds); the caller's x is never written to. A Dense followed
     by a ReLU adds its bias and applies the ReLU in one compiled pass where the kernels were
-    built: max(x W + b, 0), the same numbers."""
+    built: max(x W + b, 0), the same numbers. ``last_bias=False``: a last Dense layer leaves
+    its bias for the caller to add (the likelihood folds it into its own first pass)."""
     caches = []
     i, n = 0, len(net.layers)
     while i < n:
         name, layer = net.names[i], net.layers[i]
+        if i == n - 1 and not last_bias and type(layer) is Dense:
+            caches.append(x)
+            return matmul(x, P.group(name)["W"]), caches
         if _fusable(net, i):
             g = P.group(name)
             out = matmul(x, g["W"])
@@ -243,14 +247,21 @@ def sequential_forward(net, P, x):
 
 
 @twin_of(Sequential.backward, exact=True, case=_sequential_backward_case)
-def sequential_backward(net, P, dout, caches, need_dx=True, overwrite_dout=False):
+def sequential_backward(net, P, dout, caches, need_dx=True, overwrite_dout=False,
+                        last_bias_done=False):
     """Sequential.backward writing every gradient into ``P.grad`` -> dL/dx (None if not
     need_dx). ``overwrite_dout``: the caller hands over dout as scratch; below the last layer
     dout is always a temporary made here, so those layers may work in place. A ReLU and the
     Dense below it run their elementwise work as one compiled pass where the kernels were
-    built (the mask and the Dense's bias gradient: kernels.relu_grad_bias), the same numbers."""
+    built (the mask and the Dense's bias gradient: kernels.relu_grad_bias), the same numbers.
+    ``last_bias_done``: the caller has written a last Dense layer's bias gradient already."""
     n = len(net.layers)
     i = n - 1
+    if last_bias_done and type(net.layers[-1]) is Dense:
+        name = net.names[-1]
+        matmul(caches[-1].T, dout, out=P.group(name, grad=True)["W"])
+        dout = input_grad(dout, P.group(name)["W"]) if (need_dx or n > 1) else None
+        i = n - 2
     while i >= 0:
         name, layer = net.names[i], net.layers[i]
         if i >= 1 and _fusable(net, i - 1):
@@ -328,6 +339,59 @@ def _nll_backward(px):
 
 
 # -- the model passes ------------------------------------------------------------------------------
+def _decode(model, P, code, x):
+    """The decoder's forward and the likelihood -> (recon (B,), its cache, the decoder's
+    caches, whether the decoder's last bias went into the likelihood). Where the kernels were
+    built, a Bernoulli likelihood after a Dense layer takes that layer's bias into its first
+    pass (l + b and -|l + b| at once) and, backward, its bias gradient into its last."""
+    px, dec = model.px, model.decoder
+    if (FUSE and kernels.enabled() and type(px) is losses.Bernoulli
+            and type(dec.layers[-1]) is Dense):
+        logits, caches = sequential_forward(dec, P, code, last_bias=False)
+        b = P.group(dec.names[-1])["b"]
+        out = bernoulli_nll_bias(logits, b, x)
+        if out is not None:
+            return *out, caches, True
+        logits += b                                   # a dtype or layout the kernels refuse
+        return *_nll(px)(px, logits, x), caches, False
+    out, caches = sequential_forward(dec, P, code)
+    return *_nll(px)(px, out, x), caches, False
+
+
+def bernoulli_nll_bias(logits, b, x):
+    """Bernoulli.nll(logits + b, x), with ``logits += b`` done in the likelihood's first
+    compiled pass: -> (nll (B,), cache) as :func:`bernoulli_nll`, or None (nothing written)
+    when the kernels cannot take these arrays."""
+    e = np.empty_like(logits)
+    if kernels.flat(logits, e, b) is None or kernels.flat(logits, x) is None:
+        return None
+    kernels.bernoulli_bias_negabs(logits.reshape(-1), b, e.reshape(-1), *logits.shape)
+    np.exp(e, out=e)                                  # e = exp(-|l|)
+    t = np.log1p(e)
+    kernels.bernoulli_nll_terms(*kernels.flat(logits, x, t))
+    return np.sum(t, axis=1), (logits, x, e)
+
+
+def bernoulli_nll_grad_bias(cache, scale, db):
+    """Bernoulli.nll_backward(scale, cache), and the decoder's last bias gradient
+    db = sum over rows, in one compiled pass. -> dL/dlogits (B, D)."""
+    logits, x, e = cache
+    dout = np.empty_like(logits)
+    kernels.bernoulli_nll_grad_db(*kernels.flat(logits, x, e, dout), scale, db, *logits.shape)
+    return dout
+
+
+def _decode_backward(model, P, n, r_cache, dec_caches, bias_fused):
+    """The likelihood's gradient (scaled by 1/n) and the decoder's backward -> dL/dcode."""
+    px, dec = model.px, model.decoder
+    if bias_fused:
+        dout = bernoulli_nll_grad_bias(r_cache, 1.0 / n, P.group(dec.names[-1], grad=True)["b"])
+        return sequential_backward(dec, P, dout, dec_caches, overwrite_dout=True,
+                                   last_bias_done=True)
+    dout = _nll_backward(px)(px, 1.0 / n, r_cache)
+    return sequential_backward(dec, P, dout, dec_caches, overwrite_dout=True)
+
+
 @twin_of(VAE.forward_backward, exact=False, case=_model_case(VAE))
 def vae_forward_backward(model, P, x, eps, batch_size=None):
     """VAE.forward_backward with the twins above: the same steps, in the same order."""
@@ -337,14 +401,11 @@ def vae_forward_backward(model, P, x, eps, batch_size=None):
     h, enc_caches = sequential_forward(model.encoder, P, x)
     mu, logvar = h[:, :L], h[:, L:]
     z, s_cache = sample(xp, mu, logvar, eps)
-    out, dec_caches = sequential_forward(model.decoder, P, z)
-    px = model.px
-    recon, r_cache = _nll(px)(px, out, x)
+    recon, r_cache, dec_caches, fused = _decode(model, P, z, x)
     kl, k_cache = losses.kl_normal(xp, mu, logvar)
     loss_b = recon + model.beta * kl
 
-    dout = _nll_backward(px)(px, 1.0 / n, r_cache)
-    dz = sequential_backward(model.decoder, P, dout, dec_caches, overwrite_dout=True)
+    dz = _decode_backward(model, P, n, r_cache, dec_caches, fused)
     dmu, dlogvar, _ = sample_backward(dz, s_cache)
     kmu, klogvar = losses.kl_normal_backward(xp, model.beta / n, k_cache)
     dh = np.empty((b, 2 * L), dtype=model.dtype)      # written in halves: no concat copy
@@ -359,10 +420,7 @@ def autoencoder_forward_backward(model, P, x, eps=None, batch_size=None):
     """Autoencoder.forward_backward with the twins above."""
     n = x.shape[0] if batch_size is None else batch_size
     code, enc_caches = sequential_forward(model.encoder, P, x)
-    out, dec_caches = sequential_forward(model.decoder, P, code)
-    px = model.px
-    recon, r_cache = _nll(px)(px, out, x)
-    dout = _nll_backward(px)(px, 1.0 / n, r_cache)
-    dcode = sequential_backward(model.decoder, P, dout, dec_caches, overwrite_dout=True)
+    recon, r_cache, dec_caches, fused = _decode(model, P, code, x)
+    dcode = _decode_backward(model, P, n, r_cache, dec_caches, fused)
     sequential_backward(model.encoder, P, dcode, enc_caches, need_dx=False, overwrite_dout=True)
     return recon, recon, np.zeros_like(recon)

@@ -16,8 +16,8 @@ the calling thread with the BLAS on k threads, which split each product among th
 Adam follows on the calling thread (it is memory-bound: a second thread gains nothing). The
 choice depends only on the batch and the thread count, never on a timing, so a run is
 reproducible bit for bit. Measured on 2 cores by benchmarks/split_modes.py (784-400-20,
-float32, one Adam step; results/split_modes.json): batch 32/64/128 on BLAS threads 1.75/2.28/
-3.49 ms against 2.14/2.60/3.60 ms split; batch 256/512 split 5.26/8.90 ms against 5.72/10.29.
+float32, one Adam step; results/split_modes.json): batch 32/64/128 on BLAS threads 1.57/2.16/
+3.24 ms against 1.85/2.31/3.31 ms split; batch 256/512 split 5.01/8.16 ms against 5.25/9.55.
 
 What changes. Only the order of the floating-point additions over the batch, exactly as a
 different BLAS thread count would. The random stream does not change: eps is drawn for the

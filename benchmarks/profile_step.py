@@ -42,7 +42,14 @@ def parse(argv=None):
                         "still add up; a batch split over threads is refused")
     p.add_argument("--save", action="store_true",
                    help="write benchmarks/results/profile_step.json (only when given)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        args.batch_list = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        p.error(f"--batches must be whole numbers separated by commas, got {args.batches!r}")
+    if any(b < 1 for b in args.batch_list) or args.steps < 1 or args.threads < 1:
+        p.error("--batches, --steps and --threads must be >= 1")
+    return args
 
 
 def profile(B: int, steps: int, threads: int = 1) -> dict:
@@ -150,12 +157,10 @@ def profile(B: int, steps: int, threads: int = 1) -> dict:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    if args.threads < 1:
-        raise SystemExit("profile_step.py: --threads must be >= 1")
     _machine.set_threads(args.threads)
     from minivae.engine import threads
 
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = args.batch_list
     split = [B for B in batches if min(args.threads, B // threads.MIN_ROWS) > 1]
     if split:
         raise SystemExit(f"profile_step.py: batch {split[0]} would be split over threads "

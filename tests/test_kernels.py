@@ -58,34 +58,37 @@ def test_compiled_adam_is_the_formula_to_the_last_bit(rng, dtype, k, n, decay):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_compiled_adam_keeps_no_subnormal_state(rng, dtype):
+def test_compiled_adam_keeps_no_subnormal_first_moment(rng, dtype):
     """A parameter whose gradient falls to exactly zero (a dead ReLU unit) sees its first
     moment decay by b1 a step, into the subnormal range after a few hundred steps, where x86
     arithmetic runs ~100x slower (measured: the 784-400-20 step went from 1.8 to 4.5 ms after
-    800 steps at batch 32). The kernel writes 0 for an m or v below the smallest normal number;
-    its twin keeps the subnormal. Nothing else changes: the update m / (sqrt(v) + eps) of such
-    an element is below the parameter's last bit, so the parameters stay equal to the bit."""
+    800 steps at batch 32). The kernel writes 0 for an m below the smallest normal number; its
+    twin keeps the subnormal. v stays exact, also where a tiny live gradient makes it
+    subnormal with m normal (there the update is not negligible, with a small eps above all)."""
     tiny = np.finfo(dtype).tiny
     n = 4096
     gs, p, m, v = buffers(rng, n, 1, dtype)
     m[:] = tiny * rng.uniform(1.0, 2.0, n)        # about to underflow
     m[::2] *= -1
     v[:] = np.abs(v) + 1e-3
-    p_ref, m_ref, v_ref = p.copy(), m.copy(), v.copy()
     g = np.zeros(n, dtype)
     g[:8] = gs[0][:8]                             # a few live units, the rest dead
-    g[8:16] = np.sqrt(tiny) * 0.5                 # g^2 (1 - b2) underflows: v from a tiny g
-    v[8:16] = v_ref[8:16] = 0
+    g[8:16] = np.sqrt(tiny) * 0.25                # live but tiny: v goes subnormal, m does not
+    m[8:16], v[8:16] = 0, 0
+    p_ref, m_ref, v_ref = p.copy(), m.copy(), v.copy()
+    hyper = {**HYPER, "eps": float(np.sqrt(tiny)) * 1e-3}     # a user's small eps
     for _ in range(3):
-        adam_numpy((g.copy(),), p_ref, m_ref, v_ref, **HYPER)
-        kernels.adam((g.copy(),), p, m, v, *HYPER.values())
+        adam_numpy((g.copy(),), p_ref, m_ref, v_ref, **hyper)
+        kernels.adam((g.copy(),), p, m, v, *hyper.values())
     sub = lambda a: np.count_nonzero((a != 0) & (np.abs(a) < tiny))
-    assert sub(m_ref) > 0 and sub(v_ref) > 0      # the formula alone leaves subnormals
-    assert sub(m) == 0 and sub(v) == 0
-    np.testing.assert_array_equal(m[m_ref != 0][np.abs(m_ref[m_ref != 0]) >= tiny],
-                                  m_ref[np.abs(m_ref) >= tiny])
-    np.testing.assert_array_equal(m[np.abs(m_ref) < tiny], 0)
-    np.testing.assert_array_equal(p, p_ref)
+    assert sub(m_ref) > 0 and sub(v_ref[8:16]) == 8   # the formula alone leaves subnormals
+    assert sub(m) == 0
+    normal = np.abs(m_ref) >= tiny
+    np.testing.assert_array_equal(m[normal], m_ref[normal])
+    np.testing.assert_array_equal(m[~normal], 0)
+    np.testing.assert_array_equal(v, v_ref)           # v exact, subnormals included
+    np.testing.assert_array_equal(p[8:16], p_ref[8:16])   # where the update is large
+    np.testing.assert_allclose(p, p_ref, rtol=0, atol=1e-30)
 
 
 @needs_kernels
@@ -276,7 +279,19 @@ def test_relu_grad_bias_is_the_mask_then_the_bias_gradient_to_the_last_bit(rng, 
 @needs_kernels
 @pytest.mark.parametrize("call, error, message", [
     (lambda o, b, g, db: kernels.bias_relu(o, b[:-1], 9, 13), ValueError, "b has 12 numbers, not 13"),
-    (lambda o, b, g, db: kernels.bias_relu(o, b, 9, 12), ValueError, "not rows \\* cols"),
+    (lambda o, b, g, db: kernels.bias_relu(o, b, 9, 12), ValueError, "not rows x cols"),
+    # rows x cols overflowing to the buffer's length must not pass the check (it once did)
+    (lambda o, b, g, db: kernels.bias_relu(o[:8], b[:4], 2**60 + 2, 4), ValueError,
+     "not rows x cols"),
+    (lambda o, b, g, db: kernels.relu_grad_bias(o[:8], o[:8], g[:8], db[:4], 2**60 + 2, 4),
+     ValueError, "not rows x cols"),
+    (lambda o, b, g, db: kernels.bernoulli_bias_negabs(o[:8], b[:4], g[:8], 2**60 + 2, 4),
+     ValueError, "not rows x cols"),
+    (lambda o, b, g, db: kernels.bernoulli_nll_grad_db(o[:8], o[:8], o[:8], g[:8], 1.0, db[:4],
+                                                       2**60 + 2, 4), ValueError,
+     "not rows x cols"),
+    (lambda o, b, g, db: kernels.bias_relu(o[:8], b[:8], 2**59 + 2, 8), ValueError,
+     "not rows x cols"),
     (lambda o, b, g, db: kernels.bias_relu(o, b.astype(np.float32), 9, 13), TypeError,
      "different dtype"),
     (lambda o, b, g, db: kernels.relu_grad_bias(o, o, g, db[:-1], 9, 13), ValueError,
@@ -356,3 +371,16 @@ def test_the_likelihood_with_the_last_bias_refuses_what_the_kernels_cannot_take(
         kernels.bernoulli_nll_grad_db(logits.reshape(-1), x.reshape(-1), np.ones(logits.size),
                                       np.empty(logits.size), 1.0, np.empty(299), *logits.shape)
     np.testing.assert_array_equal(logits, before)
+
+
+@needs_kernels
+def test_more_gradient_buffers_than_one_call_takes_are_checked_before_anything_is_written(rng):
+    gs = [np.ones(4, np.float32) for _ in range(kernels.MAX_GRADS + 2)]
+    p, m, v = np.zeros(5, np.float32), np.zeros(4, np.float32), np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match="p has 5 numbers, the gradient 4"):
+        kernels.adam(gs, p, m, v, *HYPER.values())
+    gs[-1] = np.ones(4)                                      # float64 among float32
+    with pytest.raises(TypeError, match="different dtype"):
+        kernels.adam(gs, p[:4], m, v, *HYPER.values())
+    for g in gs:
+        np.testing.assert_array_equal(g, 1.0)                # gs[0] not summed into

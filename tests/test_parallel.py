@@ -379,6 +379,34 @@ def test_one_blas_thread_lasts_only_for_the_block_and_the_step():
 
 
 @needs_pinnable_blas
+def test_a_small_batch_step_inside_a_one_thread_block_still_threads_its_products(rng):
+    """The CLI runs every command inside one_blas_thread(); the step of a batch too small to
+    split must still give its products minivae's thread count (and set 1 again after), or
+    `minivae train` at batch 128 would run on one core."""
+    parallel.set_num_threads(2)
+    m = MODELS["vae"]()
+    dp = DataParallel(m)
+    seen = []
+    pass_ = dp._forward_backward
+    dp._forward_backward = lambda *a: seen.append(blas.describe().get("threads")) or pass_(*a)
+    before = blas.set_threads(2)
+    try:
+        with parallel.one_blas_thread():
+            assert blas.describe()["threads"] == 1
+            dp.train_step(Adam(m.params), (rng.random((20, 30)) < 0.4).astype(np.float64))
+            assert blas.describe()["threads"] == 1            # the enclosing count again
+            with parallel.blas_threads(3):
+                with parallel.one_blas_thread():
+                    assert blas.describe()["threads"] == 1
+                assert blas.describe()["threads"] == 3
+            assert blas.describe()["threads"] == 1
+        assert blas.describe()["threads"] == 2                # the count from before
+    finally:
+        blas.set_threads(before)
+    assert seen == [2]
+
+
+@needs_pinnable_blas
 def test_overlapping_blocks_in_two_threads_restore_the_original_count():
     before = blas.set_threads(2)
     try:

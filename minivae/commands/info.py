@@ -90,7 +90,8 @@ def run(args) -> int:
     print(f"platform:  {d['platform']}, {d['cpus']} CPUs")
     print(f"BLAS:      {d['blas']}")
     t = d["threads"]
-    how = ("batch split over threads, one BLAS thread each" if t["blas_set_threads"] else
+    how = ("the batch split over them from 128 rows a thread, one BLAS thread each; "
+           "smaller batches on BLAS threads" if t["blas_set_threads"] else
            "one thread: NumPy's BLAS is not an OpenBLAS >= 0.3.27, so minivae cannot split")
     print(f"threads:   {t['minivae']} of {t['usable_cores']} usable cores ({how}); "
           f"fused axpby: {'yes' if t['blas_saxpby'] else 'no (NumPy fallback)'}")

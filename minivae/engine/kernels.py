@@ -66,12 +66,36 @@ def adam(gs, p, m, v, b1, c1, b2, c2, step, eps, decay) -> None:
 
         g = gs[0] + gs[1] + ...   (stored into gs[0])
         m <- b1 m + c1 g;   v <- b2 v + c2 g^2;   p <- decay p - step m / (sqrt(v) + eps)
+
+    except that an m below the smallest normal number is stored as 0 (no subnormal state:
+    see the note above DEFINE_ADAM in _kernels.c). Raises TypeError / ValueError for buffers
+    of the wrong dtype, layout or length, before anything is written.
     """
-    if len(gs) > MAX_GRADS:   # more threads than the kernel takes: add the rest in first
+    if len(gs) > MAX_GRADS:   # more threads than the kernel takes: add the rest in first,
+        _check_adam_buffers(gs, p, m, v)      # after the kernel's checks: an error writes nothing
         for h in gs[MAX_GRADS:]:
             np.add(gs[0], h, out=gs[0])
         gs = gs[:MAX_GRADS]
     _c.adam(gs, p, m, v, b1, c1, b2, c2, step, eps, decay)
+
+
+def _check_adam_buffers(gs, p, m, v) -> None:
+    """What the compiled adam checks, in Python: for the gradient buffers beyond MAX_GRADS,
+    which :func:`adam` adds into gs[0] before the kernel sees them."""
+    first = gs[0]
+    named = [(f"gradient {i}", g) for i, g in enumerate(gs)] + [("p", p), ("m", m), ("v", v)]
+    for name, a in named:
+        if (not isinstance(a, np.ndarray) or a.ndim != 1 or not a.flags.c_contiguous
+                or a.dtype not in (np.float32, np.float64)):
+            raise TypeError(f"{name} must be a one-dimensional, contiguous float32 or float64 "
+                            f"array")
+        if a.dtype != first.dtype:
+            raise TypeError(f"{name} has a different dtype from the gradient")
+        if a.shape != first.shape:
+            raise ValueError(f"{name} has {a.size} numbers, the gradient {first.size}")
+    for name, a in (("the gradient", first), ("p", p), ("m", m), ("v", v)):
+        if not a.flags.writeable:
+            raise ValueError(f"{name} is read-only")
 
 
 def bernoulli_nll_terms(logits, x, t) -> None:

@@ -15,7 +15,9 @@ be summed, and the Python of k passes runs under one GIL. So a smaller batch run
 the calling thread with the BLAS on k threads, which split each product among themselves, and
 Adam follows on the calling thread (it is memory-bound: a second thread gains nothing). The
 choice depends only on the batch and the thread count, never on a timing, so a run is
-reproducible bit for bit. Measured on 2 cores by benchmarks/split_modes.py (784-400-20,
+reproducible bit for bit (as long as it is the only minivae step running in the process: a
+second one at the same time finds the team busy, or changes the process-wide BLAS count, and
+its sums then round differently). Measured on 2 cores by benchmarks/split_modes.py (784-400-20,
 float32, one Adam step; results/split_modes.json): batch 32/64/128 on BLAS threads 1.57/2.16/
 3.24 ms against 1.85/2.31/3.31 ms split; batch 256/512 split 5.01/8.16 ms against 5.25/9.55.
 
@@ -90,20 +92,29 @@ def set_num_threads(n: int | None) -> None:
 _pin_lock = threading.Lock()
 _pin_depth = 0          # how many blocks (in any thread) are inside blas_threads
 _pin_saved = 0          # the count to restore when the last one leaves
+_pin_current = 0        # the count the blocks have set now
 
 
 @contextlib.contextmanager
 def blas_threads(n: int):
     """Matrix products use n BLAS threads inside the block (process-wide: see
-    :func:`blas.set_threads`). Blocks may nest and overlap across threads: the first block's
-    count holds until the last one ends, then the count from before the first is restored."""
-    global _pin_depth, _pin_saved
+    :func:`blas.set_threads`). Blocks nest: an inner block's count holds while it runs, and
+    the enclosing block's is set again when it ends (the CLI runs every command inside
+    ``one_blas_thread()``, and a small batch's step inside that asks for k threads for its
+    products). Blocks may also overlap across threads: the count is then the latest block's,
+    and the count from before the first block is restored when the last one ends."""
+    global _pin_depth, _pin_saved, _pin_current
     if not blas.pinnable():
         yield
         return
+    n = int(n)
     with _pin_lock:
+        enclosing = _pin_current if _pin_depth else None
         if _pin_depth == 0:
             _pin_saved = blas.set_threads(n)
+        elif n != _pin_current:
+            blas.set_threads(n)
+        _pin_current = n
         _pin_depth += 1
     try:
         yield
@@ -112,6 +123,10 @@ def blas_threads(n: int):
             _pin_depth -= 1
             if _pin_depth == 0:
                 blas.set_threads(_pin_saved)
+                _pin_current = 0
+            elif enclosing is not None and _pin_current != enclosing:
+                blas.set_threads(enclosing)
+                _pin_current = enclosing
 
 
 def one_blas_thread():

@@ -187,9 +187,10 @@ static void release_all(Views *vs)
     vs->held = 0;
 }
 
-/* Acquire obj as a C-contiguous, one-dimensional buffer (writable if asked); check its type
- * and length against the first one acquired. Returns its data pointer, or NULL with an exception set. */
-static void *acquire(Views *vs, PyObject *obj, const char *what, int writable)
+/* Acquire obj as a C-contiguous, one-dimensional buffer (writable if asked) of n numbers, or,
+ * with n < 0, of the first acquired buffer's length; check its type against the first one.
+ * Returns its data pointer, or NULL with an exception set. */
+static void *acquire_n(Views *vs, PyObject *obj, const char *what, int writable, Py_ssize_t n)
 {
     Py_buffer *view = &vs->views[vs->held];
     int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
@@ -208,12 +209,22 @@ static void *acquire(Views *vs, PyObject *obj, const char *what, int writable)
         PyErr_Format(PyExc_TypeError, "%s has a different dtype from %s", what, vs->first_name);
         return NULL;
     }
-    if (view->len != first->len) {
-        PyErr_Format(PyExc_ValueError, "%s has %zd numbers, %s %zd", what,
-                     view->len / view->itemsize, vs->first_name, first->len / first->itemsize);
+    Py_ssize_t len = view->len / view->itemsize;   /* no n * itemsize: it could overflow */
+    if (n < 0 && len != first->len / first->itemsize) {
+        PyErr_Format(PyExc_ValueError, "%s has %zd numbers, %s %zd", what, len,
+                     vs->first_name, first->len / first->itemsize);
+        return NULL;
+    }
+    if (n >= 0 && len != n) {
+        PyErr_Format(PyExc_ValueError, "%s has %zd numbers, not %zd", what, len, n);
         return NULL;
     }
     return view->buf;
+}
+
+static void *acquire(Views *vs, PyObject *obj, const char *what, int writable)
+{
+    return acquire_n(vs, obj, what, writable, -1);
 }
 
 static PyObject *adam(PyObject *self, PyObject *args)
@@ -318,33 +329,6 @@ static PyObject *bernoulli_nll_grad(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* Acquire obj like acquire(), but of n numbers (not the first buffer's length). */
-static void *acquire_n(Views *vs, PyObject *obj, const char *what, int writable, Py_ssize_t n)
-{
-    Py_buffer *view = &vs->views[vs->held];
-    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
-    if (PyObject_GetBuffer(obj, view, flags) < 0)
-        return NULL;
-    vs->held++;
-    const char *fmt = view->format ? view->format : "B";
-    if (fmt[0] == '=' || fmt[0] == '<' || fmt[0] == '@') fmt++;
-    if (view->ndim != 1 || !(strcmp(fmt, "f") == 0 || strcmp(fmt, "d") == 0)) {
-        PyErr_Format(PyExc_TypeError, "%s must be a one-dimensional float32 or float64 array",
-                     what);
-        return NULL;
-    }
-    if (view->itemsize != vs->views[0].itemsize) {
-        PyErr_Format(PyExc_TypeError, "%s has a different dtype from %s", what, vs->first_name);
-        return NULL;
-    }
-    if (view->len / view->itemsize != n) {     /* no n * itemsize: it could overflow */
-        PyErr_Format(PyExc_ValueError, "%s has %zd numbers, not %zd", what,
-                     view->len / view->itemsize, n);
-        return NULL;
-    }
-    return view->buf;
-}
-
 /* Whether a buffer holds exactly rows * cols numbers, without computing a product that could
  * overflow (a huge rows with the right cols would otherwise wrap round to the buffer's length
  * and let a kernel write past it). Sets ValueError naming `what` when it does not. */
@@ -358,28 +342,44 @@ static int check_shape(Py_buffer *view, const char *what, Py_ssize_t rows, Py_ss
     return ok;
 }
 
+/* The (rows, cols) kernels' arguments: n same-length buffers objs[i] (names[i], writable[i])
+ * holding rows x cols numbers, then one vector of cols numbers (vec_name, vec_writable).
+ * Pointers into ptrs and *vec; on failure everything is released and -1 returned with an
+ * exception set, before anything is written. */
+static int acquire_matrix(Views *vs, PyObject **objs, const char **names, const int *writable,
+                          int n, void **ptrs, Py_ssize_t rows, Py_ssize_t cols,
+                          PyObject *vec_obj, const char *vec_name, int vec_writable, void **vec)
+{
+    if (rows < 0 || cols < 0) {
+        PyErr_Format(PyExc_ValueError, "rows and cols must be >= 0");
+        return -1;
+    }
+    if (acquire_all(vs, objs, names, writable, n, ptrs) < 0)
+        return -1;
+    if (!check_shape(&vs->views[0], names[0], rows, cols) ||
+        (*vec = acquire_n(vs, vec_obj, vec_name, vec_writable, cols)) == NULL) {
+        release_all(vs);
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *bias_relu(PyObject *self, PyObject *args)
 {
-    PyObject *out_obj, *b_obj;
+    static const char *names[] = {"out"};
+    static const int writable[] = {1};
+    PyObject *objs[1], *b_obj;
+    void *a[1], *b;
     Py_ssize_t rows, cols;
-    Views vs = {.held = 0, .first_name = "out"};
-    if (!PyArg_ParseTuple(args, "OOnn:bias_relu", &out_obj, &b_obj, &rows, &cols))
+    Views vs;
+    if (!PyArg_ParseTuple(args, "OOnn:bias_relu", &objs[0], &b_obj, &rows, &cols) ||
+        acquire_matrix(&vs, objs, names, writable, 1, a, rows, cols, b_obj, "b", 0, &b) < 0)
         return NULL;
-    if (rows < 0 || cols < 0)
-        return PyErr_Format(PyExc_ValueError, "rows and cols must be >= 0");
-    void *out = acquire(&vs, out_obj, "out", 1), *b = NULL;
-    if (out != NULL && !check_shape(&vs.views[0], "out", rows, cols))
-        out = NULL;
-    if (out == NULL || (b = acquire_n(&vs, b_obj, "b", 0, cols)) == NULL) {
-        release_all(&vs);
-        return NULL;
-    }
-    Py_ssize_t itemsize = vs.views[0].itemsize;
     Py_BEGIN_ALLOW_THREADS
-    if (itemsize == 4)
-        bias_relu_f32(out, b, rows, cols);
+    if (vs.views[0].itemsize == 4)
+        bias_relu_f32(a[0], b, rows, cols);
     else
-        bias_relu_f64(out, b, rows, cols);
+        bias_relu_f64(a[0], b, rows, cols);
     Py_END_ALLOW_THREADS
     release_all(&vs);
     Py_RETURN_NONE;
@@ -394,23 +394,11 @@ static PyObject *relu_grad_bias(PyObject *self, PyObject *args)
     Py_ssize_t rows, cols;
     Views vs;
     if (!PyArg_ParseTuple(args, "OOOOnn:relu_grad_bias", &objs[0], &objs[1], &objs[2],
-                          &db_obj, &rows, &cols))
+                          &db_obj, &rows, &cols) ||
+        acquire_matrix(&vs, objs, names, writable, 3, a, rows, cols, db_obj, "db", 1, &db) < 0)
         return NULL;
-    if (rows < 0 || cols < 0)
-        return PyErr_Format(PyExc_ValueError, "rows and cols must be >= 0");
-    if (acquire_all(&vs, objs, names, writable, 3, a) < 0)
-        return NULL;
-    if (!check_shape(&vs.views[0], "src", rows, cols)) {
-        release_all(&vs);
-        return NULL;
-    }
-    if ((db = acquire_n(&vs, db_obj, "db", 1, cols)) == NULL) {
-        release_all(&vs);
-        return NULL;
-    }
-    Py_ssize_t itemsize = vs.views[0].itemsize;
     Py_BEGIN_ALLOW_THREADS
-    if (itemsize == 4)
+    if (vs.views[0].itemsize == 4)
         relu_grad_bias_f32(a[0], a[1], a[2], db, rows, cols);
     else
         relu_grad_bias_f64(a[0], a[1], a[2], db, rows, cols);
@@ -421,30 +409,18 @@ static PyObject *relu_grad_bias(PyObject *self, PyObject *args)
 
 static PyObject *bernoulli_bias_negabs(PyObject *self, PyObject *args)
 {
-    static const char *names[] = {"the logits", "e"};
+    static const char *names[] = {"the logits array", "e"};
     static const int writable[] = {1, 1};
     PyObject *objs[2], *b_obj;
     void *a[2], *b;
     Py_ssize_t rows, cols;
     Views vs;
     if (!PyArg_ParseTuple(args, "OOOnn:bernoulli_bias_negabs", &objs[0], &b_obj, &objs[1],
-                          &rows, &cols))
+                          &rows, &cols) ||
+        acquire_matrix(&vs, objs, names, writable, 2, a, rows, cols, b_obj, "b", 0, &b) < 0)
         return NULL;
-    if (rows < 0 || cols < 0)
-        return PyErr_Format(PyExc_ValueError, "rows and cols must be >= 0");
-    if (acquire_all(&vs, objs, names, writable, 2, a) < 0)
-        return NULL;
-    if (!check_shape(&vs.views[0], "the logits array", rows, cols)) {
-        release_all(&vs);
-        return NULL;
-    }
-    if ((b = acquire_n(&vs, b_obj, "b", 0, cols)) == NULL) {
-        release_all(&vs);
-        return NULL;
-    }
-    Py_ssize_t itemsize = vs.views[0].itemsize;
     Py_BEGIN_ALLOW_THREADS
-    if (itemsize == 4)
+    if (vs.views[0].itemsize == 4)
         bias_negabs_f32(a[0], b, a[1], rows, cols);
     else
         bias_negabs_f64(a[0], b, a[1], rows, cols);
@@ -455,7 +431,7 @@ static PyObject *bernoulli_bias_negabs(PyObject *self, PyObject *args)
 
 static PyObject *bernoulli_nll_grad_db(PyObject *self, PyObject *args)
 {
-    static const char *names[] = {"the logits", "x", "e", "out"};
+    static const char *names[] = {"the logits array", "x", "e", "out"};
     static const int writable[] = {0, 0, 0, 1};
     PyObject *objs[4], *db_obj;
     void *a[4], *db;
@@ -463,23 +439,11 @@ static PyObject *bernoulli_nll_grad_db(PyObject *self, PyObject *args)
     Py_ssize_t rows, cols;
     Views vs;
     if (!PyArg_ParseTuple(args, "OOOOdOnn:bernoulli_nll_grad_db", &objs[0], &objs[1],
-                          &objs[2], &objs[3], &scale, &db_obj, &rows, &cols))
+                          &objs[2], &objs[3], &scale, &db_obj, &rows, &cols) ||
+        acquire_matrix(&vs, objs, names, writable, 4, a, rows, cols, db_obj, "db", 1, &db) < 0)
         return NULL;
-    if (rows < 0 || cols < 0)
-        return PyErr_Format(PyExc_ValueError, "rows and cols must be >= 0");
-    if (acquire_all(&vs, objs, names, writable, 4, a) < 0)
-        return NULL;
-    if (!check_shape(&vs.views[0], "the logits array", rows, cols)) {
-        release_all(&vs);
-        return NULL;
-    }
-    if ((db = acquire_n(&vs, db_obj, "db", 1, cols)) == NULL) {
-        release_all(&vs);
-        return NULL;
-    }
-    Py_ssize_t itemsize = vs.views[0].itemsize;
     Py_BEGIN_ALLOW_THREADS
-    if (itemsize == 4)
+    if (vs.views[0].itemsize == 4)
         nll_grad_db_f32(a[0], a[1], a[2], a[3], db, rows, cols, (float)scale);
     else
         nll_grad_db_f64(a[0], a[1], a[2], a[3], db, rows, cols, scale);

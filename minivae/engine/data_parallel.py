@@ -124,7 +124,7 @@ class DataParallel:
 
     def _k(self, rows: int) -> int:
         """Row blocks (threads) a pass over ``rows`` rows is split into: as many as the
-        threads allow with at least ``MIN_ROWS`` rows each (:func:`threads.shards`)."""
+        threads allow with at least ``MIN_ROWS`` rows each (engine/threads.py)."""
         return max(1, min(self._threads(), rows // _threads.MIN_ROWS))
 
     # -- public steps ---------------------------------------------------------------------------
@@ -175,10 +175,9 @@ class DataParallel:
         if self.comm.size > 1:
             self.comm.allreduce_sum(m.params.grad)
         if opt is not None and not fuse:
-            if blas_k > 1:                  # Adam is memory-bound: one thread, the caller
-                _one_thread_step(opt)
-            else:
-                self.optimizer_step(opt)
+            # after a pass on BLAS threads the update stays on this thread: a second thread
+            # for it cost more than it saved (OpenBLAS's idle workers spin on the other core)
+            optimizer_step(opt, split=blas_k == 1)
         loss_b, recon, kl = terms
         if self.comm.size == 1:
             loss, mrecon, mkl = xp.mean(loss_b), xp.mean(recon), xp.mean(kl)
@@ -224,25 +223,18 @@ class DataParallel:
         return tuple(m.xp.concat([p[j] for p in parts]) for j in range(3))
 
 
-def optimizer_step(opt) -> None:
+def optimizer_step(opt, split: bool = True) -> None:
     """``opt.step()`` with its update shared out over the threads in slices of the flat
-    buffers, through the engine's in-place twin of the update (on NumPy; the reference
-    elsewhere). The same result as ``opt.step()`` to round-off."""
+    buffers (``split=False``: on the calling thread), through the engine's in-place twin of the
+    update (on NumPy; the reference elsewhere). The same result as ``opt.step()`` to round-off."""
     be = opt.params.backend
     opt.start_step()
     update = pick(type(opt).update, be)
     grad = opt.params.grad
-    if not threaded(be):
+    if not (split and threaded(be)):
         update(opt, 0, grad.shape[0], (grad,))
         return
     _threads.in_ranges(grad.shape[0], lambda lo, hi: update(opt, lo, hi, (grad[lo:hi],)))
-
-
-def _one_thread_step(opt) -> None:
-    """``opt.step()`` through the engine's in-place twin of the update, on the calling thread."""
-    opt.start_step()
-    grad = opt.params.grad
-    pick(type(opt).update, opt.params.backend)(opt, 0, grad.shape[0], (grad,))
 
 
 _wrappers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

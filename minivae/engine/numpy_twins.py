@@ -143,6 +143,11 @@ def _model_case(cls):
 
 
 # -- layers -----------------------------------------------------------------------------------
+FUSE = True     # the fused Dense+ReLU passes (False: the layer-by-layer twins, to compare)
+matmul = np.matmul   # the twins' products, by this name so that a profiler can time them
+SMALL_ROWS, LONG_INNER = 32, 256     # where input_grad takes the transposed form
+
+
 def input_grad(G, W):
     """A Dense layer's input gradient G W^T: (rows, out) x (in, out) -> (rows, in).
 
@@ -158,15 +163,19 @@ def input_grad(G, W):
     return np.matmul(G, W.T)
 
 
-SMALL_ROWS, LONG_INNER = 32, 256
+def weight_and_input_grad(x, G, W, gW, need_dx):
+    """A Dense layer's dW = x^T G into ``gW`` (its view into the flat gradient buffer), then
+    -> dL/dx = G W^T (:func:`input_grad`), or None when nobody needs it. The bias gradient is
+    the caller's: a sum here, or part of a fused pass."""
+    matmul(x.T, G, out=gW)
+    return input_grad(G, W) if need_dx else None
 
 
 @twin_of(Dense.backward, exact=True, case=_dense_case)
 def dense_backward(layer, params, dout, cache, grads, need_dx, overwrite):
     """dW = x^T G and db = sum_B G straight into the gradient views; dx = G W^T if needed."""
-    np.matmul(cache.T, dout, out=grads["W"])
     np.sum(dout, axis=0, out=grads["b"])
-    return input_grad(dout, params["W"]) if need_dx else None
+    return weight_and_input_grad(cache, dout, params["W"], grads["W"], need_dx)
 
 
 @twin_of(ReLU.forward, exact=True, case=_relu_forward_case)
@@ -197,10 +206,6 @@ def _backward_twin(layer):
     ref = type(layer).backward
     fast = pick(ref, NP)
     return None if fast is ref else fast
-
-
-FUSE = True     # the fused Dense+ReLU passes (False: the layer-by-layer twins, to compare)
-matmul = np.matmul   # the fused passes' products, by this name so that a profiler can time them
 
 
 def _fusable(net, i) -> bool:
@@ -259,8 +264,8 @@ def sequential_backward(net, P, dout, caches, need_dx=True, overwrite_dout=False
     i = n - 1
     if last_bias_done and type(net.layers[-1]) is Dense:
         name = net.names[-1]
-        matmul(caches[-1].T, dout, out=P.group(name, grad=True)["W"])
-        dout = input_grad(dout, P.group(name)["W"]) if (need_dx or n > 1) else None
+        dout = weight_and_input_grad(caches[-1], dout, P.group(name)["W"],
+                                     P.group(name, grad=True)["W"], need_dx or n > 1)
         i = n - 2
     while i >= 0:
         name, layer = net.names[i], net.layers[i]
@@ -271,9 +276,8 @@ def sequential_backward(net, P, dout, caches, need_dx=True, overwrite_dout=False
             views = kernels.flat(dout, out, G, g["b"])
             if views is not None:
                 kernels.relu_grad_bias(*views, *out.shape)            # G and db
-                matmul(caches[i - 1].T, G, out=g["W"])
-                need = need_dx or i - 1 > 0
-                dout = input_grad(G, P.group(below)["W"]) if need else None
+                dout = weight_and_input_grad(caches[i - 1], G, P.group(below)["W"], g["W"],
+                                             need_dx or i - 1 > 0)
                 i -= 2
                 continue
         fast = _backward_twin(layer)
@@ -362,13 +366,14 @@ def bernoulli_nll_bias(logits, b, x):
     """Bernoulli.nll(logits + b, x), with ``logits += b`` done in the likelihood's first
     compiled pass: -> (nll (B,), cache) as :func:`bernoulli_nll`, or None (nothing written)
     when the kernels cannot take these arrays."""
-    e = np.empty_like(logits)
-    if kernels.flat(logits, e, b) is None or kernels.flat(logits, x) is None:
+    views = kernels.flat(logits, x, b)                # e and t are made like logits
+    if views is None:
         return None
-    kernels.bernoulli_bias_negabs(logits.reshape(-1), b, e.reshape(-1), *logits.shape)
+    e = np.empty_like(logits)
+    kernels.bernoulli_bias_negabs(views[0], views[2], e.reshape(-1), *logits.shape)
     np.exp(e, out=e)                                  # e = exp(-|l|)
     t = np.log1p(e)
-    kernels.bernoulli_nll_terms(*kernels.flat(logits, x, t))
+    kernels.bernoulli_nll_terms(views[0], views[1], t.reshape(-1))
     return np.sum(t, axis=1), (logits, x, e)
 
 

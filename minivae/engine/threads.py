@@ -13,7 +13,8 @@ That pays only for enough rows a thread (MIN_ROWS = 128). Below it a row split c
 it saves: every thread writes a whole weight gradient from a few rows, the k buffers must then
 be summed, and the Python of k passes runs under one GIL. So a smaller batch runs its pass on
 the calling thread with the BLAS on k threads, which split each product among themselves, and
-Adam follows on the calling thread (it is memory-bound: a second thread gains nothing). The
+Adam follows on the calling thread (a second thread for it cost more than it saved: OpenBLAS's
+idle workers spin on the other core). The
 choice depends only on the batch and the thread count, never on a timing, so a run is
 reproducible bit for bit (as long as it is the only minivae step running in the process: a
 second one at the same time finds the team busy, or changes the process-wide BLAS count, and
@@ -260,11 +261,6 @@ def bounds(n: int, k: int) -> list[tuple[int, int]]:
     """k contiguous, near-equal ranges covering [0, n)."""
     cuts = [n * i // k for i in range(k + 1)]
     return list(zip(cuts[:-1], cuts[1:]))
-
-
-def shards(n_rows: int) -> int:
-    """How many threads a batch of n_rows rows is split over."""
-    return max(1, min(get_num_threads(), n_rows // MIN_ROWS))
 
 
 def in_ranges(n: int, fn) -> None:

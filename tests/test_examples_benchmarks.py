@@ -193,3 +193,20 @@ def test_save_writes_where_asked(tmp_path):
     assert json.loads((tmp_path / "s.json").read_text())["points"][0]["batch"] == 32
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert _snapshot(RESULTS) == before
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("profile_step", ["--batches", "0"], "must be >= 1"),
+    ("profile_step", ["--batches", "32,x"], "whole numbers separated by commas"),
+    ("profile_step", ["--steps", "0"], "must be >= 1"),
+    ("profile_step", ["--threads", "0"], "must be >= 1"),
+    ("profile_step", ["--threads", "2", "--batches", "512"], "would be split over threads"),
+    ("split_modes", ["--batches", "1"], "at least --threads"),
+    ("split_modes", ["--runs", "0"], "must be"),
+])
+def test_bad_benchmark_arguments_get_one_line_and_no_traceback(tmp_path, script, args, message):
+    proc = _run([ROOT / "benchmarks" / f"{script}.py", *args], cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert message in proc.stderr, proc.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -19,8 +19,8 @@ choice depends only on the batch and the thread count, never on a timing, so a r
 reproducible bit for bit (as long as it is the only minivae step running in the process: a
 second one at the same time finds the team busy, or changes the process-wide BLAS count, and
 its sums then round differently). Measured on 2 cores by benchmarks/split_modes.py (784-400-20,
-float32, one Adam step; results/split_modes.json): batch 32/64/128 on BLAS threads 1.57/2.16/
-3.24 ms against 1.85/2.31/3.31 ms split; batch 256/512 split 5.01/8.16 ms against 5.25/9.55.
+float32, one Adam step; results/split_modes.json): batch 32/64/128 on BLAS threads 1.67/2.40/
+3.37 ms against 2.70/2.94/3.68 ms split; batch 256/512 split 5.33/8.62 ms against 5.54/9.97.
 
 What changes. Only the order of the floating-point additions over the batch, exactly as a
 different BLAS thread count would. The random stream does not change: eps is drawn for the

@@ -17,7 +17,8 @@ class BuildExt(build_ext):
                 # -fno-math-errno lets sqrt vectorize; -ffp-contract=off keeps a * b + c two
                 # roundings, as in NumPy, whatever the CPU: results do not depend on the build.
                 ext.extra_compile_args += ["-O3", "-std=c99", "-fno-math-errno",
-                                           "-ffp-contract=off"]
+                                           "-ffp-contract=off", "-pthread"]
+                ext.extra_link_args += ["-pthread"]   # the kernels' worker team
         super().build_extensions()
 
 

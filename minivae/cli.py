@@ -57,6 +57,8 @@ def main(argv=None) -> int:
     try:
         # Every command runs its matrix products on one BLAS thread (the step's own team
         # splits the batch): OpenBLAS's idle threads busy-wait and slow a shared machine.
+        from .engine import kernels
+        kernels.spin_from_env()     # a bad MINIVAE_TEAM_SPIN_US: one line, before any work
         with one_blas_thread():
             return int(args._run(args) or 0)
     except BrokenPipeError:  # output piped into `head` and closed early: not an error

@@ -16,6 +16,7 @@ multiply-add. Only NumPy's own BLAS is used: the one already loaded in this proc
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
 import os
@@ -103,6 +104,55 @@ def set_threads(n: int) -> int:
         fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
         _fns["set_threads"] = fn
     return fn(int(n))
+
+
+# -- the team as OpenBLAS's threads -------------------------------------------------------------
+_team_backend = None    # None: not tried yet; True: minivae's team runs OpenBLAS's jobs; False
+
+
+def team_backend() -> bool:
+    """Hand OpenBLAS's parallel jobs to the compiled kernels' thread team, once per process
+    (OpenBLAS >= 0.3.27: openblas_set_threads_callback_function). -> whether it does.
+
+    Why: OpenBLAS's own workers busy-wait (sched_yield) ~0.1 s after every product, on the
+    cores where a second thread for the step's elementwise work (Adam) would run; two pools
+    then fight for the cores (measured: Adam on two threads took 0.46 ms after a product, not
+    0.20). With one pool for both, Adam's second half runs on the worker that just finished
+    its part of the product. The products are OpenBLAS's own jobs over the same ranges, so
+    the results do not change. Off with MINIVAE_BLAS_TEAM=0 (and without the kernels)."""
+    global _team_backend
+    if _team_backend is None:
+        _team_backend = False
+        flag = os.environ.get("MINIVAE_BLAS_TEAM", "1").strip().lower()
+        lib = _library()
+        if lib and flag not in ("0", "false", "no", "off"):
+            from . import kernels
+            setter = _symbol(lib, "set_threads_callback_function")
+            if kernels.enabled() and setter is not None:
+                kernels.spin_from_env()
+                addr = ctypes.cast(setter, ctypes.c_void_p).value
+                _team_backend = bool(kernels._c.team_blas(addr, True))
+    return _team_backend
+
+
+@contextlib.contextmanager
+def openblas_pool():
+    """OpenBLAS's own thread pool inside the block, whatever :func:`team_backend` set (for
+    benchmarks and tests that compare the two); the team is handed the jobs again after."""
+    global _team_backend
+    lib = _library()
+    setter = _symbol(lib, "set_threads_callback_function") if lib else None
+    was = _team_backend
+    if was and setter is not None:
+        from . import kernels
+        kernels._c.team_blas(ctypes.cast(setter, ctypes.c_void_p).value, False)
+    _team_backend = False
+    try:
+        yield
+    finally:
+        _team_backend = None if was else was
+        if was:
+            team_backend()
 
 
 # -- y <- a x + b y ------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from functools import partial
 
 from ..models import LossResult
 from ..optim import Optimizer, sum_into_first
+from . import blas, kernels
 from . import threads as _threads
 from .registry import pick, threaded
 
@@ -175,9 +176,10 @@ class DataParallel:
         if self.comm.size > 1:
             self.comm.allreduce_sum(m.params.grad)
         if opt is not None and not fuse:
-            # after a pass on BLAS threads the update stays on this thread: a second thread
-            # for it cost more than it saved (OpenBLAS's idle workers spin on the other core)
-            optimizer_step(opt, split=blas_k == 1)
+            # after a pass on BLAS threads the update runs from this thread, its compiled
+            # kernel split over the team that ran the products' jobs (blas.team_backend)
+            with kernels.parts(blas_k if blas_k > 1 and blas.team_backend() else 1):
+                optimizer_step(opt, split=blas_k == 1)
         loss_b, recon, kl = terms
         if self.comm.size == 1:
             loss, mrecon, mkl = xp.mean(loss_b), xp.mean(recon), xp.mean(kl)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 
 import numpy as np
 
@@ -55,6 +56,49 @@ def disabled():
         set_enabled(previous)
 
 
+
+def spin_from_env() -> None:
+    """MINIVAE_TEAM_SPIN_US: how long (microseconds) the team's workers stay awake after a job
+    (default 10000; 0: they sleep at once, and each job then pays a wake-up, ~50 us here)."""
+    value = os.environ.get("MINIVAE_TEAM_SPIN_US", "").strip()
+    if _c is None or not value:
+        return
+    try:
+        us = int(value)
+        if us < 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"MINIVAE_TEAM_SPIN_US must be a whole number of microseconds >= 0, "
+                         f"got {value!r}") from None
+    _c.team_info(us)
+
+_local = threading.local()   # .parts: how many team threads this thread's kernels use
+
+
+@contextlib.contextmanager
+def parts(k: int):
+    """Inside the block, this thread's elementwise kernels (Adam) split their work over k
+    threads of the compiled team (the caller and k - 1 workers; see the team's note in
+    _kernels.c). Each thread writes its own slice, so the result is the same for any k."""
+    previous = getattr(_local, "parts", 1)
+    _local.parts = max(1, int(k))
+    try:
+        yield
+    finally:
+        _local.parts = previous
+
+
+def current_parts() -> int:
+    """The k of the innermost :func:`parts` block in this thread (1 outside)."""
+    return getattr(_local, "parts", 1)
+
+
+def team_info() -> dict:
+    """{'workers': the team's worker threads started in this process, 'spin_us': how long they
+    stay awake after a job}; workers 0 without the kernels."""
+    return _c.team_info() if _c is not None else {"workers": 0, "spin_us": 0}
+
+
 def describe() -> str:
     if _c is None:
         return "not built (NumPy twins)"
@@ -68,15 +112,18 @@ def adam(gs, p, m, v, b1, c1, b2, c2, step, eps, decay) -> None:
         m <- b1 m + c1 g;   v <- b2 v + c2 g^2;   p <- decay p - step m / (sqrt(v) + eps)
 
     except that an m below the smallest normal number is stored as 0 (no subnormal state:
-    see the note above DEFINE_ADAM in _kernels.c). Raises TypeError / ValueError for buffers
-    of the wrong dtype, layout or length, before anything is written.
+    see the note above DEFINE_ADAM in _kernels.c). Inside :func:`parts` (k) the pass is split
+    into k slices run at once by the compiled thread team (at least 32768 numbers a slice);
+    every number goes through the same operations, so the result is the same to the bit.
+    Raises TypeError / ValueError for buffers of the wrong dtype, layout or length, before
+    anything is written.
     """
     if len(gs) > MAX_GRADS:   # more threads than the kernel takes: add the rest in first,
         _check_adam_buffers(gs, p, m, v)      # after the kernel's checks: an error writes nothing
         for h in gs[MAX_GRADS:]:
             np.add(gs[0], h, out=gs[0])
         gs = gs[:MAX_GRADS]
-    _c.adam(gs, p, m, v, b1, c1, b2, c2, step, eps, decay)
+    _c.adam(gs, p, m, v, b1, c1, b2, c2, step, eps, decay, current_parts())
 
 
 def _check_adam_buffers(gs, p, m, v) -> None:

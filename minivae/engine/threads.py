@@ -13,8 +13,11 @@ That pays only for enough rows a thread (MIN_ROWS = 128). Below it a row split c
 it saves: every thread writes a whole weight gradient from a few rows, the k buffers must then
 be summed, and the Python of k passes runs under one GIL. So a smaller batch runs its pass on
 the calling thread with the BLAS on k threads, which split each product among themselves, and
-Adam follows on the calling thread (a second thread for it cost more than it saved: OpenBLAS's
-idle workers spin on the other core). The
+Adam follows, its compiled pass split into k slices. Both run on one pool: the compiled
+kernels' thread team (minivae/engine/_kernels.c), which also runs OpenBLAS's parallel jobs
+(:func:`minivae.engine.blas.team_backend`). A Python hand-off costs ~67 us; the team's, to a
+worker still awake from the last product, well under 1 us. With OpenBLAS's own pool spinning on
+the other core, a second thread for Adam cost more than it saved. The
 choice depends only on the batch and the thread count, never on a timing, so a run is
 reproducible bit for bit (as long as it is the only minivae step running in the process: a
 second one at the same time finds the team busy, or changes the process-wide BLAS count, and
@@ -109,6 +112,8 @@ def blas_threads(n: int):
         yield
         return
     n = int(n)
+    if n > 1:
+        blas.team_backend()     # once: OpenBLAS's jobs on the kernels' team (see there)
     with _pin_lock:
         enclosing = _pin_current if _pin_depth else None
         if _pin_depth == 0:

@@ -16,7 +16,7 @@ likelihood that takes it in (engine/numpy_twins.py, FUSE); what is left of the m
 total is the Python between them (calls, dispatch, small allocations, the means). The timers
 cost about a microsecond each, which lands in that rest. One Python thread, so that the numbers
 add up: by default one thread in all; with --threads k the batches that minivae does not split
-over threads (fewer than MIN_ROWS = 128 rows a thread) run as in training, the products on k
+over threads (fewer than MIN_ROWS = 256 rows a thread) run as in training, the products on k
 BLAS threads, everything else on the calling thread.
 """
 from __future__ import annotations

@@ -25,7 +25,7 @@ the PyTorch example or most code uses, but is PyTorch at its best.
 GEMM floor: the time of only the matrix products a step must do (4 forward, 4 weight-gradient,
 3 input-gradient; the first layer needs no input gradient), with NumPy's BLAS into
 preallocated outputs, done the fastest of three ways: whole-batch products on BLAS threads
-(the way minivae's step does them below MIN_ROWS = 128 rows a thread), once with OpenBLAS's
+(the way minivae's step does them below MIN_ROWS = 256 rows a thread), once with OpenBLAS's
 jobs run by minivae's thread team as in its step (minivae.engine.blas.team_backend) and once on
 OpenBLAS's own pool, or the batch
 split into one block per thread with a one-thread BLAS each (the way minivae's step does them

@@ -230,3 +230,48 @@ def test_a_training_step_is_the_same_with_the_team_or_openblas_pool():
         print(blas.team_backend(), kernels.team_info()["workers"])
     """)
     assert out.split() == ["True", "1"]
+
+
+def _matrix_calls(rng, rows, cols, dtype):
+    """Each (rows, cols) or flat kernel with fresh inputs -> (call(), outputs to compare)."""
+    r = lambda *s: rng.standard_normal(s).astype(dtype)          # noqa: E731
+    l, x, b = r(rows, cols), (rng.random((rows, cols)) < 0.3).astype(dtype), r(cols)
+    e = -np.abs(l)
+    calls = {
+        "bias_relu": lambda o: kernels.bias_relu(o["out"].reshape(-1), b, rows, cols),
+        "relu_grad_bias": lambda o: kernels.relu_grad_bias(
+            o["src"].reshape(-1), l.reshape(-1), o["g"].reshape(-1), o["db"], rows, cols),
+        "bernoulli_bias_negabs": lambda o: kernels.bernoulli_bias_negabs(
+            o["l"].reshape(-1), b, o["e"].reshape(-1), rows, cols),
+        "bernoulli_nll_grad_db": lambda o: kernels.bernoulli_nll_grad_db(
+            l.reshape(-1), x.reshape(-1), e.reshape(-1), o["out"].reshape(-1), 1 / 7,
+            o["db"], rows, cols),
+        "bernoulli_nll_terms": lambda o: kernels.bernoulli_nll_terms(
+            l.reshape(-1), x.reshape(-1), o["t"].reshape(-1)),
+        "bernoulli_nll_grad": lambda o: kernels.bernoulli_nll_grad(
+            l.reshape(-1), x.reshape(-1), e.reshape(-1), o["out"].reshape(-1), 1 / 7),
+    }
+    fresh = lambda: {"out": r(rows, cols), "src": r(rows, cols), "g": r(rows, cols),   # noqa: E731
+                     "db": r(cols), "l": l.copy(), "e": r(rows, cols), "t": np.log1p(np.exp(e))}
+    return calls, fresh
+
+
+@needs_team
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rows, cols", [(128, 784), (300, 401), (5, 20000), (100000, 1),
+                                        (0, 784), (3, 17)])
+def test_matrix_kernels_split_over_the_team_are_the_one_thread_pass_to_the_last_bit(
+        rng, dtype, rows, cols):
+    calls, fresh = _matrix_calls(rng, rows, cols, dtype)
+    state = rng.bit_generator.state
+    for name, call in calls.items():
+        rng.bit_generator.state = state
+        want = fresh()
+        call(want)
+        for parts in (2, 3, 4):
+            rng.bit_generator.state = state
+            got = fresh()
+            with kernels.parts(parts):
+                call(got)
+            for key in want:
+                np.testing.assert_array_equal(got[key], want[key], err_msg=f"{name}, {parts} parts, {key}")

@@ -89,9 +89,13 @@ def run(args) -> int:
         print("absent:    " + ", ".join(missing))
     print(f"platform:  {d['platform']}, {d['cpus']} CPUs")
     print(f"BLAS:      {d['blas']}")
+    from ..engine import threads as parallel
+
     t = d["threads"]
-    how = ("the batch split over them from 128 rows a thread, one BLAS thread each; "
-           "smaller batches on BLAS threads" if t["blas_set_threads"] else
+    how = (f"the batch split over them from {parallel.MIN_ROWS} rows a thread, one BLAS thread "
+           "each; smaller batches on BLAS threads" + (
+               ", run with the compiled kernels on minivae's thread team"
+               if t["blas_threads_callback"] else "") if t["blas_set_threads"] else
            "one thread: NumPy's BLAS is not an OpenBLAS >= 0.3.27, so minivae cannot split")
     print(f"threads:   {t['minivae']} of {t['usable_cores']} usable cores ({how}); "
           f"fused axpby: {'yes' if t['blas_saxpby'] else 'no (NumPy fallback)'}")

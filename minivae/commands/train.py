@@ -120,7 +120,7 @@ def add_arguments(p):
     g.add_argument("--dtype", choices=["float32", "float64"], help="default float32")
     g.add_argument("--threads", type=pos_int, metavar="N",
                    help="CPU threads for the NumPy step (default: $MINIVAE_NUM_THREADS, else "
-                        "min(cores, 4)); the batch is split over them from 128 rows a "
+                        "min(cores, 4)); the batch is split over them from 256 rows a "
                         "thread, below that the BLAS splits each matrix product")
     g.add_argument("--out", default="runs/vae", metavar="DIR", help="run directory (default runs/vae)")
     g.add_argument("--resume", action="store_true",

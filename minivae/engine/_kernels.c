@@ -104,10 +104,10 @@ DEFINE_BERNOULLI(f64, double, fabs)
 #define DEFINE_BERNOULLI_BIAS(SUFFIX, T, ABS)                                             \
     VECTOR_CLONES static void bias_negabs_##SUFFIX(T *restrict l, const T *restrict b,   \
                                                    T *restrict e, Py_ssize_t rows,        \
-                                                   Py_ssize_t cols)                       \
+                                                   Py_ssize_t cols, Py_ssize_t ld)        \
     {                                                                                     \
         for (Py_ssize_t i = 0; i < rows; i++) {                                           \
-            T *restrict li = l + i * cols, *restrict ei = e + i * cols;                   \
+            T *restrict li = l + i * ld, *restrict ei = e + i * ld;                       \
             for (Py_ssize_t j = 0; j < cols; j++) {                                       \
                 T y = li[j] + b[j];                                                       \
                 li[j] = y;                                                                \
@@ -118,11 +118,11 @@ DEFINE_BERNOULLI(f64, double, fabs)
     VECTOR_CLONES static void nll_grad_db_##SUFFIX(const T *restrict l, const T *restrict x, \
                                                    const T *restrict e, T *restrict out,  \
                                                    T *restrict db, Py_ssize_t rows,       \
-                                                   Py_ssize_t cols, T scale)              \
+                                                   Py_ssize_t cols, Py_ssize_t ld, T scale)\
     {                                                                                     \
         for (Py_ssize_t j = 0; j < cols; j++) db[j] = (T)0;                               \
         for (Py_ssize_t i = 0; i < rows; i++) {                                           \
-            Py_ssize_t o = i * cols;                                                      \
+            Py_ssize_t o = i * ld;                                                        \
             for (Py_ssize_t j = 0; j < cols; j++) {                                       \
                 T li = l[o + j], ei = e[o + j], xi = x[o + j];                            \
                 T P = li >= 0 ? (T)1 : ei, Q = li >= 0 ? ei : (T)1;                       \
@@ -145,10 +145,11 @@ DEFINE_BERNOULLI_BIAS(f64, double, fabs)
  * (src may be g itself). Measured at batch 128, 2 cores: 3% off the forward+backward. */
 #define DEFINE_BIAS_RELU(SUFFIX, T)                                                       \
     VECTOR_CLONES static void bias_relu_##SUFFIX(T *out, const T *restrict b,            \
-                                                 Py_ssize_t rows, Py_ssize_t cols)        \
+                                                 Py_ssize_t rows, Py_ssize_t cols,        \
+                                                 Py_ssize_t ld)                           \
     {                                                                                     \
         for (Py_ssize_t i = 0; i < rows; i++) {                                           \
-            T *restrict o = out + i * cols;                                               \
+            T *restrict o = out + i * ld;                                                 \
             for (Py_ssize_t j = 0; j < cols; j++) {                                       \
                 T y = o[j] + b[j];                                                        \
                 o[j] = (y > (T)0 || y != y) ? y : (T)0;                                   \
@@ -157,12 +158,13 @@ DEFINE_BERNOULLI_BIAS(f64, double, fabs)
     }                                                                                     \
     VECTOR_CLONES static void relu_grad_bias_##SUFFIX(const T *src, const T *restrict c, \
                                                       T *g, T *restrict db,               \
-                                                      Py_ssize_t rows, Py_ssize_t cols)   \
+                                                      Py_ssize_t rows, Py_ssize_t cols,   \
+                                                      Py_ssize_t ld)                      \
     {                                                                                     \
         for (Py_ssize_t j = 0; j < cols; j++) db[j] = (T)0;                               \
         for (Py_ssize_t i = 0; i < rows; i++) {                                           \
-            const T *si = src + i * cols, *restrict ci = c + i * cols;                    \
-            T *gi = g + i * cols;                                                         \
+            const T *si = src + i * ld, *restrict ci = c + i * ld;                        \
+            T *gi = g + i * ld;                                                           \
             for (Py_ssize_t j = 0; j < cols; j++) {                                       \
                 T v = si[j] * (T)(ci[j] > (T)0);                                          \
                 gi[j] = v;                                                                \
@@ -437,6 +439,70 @@ static void adam_part(void *arg, int part, int parts)
     }
 }
 
+/* The (rows, cols) kernels over the team: part i takes the columns [c0, c1) of every row (cut
+ * at multiples of 16), so each column's bias gradient still adds its rows in order, and every
+ * number is the one the whole pass computes. The flat kernels take slices of the buffers. */
+enum { OP_BIAS_RELU, OP_RELU_GRAD_BIAS, OP_BIAS_NEGABS, OP_NLL_GRAD_DB, OP_NLL_TERMS,
+       OP_NLL_GRAD };
+
+typedef struct {
+    int op, f32;
+    void *a[4], *vec;
+    Py_ssize_t rows, cols;
+    double scale;
+} MatJob;
+
+#define MAT_CASES(T, SUFFIX)                                                                   \
+    switch (j->op) {                                                                           \
+    case OP_BIAS_RELU:                                                                         \
+        bias_relu_##SUFFIX((T *)j->a[0] + c0, (T *)j->vec + c0, j->rows, w, j->cols);          \
+        break;                                                                                 \
+    case OP_RELU_GRAD_BIAS:                                                                    \
+        relu_grad_bias_##SUFFIX((T *)j->a[0] + c0, (T *)j->a[1] + c0, (T *)j->a[2] + c0,       \
+                                (T *)j->vec + c0, j->rows, w, j->cols);                        \
+        break;                                                                                 \
+    case OP_BIAS_NEGABS:                                                                       \
+        bias_negabs_##SUFFIX((T *)j->a[0] + c0, (T *)j->vec + c0, (T *)j->a[1] + c0, j->rows,  \
+                             w, j->cols);                                                      \
+        break;                                                                                 \
+    case OP_NLL_GRAD_DB:                                                                       \
+        nll_grad_db_##SUFFIX((T *)j->a[0] + c0, (T *)j->a[1] + c0, (T *)j->a[2] + c0,          \
+                             (T *)j->a[3] + c0, (T *)j->vec + c0, j->rows, w, j->cols,         \
+                             (T)j->scale);                                                     \
+        break;                                                                                 \
+    case OP_NLL_TERMS:                                                                         \
+        nll_terms_##SUFFIX((T *)j->a[0] + c0, (T *)j->a[1] + c0, (T *)j->a[2] + c0, w);        \
+        break;                                                                                 \
+    case OP_NLL_GRAD:                                                                          \
+        nll_grad_##SUFFIX((T *)j->a[0] + c0, (T *)j->a[1] + c0, (T *)j->a[2] + c0,             \
+                          (T *)j->a[3] + c0, w, (T)j->scale);                                  \
+        break;                                                                                 \
+    }
+
+static void mat_part(void *arg, int part, int parts)
+{
+    MatJob *j = arg;
+    int flat = j->op == OP_NLL_TERMS || j->op == OP_NLL_GRAD;
+    Py_ssize_t c0, c1;   /* columns, or for a flat kernel a slice of the cols numbers */
+    part_range(j->cols, part, parts, &c0, &c1);
+    Py_ssize_t w = c1 - c0;
+    if (w <= 0 || (!flat && j->rows <= 0)) return;
+    if (j->f32) {
+        MAT_CASES(float, f32)
+    } else {
+        MAT_CASES(double, f64)
+    }
+}
+
+/* Run a matrix job on `threads` parts at most, each of at least MIN_PART numbers. */
+static void mat_run(MatJob *j, int threads)
+{
+    Py_ssize_t n = j->op == OP_NLL_TERMS || j->op == OP_NLL_GRAD ? j->cols : j->rows * j->cols;
+    if (j->cols < (Py_ssize_t)threads * 16) threads = (int)(j->cols / 16);
+    if (n < (Py_ssize_t)threads * MIN_PART) threads = (int)(n / MIN_PART);
+    team_run(mat_part, j, threads);
+}
+
 /* ----------------------------------------------------------------------------------------- */
 /* Buffers: acquire, check, release. */
 typedef struct {
@@ -555,15 +621,15 @@ static PyObject *bernoulli_nll_terms(PyObject *self, PyObject *args)
     PyObject *objs[3];
     void *a[3];
     Views vs;
-    if (!PyArg_ParseTuple(args, "OOO:bernoulli_nll_terms", &objs[0], &objs[1], &objs[2]) ||
+    int threads = 1;
+    if (!PyArg_ParseTuple(args, "OOO|i:bernoulli_nll_terms", &objs[0], &objs[1], &objs[2],
+                          &threads) ||
         acquire_all(&vs, objs, names, writable, 3, a) < 0)
         return NULL;
     Py_ssize_t itemsize = vs.views[0].itemsize, n = vs.views[0].len / itemsize;
+    MatJob job = {OP_NLL_TERMS, itemsize == 4, {a[0], a[1], a[2], NULL}, NULL, 1, n, 0.0};
     Py_BEGIN_ALLOW_THREADS
-    if (itemsize == 4)
-        nll_terms_f32(a[0], a[1], a[2], n);
-    else
-        nll_terms_f64(a[0], a[1], a[2], n);
+    mat_run(&job, threads);
     Py_END_ALLOW_THREADS
     release_all(&vs);
     Py_RETURN_NONE;
@@ -577,16 +643,15 @@ static PyObject *bernoulli_nll_grad(PyObject *self, PyObject *args)
     void *a[4];
     double scale;
     Views vs;
-    if (!PyArg_ParseTuple(args, "OOOOd:bernoulli_nll_grad", &objs[0], &objs[1], &objs[2],
-                          &objs[3], &scale) ||
+    int threads = 1;
+    if (!PyArg_ParseTuple(args, "OOOOd|i:bernoulli_nll_grad", &objs[0], &objs[1], &objs[2],
+                          &objs[3], &scale, &threads) ||
         acquire_all(&vs, objs, names, writable, 4, a) < 0)
         return NULL;
     Py_ssize_t itemsize = vs.views[0].itemsize, n = vs.views[0].len / itemsize;
+    MatJob job = {OP_NLL_GRAD, itemsize == 4, {a[0], a[1], a[2], a[3]}, NULL, 1, n, scale};
     Py_BEGIN_ALLOW_THREADS
-    if (itemsize == 4)
-        nll_grad_f32(a[0], a[1], a[2], a[3], n, (float)scale);
-    else
-        nll_grad_f64(a[0], a[1], a[2], a[3], n, scale);
+    mat_run(&job, threads);
     Py_END_ALLOW_THREADS
     release_all(&vs);
     Py_RETURN_NONE;
@@ -635,14 +700,14 @@ static PyObject *bias_relu(PyObject *self, PyObject *args)
     void *a[1], *b;
     Py_ssize_t rows, cols;
     Views vs;
-    if (!PyArg_ParseTuple(args, "OOnn:bias_relu", &objs[0], &b_obj, &rows, &cols) ||
+    int threads = 1;
+    if (!PyArg_ParseTuple(args, "OOnn|i:bias_relu", &objs[0], &b_obj, &rows, &cols, &threads) ||
         acquire_matrix(&vs, objs, names, writable, 1, a, rows, cols, b_obj, "b", 0, &b) < 0)
         return NULL;
+    MatJob job = {OP_BIAS_RELU, vs.views[0].itemsize == 4, {a[0], NULL, NULL, NULL}, b, rows,
+                  cols, 0.0};
     Py_BEGIN_ALLOW_THREADS
-    if (vs.views[0].itemsize == 4)
-        bias_relu_f32(a[0], b, rows, cols);
-    else
-        bias_relu_f64(a[0], b, rows, cols);
+    mat_run(&job, threads);
     Py_END_ALLOW_THREADS
     release_all(&vs);
     Py_RETURN_NONE;
@@ -656,15 +721,15 @@ static PyObject *relu_grad_bias(PyObject *self, PyObject *args)
     void *a[3], *db;
     Py_ssize_t rows, cols;
     Views vs;
-    if (!PyArg_ParseTuple(args, "OOOOnn:relu_grad_bias", &objs[0], &objs[1], &objs[2],
-                          &db_obj, &rows, &cols) ||
+    int threads = 1;
+    if (!PyArg_ParseTuple(args, "OOOOnn|i:relu_grad_bias", &objs[0], &objs[1], &objs[2],
+                          &db_obj, &rows, &cols, &threads) ||
         acquire_matrix(&vs, objs, names, writable, 3, a, rows, cols, db_obj, "db", 1, &db) < 0)
         return NULL;
+    MatJob job = {OP_RELU_GRAD_BIAS, vs.views[0].itemsize == 4, {a[0], a[1], a[2], NULL}, db,
+                  rows, cols, 0.0};
     Py_BEGIN_ALLOW_THREADS
-    if (vs.views[0].itemsize == 4)
-        relu_grad_bias_f32(a[0], a[1], a[2], db, rows, cols);
-    else
-        relu_grad_bias_f64(a[0], a[1], a[2], db, rows, cols);
+    mat_run(&job, threads);
     Py_END_ALLOW_THREADS
     release_all(&vs);
     Py_RETURN_NONE;
@@ -678,15 +743,15 @@ static PyObject *bernoulli_bias_negabs(PyObject *self, PyObject *args)
     void *a[2], *b;
     Py_ssize_t rows, cols;
     Views vs;
-    if (!PyArg_ParseTuple(args, "OOOnn:bernoulli_bias_negabs", &objs[0], &b_obj, &objs[1],
-                          &rows, &cols) ||
+    int threads = 1;
+    if (!PyArg_ParseTuple(args, "OOOnn|i:bernoulli_bias_negabs", &objs[0], &b_obj, &objs[1],
+                          &rows, &cols, &threads) ||
         acquire_matrix(&vs, objs, names, writable, 2, a, rows, cols, b_obj, "b", 0, &b) < 0)
         return NULL;
+    MatJob job = {OP_BIAS_NEGABS, vs.views[0].itemsize == 4, {a[0], a[1], NULL, NULL}, b, rows,
+                  cols, 0.0};
     Py_BEGIN_ALLOW_THREADS
-    if (vs.views[0].itemsize == 4)
-        bias_negabs_f32(a[0], b, a[1], rows, cols);
-    else
-        bias_negabs_f64(a[0], b, a[1], rows, cols);
+    mat_run(&job, threads);
     Py_END_ALLOW_THREADS
     release_all(&vs);
     Py_RETURN_NONE;
@@ -701,15 +766,15 @@ static PyObject *bernoulli_nll_grad_db(PyObject *self, PyObject *args)
     double scale;
     Py_ssize_t rows, cols;
     Views vs;
-    if (!PyArg_ParseTuple(args, "OOOOdOnn:bernoulli_nll_grad_db", &objs[0], &objs[1],
-                          &objs[2], &objs[3], &scale, &db_obj, &rows, &cols) ||
+    int threads = 1;
+    if (!PyArg_ParseTuple(args, "OOOOdOnn|i:bernoulli_nll_grad_db", &objs[0], &objs[1],
+                          &objs[2], &objs[3], &scale, &db_obj, &rows, &cols, &threads) ||
         acquire_matrix(&vs, objs, names, writable, 4, a, rows, cols, db_obj, "db", 1, &db) < 0)
         return NULL;
+    MatJob job = {OP_NLL_GRAD_DB, vs.views[0].itemsize == 4, {a[0], a[1], a[2], a[3]}, db,
+                  rows, cols, scale};
     Py_BEGIN_ALLOW_THREADS
-    if (vs.views[0].itemsize == 4)
-        nll_grad_db_f32(a[0], a[1], a[2], a[3], db, rows, cols, (float)scale);
-    else
-        nll_grad_db_f64(a[0], a[1], a[2], a[3], db, rows, cols, scale);
+    mat_run(&job, threads);
     Py_END_ALLOW_THREADS
     release_all(&vs);
     Py_RETURN_NONE;

@@ -197,5 +197,7 @@ def describe() -> dict:
 
 def available() -> dict:
     """What was found, for ``minivae info`` and the benchmarks."""
-    return {"set_threads": pinnable(),
+    lib = _library()
+    callback = bool(lib) and _symbol(lib, "set_threads_callback_function") is not None
+    return {"set_threads": pinnable(), "threads_callback": callback,
             "saxpby": _function("saxpby") is not None, "daxpby": _function("daxpby") is not None}

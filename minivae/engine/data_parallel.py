@@ -170,7 +170,7 @@ class DataParallel:
             # thread gradient buffers a row split needs (engine/threads.py, MIN_ROWS).
             blas_k = self._threads() if k == 1 else 1
             pin = _threads.blas_threads(blas_k) if self.engine else nullcontext()
-            with pin:
+            with pin, kernels.parts(blas_k if blas_k > 1 and blas.team_backend() else 1):
                 terms = self._forward_backward(m, m.params, x, eps, B)
             fuse = False
         if self.comm.size > 1:

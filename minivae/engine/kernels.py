@@ -77,9 +77,11 @@ _local = threading.local()   # .parts: how many team threads this thread's kerne
 
 @contextlib.contextmanager
 def parts(k: int):
-    """Inside the block, this thread's elementwise kernels (Adam) split their work over k
-    threads of the compiled team (the caller and k - 1 workers; see the team's note in
-    _kernels.c). Each thread writes its own slice, so the result is the same for any k."""
+    """Inside the block, this thread's compiled kernels (Adam, the likelihood's, the fused
+    bias+ReLU passes) split their work over k threads of the compiled team (the caller and
+    k - 1 workers; see the team's note in _kernels.c), each part at least 32768 numbers. Each
+    thread writes its own slice (the (rows, cols) kernels: its own columns, so a bias gradient
+    still adds its rows in order), so the result is the same to the bit for any k."""
     previous = getattr(_local, "parts", 1)
     _local.parts = max(1, int(k))
     try:
@@ -148,32 +150,32 @@ def _check_adam_buffers(gs, p, m, v) -> None:
 def bernoulli_nll_terms(logits, x, t) -> None:
     """t <- (t + (|l| + l) / 2) - x l in one pass, given t = log1p(exp(-|l|)): the per-pixel
     Bernoulli NLL softplus(l) - x l. Flat (n,) views of C-contiguous arrays of one dtype."""
-    _c.bernoulli_nll_terms(logits, x, t)
+    _c.bernoulli_nll_terms(logits, x, t, current_parts())
 
 
 def bernoulli_nll_grad(logits, x, e, out, scale: float) -> None:
     """out <- (P (1 - x) - Q x) / (e + 1) * scale in one pass, with e = exp(-|l|) and (P, Q) =
     (1, e) where l >= 0, else (e, 1): (sigmoid(l) - x) * scale without cancellation."""
-    _c.bernoulli_nll_grad(logits, x, e, out, scale)
+    _c.bernoulli_nll_grad(logits, x, e, out, scale, current_parts())
 
 
 def bernoulli_bias_negabs(logits, b, e, rows: int, cols: int) -> None:
     """l[i, j] <- l[i, j] + b[j] and e[i, j] <- -|l[i, j]| in one pass: the decoder's last bias
     and the Bernoulli likelihood's first step. Flat views of C-contiguous (rows, cols) arrays
     of one dtype; b: (cols,)."""
-    _c.bernoulli_bias_negabs(logits, b, e, rows, cols)
+    _c.bernoulli_bias_negabs(logits, b, e, rows, cols, current_parts())
 
 
 def bernoulli_nll_grad_db(logits, x, e, out, scale: float, db, rows: int, cols: int) -> None:
     """:func:`bernoulli_nll_grad`, and db[j] <- sum_i out[i, j] (rows added in order): the
     decoder's last bias gradient, in the same pass."""
-    _c.bernoulli_nll_grad_db(logits, x, e, out, scale, db, rows, cols)
+    _c.bernoulli_nll_grad_db(logits, x, e, out, scale, db, rows, cols, current_parts())
 
 
 def bias_relu(out, b, rows: int, cols: int) -> None:
     """out[i, j] <- max(out[i, j] + b[j], 0) in one pass: a Dense layer's bias and the ReLU
     after it. out: flat (rows * cols,) view of a C-contiguous (rows, cols) array; b: (cols,)."""
-    _c.bias_relu(out, b, rows, cols)
+    _c.bias_relu(out, b, rows, cols, current_parts())
 
 
 def relu_grad_bias(src, out, g, db, rows: int, cols: int) -> None:
@@ -181,7 +183,7 @@ def relu_grad_bias(src, out, g, db, rows: int, cols: int) -> None:
     order) in one pass: a ReLU's backward and the bias gradient of the Dense below it. src,
     out (the ReLU's output), g: flat views of C-contiguous (rows, cols) arrays (src may be g);
     db: (cols,)."""
-    _c.relu_grad_bias(src, out, g, db, rows, cols)
+    _c.relu_grad_bias(src, out, g, db, rows, cols, current_parts())
 
 
 def flat(*arrays):

@@ -9,7 +9,7 @@ d(sum of its rows' losses / B)/d params into its own gradient buffer; the k buff
 summed, slice by slice, in parallel. Adam runs on k slices of the flat buffers the same way.
 Every core does useful work, and nothing spins.
 
-That pays only for enough rows a thread (MIN_ROWS = 128). Below it a row split costs more than
+That pays only for enough rows a thread (MIN_ROWS = 256). Below it a row split costs more than
 it saves: every thread writes a whole weight gradient from a few rows, the k buffers must then
 be summed, and the Python of k passes runs under one GIL. So a smaller batch runs its pass on
 the calling thread with the BLAS on k threads, which split each product among themselves, and
@@ -51,7 +51,7 @@ import threading
 from . import blas
 
 MAX_DEFAULT_THREADS = 4
-MIN_ROWS = 128         # batch rows per thread for a row split. With fewer, the pass runs on the
+MIN_ROWS = 256         # batch rows per thread for a row split. With fewer, the pass runs on the
                        # calling thread and the BLAS threads its matrix products instead: a row
                        # split then costs more than it saves (each thread writes a whole weight
                        # gradient from a few rows, and Python runs twice under one GIL): see

@@ -258,8 +258,8 @@ def _matrix_calls(rng, rows, cols, dtype):
 
 @needs_team
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("rows, cols", [(128, 784), (300, 401), (5, 20000), (100000, 1),
-                                        (0, 784), (3, 17)])
+@pytest.mark.parametrize("rows, cols", [(128, 784), (300, 401), (512, 784), (20, 16400),
+                                        (100000, 1), (0, 784), (3, 17)])
 def test_matrix_kernels_split_over_the_team_are_the_one_thread_pass_to_the_last_bit(
         rng, dtype, rows, cols):
     calls, fresh = _matrix_calls(rng, rows, cols, dtype)

@@ -177,21 +177,24 @@ DEFINE_BIAS_RELU(f32, float)
 DEFINE_BIAS_RELU(f64, double)
 
 /* ----------------------------------------------------------------------------------------- */
-/* A small team of worker threads for the elementwise passes that the step runs on one Python
- * thread (a batch too small to split over threads: minivae/engine/threads.py, MIN_ROWS).
+/* A small team of worker threads for the step of a batch too small to split over threads
+ * (minivae/engine/threads.py, MIN_ROWS): it runs OpenBLAS's parallel jobs (blas_callback below,
+ * installed by minivae/engine/blas.py: team_backend) and slices of the compiled kernels here.
  *
  * Why not Python threads: a hand-off through a Python queue costs ~67 us here (a wake-up and
- * the GIL), against ~0.2 us for a worker that is awake, and Adam over the default model's 653k
- * numbers is ~0.4 ms: the hand-off ate what the second core saved. Why not OpenMP: its idle
- * workers spin without yielding, on the cores where OpenBLAS's workers must run the next
- * matrix product. These workers, after each job, stay awake calling sched_yield() (as
- * OpenBLAS's do: a worker with real work on the same core gets it at once) for TEAM_SPIN_NS,
- * then sleep on a condition variable.
+ * the GIL), against ~3 us for a worker that is awake (Adam over 131k numbers: 69 us on one
+ * thread, 37.5 us on two), and Adam over the default model's 653k numbers is ~0.4 ms. Why one
+ * pool for the products and the kernels: OpenBLAS's own idle workers spin on the cores a
+ * second pool needs (Adam on two threads took 0.46 ms after a product on OpenBLAS's pool, 0.20
+ * on this one). Why not OpenMP: its idle workers spin without yielding. These workers, after
+ * each job, stay awake calling sched_yield() (as OpenBLAS's do: a thread with real work on the
+ * same core gets it at once) for team_spin_ns, then sleep on a condition variable.
  *
  * A job is fn(arg, part, parts) for part = 0 (the caller) .. parts - 1 (the workers): each
  * part writes its own slice, so the result does not depend on the number of parts. One job at
- * a time: a caller that finds the team busy (another Python thread's job) runs the whole job
- * itself. After fork() the child starts with no workers (pthread_atfork). */
+ * a time: a kernel that finds the team busy (another Python thread's job) runs the whole job
+ * itself; a product waits for the team (its jobs must run at once). After fork() the child
+ * starts with no workers (pthread_atfork). */
 #if defined(__unix__) || defined(__APPLE__)
 #include <pthread.h>
 #include <sched.h>

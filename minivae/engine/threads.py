@@ -16,14 +16,14 @@ the calling thread with the BLAS on k threads, which split each product among th
 Adam follows, its compiled pass split into k slices. Both run on one pool: the compiled
 kernels' thread team (minivae/engine/_kernels.c), which also runs OpenBLAS's parallel jobs
 (:func:`minivae.engine.blas.team_backend`). A Python hand-off costs ~67 us; the team's, to a
-worker still awake from the last product, well under 1 us. With OpenBLAS's own pool spinning on
+worker still awake from the last product, about 3 us. With OpenBLAS's own pool spinning on
 the other core, a second thread for Adam cost more than it saved. The
 choice depends only on the batch and the thread count, never on a timing, so a run is
 reproducible bit for bit (as long as it is the only minivae step running in the process: a
 second one at the same time finds the team busy, or changes the process-wide BLAS count, and
 its sums then round differently). Measured on 2 cores by benchmarks/split_modes.py (784-400-20,
-float32, one Adam step; results/split_modes.json): batch 32/64/128 on BLAS threads 1.67/2.40/
-3.37 ms against 2.70/2.94/3.68 ms split; batch 256/512 split 5.33/8.62 ms against 5.54/9.97.
+float32, one Adam step; results/split_modes.json): batch 32/64/128/256 on BLAS threads
+1.42/1.91/2.98/4.84 ms against 2.27/2.35/3.42/5.08 split; batch 512 split 8.30 against 9.08.
 
 What changes. Only the order of the floating-point additions over the batch, exactly as a
 different BLAS thread count would. The random stream does not change: eps is drawn for the

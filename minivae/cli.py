@@ -57,8 +57,12 @@ def main(argv=None) -> int:
     try:
         # Every command runs its matrix products on one BLAS thread (the step's own team
         # splits the batch): OpenBLAS's idle threads busy-wait and slow a shared machine.
-        from .engine import kernels
-        kernels.spin_from_env()     # a bad MINIVAE_TEAM_SPIN_US: one line, before any work
+        from .engine import blas, kernels, threads
+        # a bad MINIVAE_TEAM_SPIN_US, MINIVAE_BLAS_TEAM or MINIVAE_NUM_THREADS: one line,
+        # before any work (nothing written, no run directory made)
+        kernels.spin_from_env()
+        blas.team_wanted()
+        threads.get_num_threads()
         with one_blas_thread():
             return int(args._run(args) or 0)
     except BrokenPipeError:  # output piped into `head` and closed early: not an error

@@ -195,8 +195,8 @@ def test_small_batches_and_other_backends_are_not_split(monkeypatch):
 @pytest.mark.parametrize("opt_name", ["adam", "sgd_momentum"])
 def test_a_batch_too_small_to_split_runs_here_with_the_blas_on_the_threads(rng, opt_name):
     """Below MIN_ROWS rows per thread the pass runs on the calling thread, with the BLAS on
-    minivae's thread count (not a row split, not one BLAS thread), and the step is still the
-    reference step; the BLAS count is restored afterwards."""
+    minivae's thread count, capped at the usable cores (not a row split, not one BLAS thread),
+    and the step is still the reference step; the BLAS count is restored afterwards."""
     parallel.set_num_threads(3)
     seen = []
     fast, ref = MODELS["vae"](), MODELS["vae"]()
@@ -224,7 +224,7 @@ def test_a_batch_too_small_to_split_runs_here_with_the_blas_on_the_threads(rng, 
         assert blas.set_threads(before) == 1                  # restored after the step
     finally:
         blas.set_threads(before)
-    assert seen == [(True, 3)] * 3
+    assert seen == [(True, min(3, parallel.usable_cores()))] * 3
     np.testing.assert_allclose(fast.params.data, ref.params.data, rtol=1e-12, atol=1e-14)
 
 
@@ -237,6 +237,11 @@ def test_thread_count_is_validated(monkeypatch):
     if blas.pinnable():
         with pytest.raises(ValueError, match="MINIVAE_NUM_THREADS must be a whole number"):
             minivae.get_num_threads()
+    if blas.pinnable():
+        for bad in ("0", "-2"):
+            monkeypatch.setenv("MINIVAE_NUM_THREADS", bad)
+            with pytest.raises(ValueError, match="MINIVAE_NUM_THREADS must be >= 1"):
+                minivae.get_num_threads()
     monkeypatch.setenv("MINIVAE_NUM_THREADS", "3")
     assert minivae.get_num_threads() == (3 if blas.pinnable() else 1)
     minivae.set_num_threads(2)                     # the call wins over the environment

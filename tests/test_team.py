@@ -189,16 +189,47 @@ def test_the_environment_variable_keeps_openblas_own_threads():
 
 
 @needs_team
-def test_bad_spin_setting_is_one_line_before_any_work(tmp_path):
-    env = {**os.environ, "MINIVAE_TEAM_SPIN_US": "soon"}
+@pytest.mark.parametrize("name, value, message", [
+    ("MINIVAE_TEAM_SPIN_US", "soon", "MINIVAE_TEAM_SPIN_US must be a whole number of "
+     "microseconds from 0 to 10000000, got 'soon'"),
+    ("MINIVAE_TEAM_SPIN_US", "-1", "MINIVAE_TEAM_SPIN_US must be a whole number of "
+     "microseconds from 0 to 10000000, got '-1'"),
+    ("MINIVAE_TEAM_SPIN_US", "99999999999999999999", "MINIVAE_TEAM_SPIN_US must be a whole "
+     "number of microseconds from 0 to 10000000, got '99999999999999999999'"),
+    ("MINIVAE_BLAS_TEAM", "maybe", "MINIVAE_BLAS_TEAM must be 1 or 0 (true/false, yes/no, "
+     "on/off), got 'maybe'"),
+    ("MINIVAE_NUM_THREADS", "0", "MINIVAE_NUM_THREADS must be >= 1, got '0'"),
+])
+def test_bad_thread_settings_are_one_line_before_any_work(tmp_path, name, value, message):
+    env = {**os.environ, name: value}
     out = subprocess.run([sys.executable, "-m", "minivae", "train", "--epochs", "1", "--out",
                           str(tmp_path / "run")], capture_output=True, text=True, env=env,
                          timeout=120)
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == [
-        "minivae train: error: MINIVAE_TEAM_SPIN_US must be a whole number of microseconds "
-        ">= 0, got 'soon'"]
+    assert out.stderr.strip().splitlines() == ["minivae train: error: " + message]
     assert not (tmp_path / "run").exists()
+
+
+@needs_team
+def test_more_threads_than_cores_never_start_more_blas_workers_than_cores():
+    # --threads 64 at batch 7 on a 2-core machine took 60 ms a step when the BLAS got 64
+    # threads (its jobs wait for each other); the step caps the BLAS at the usable cores
+    out = child("""
+        import numpy as np
+        import minivae
+        from minivae import VAE, Adam, DataParallel
+        from minivae.engine import kernels, threads
+        m = VAE(d_in=784, hidden=(400,), latent=20, seed=0)
+        opt = Adam(m.params, lr=1e-3)
+        dp = DataParallel(m, threads=64)
+        x = (np.random.default_rng(0).random((7, 784)) < 0.3).astype(np.float32)
+        for _ in range(3):
+            r = dp.train_step(opt, x)
+        assert np.isfinite(float(r.loss))
+        print(kernels.team_info()["workers"], threads.usable_cores())
+    """)
+    workers, cores = map(int, out.split())
+    assert workers <= cores - 1
 
 
 @needs_team

@@ -123,9 +123,8 @@ def team_backend() -> bool:
     global _team_backend
     if _team_backend is None:
         _team_backend = False
-        flag = os.environ.get("MINIVAE_BLAS_TEAM", "1").strip().lower()
         lib = _library()
-        if lib and flag not in ("0", "false", "no", "off"):
+        if lib and team_wanted():
             from . import kernels
             setter = _symbol(lib, "set_threads_callback_function")
             if kernels.enabled() and setter is not None:
@@ -133,6 +132,18 @@ def team_backend() -> bool:
                 addr = ctypes.cast(setter, ctypes.c_void_p).value
                 _team_backend = bool(kernels._c.team_blas(addr, True))
     return _team_backend
+
+
+def team_wanted() -> bool:
+    """$MINIVAE_BLAS_TEAM: 1/true/yes/on (the default) or 0/false/no/off; ValueError for
+    anything else, so that a typo cannot silently pick the other way."""
+    value = os.environ.get("MINIVAE_BLAS_TEAM", "1").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"MINIVAE_BLAS_TEAM must be 1 or 0 (true/false, yes/no, on/off), got "
+                     f"{os.environ['MINIVAE_BLAS_TEAM']!r}")
 
 
 @contextlib.contextmanager

@@ -168,7 +168,9 @@ class DataParallel:
             # Too few rows to split (or the team is busy: a nested call): the pass runs here,
             # its matrix products on the BLAS's threads, which split them without the per-
             # thread gradient buffers a row split needs (engine/threads.py, MIN_ROWS).
-            blas_k = self._threads() if k == 1 else 1
+            # (never more BLAS threads than cores: OpenBLAS's jobs wait for each other, so
+            # 64 of them on 2 cores crawl; measured 60 ms a step at batch 7, --threads 64)
+            blas_k = min(self._threads(), _threads.usable_cores()) if k == 1 else 1
             pin = _threads.blas_threads(blas_k) if self.engine else nullcontext()
             with pin, kernels.parts(blas_k if blas_k > 1 and blas.team_backend() else 1):
                 terms = self._forward_backward(m, m.params, x, eps, B)

@@ -57,6 +57,9 @@ def disabled():
 
 
 
+MAX_SPIN_US = 10_000_000    # 10 s: a worker awake longer than that is a mistake, not a setting
+
+
 def spin_from_env() -> None:
     """MINIVAE_TEAM_SPIN_US: how long (microseconds) the team's workers stay awake after a job
     (default 10000; 0: they sleep at once, and each job then pays a wake-up, ~50 us here)."""
@@ -65,11 +68,11 @@ def spin_from_env() -> None:
         return
     try:
         us = int(value)
-        if us < 0:
+        if not 0 <= us <= MAX_SPIN_US:
             raise ValueError
     except ValueError:
-        raise ValueError(f"MINIVAE_TEAM_SPIN_US must be a whole number of microseconds >= 0, "
-                         f"got {value!r}") from None
+        raise ValueError(f"MINIVAE_TEAM_SPIN_US must be a whole number of microseconds from 0 "
+                         f"to {MAX_SPIN_US}, got {value!r}") from None
     _c.team_info(us)
 
 _local = threading.local()   # .parts: how many team threads this thread's kernels use

@@ -81,7 +81,9 @@ def get_num_threads() -> int:
             n = int(env)
         except ValueError:
             raise ValueError(f"MINIVAE_NUM_THREADS must be a whole number, got {env!r}") from None
-        return max(1, n)
+        if n < 1:
+            raise ValueError(f"MINIVAE_NUM_THREADS must be >= 1, got {env!r}")
+        return n
     return max(1, min(usable_cores(), MAX_DEFAULT_THREADS))
 
 

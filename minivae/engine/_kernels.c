@@ -203,7 +203,7 @@ DEFINE_BIAS_RELU(f64, double)
 #include <stdlib.h>
 #include <unistd.h>
 #define HAVE_TEAM 1
-#define MAX_TEAM 63
+#define MAX_TEAM 255  /* workers at most; a product asking for more jobs gets threads of its own */
 static long long team_spin_ns = 10000000; /* awake after a job; MINIVAE_TEAM_SPIN_US */
 
 typedef void (*team_fn)(void *arg, int part, int parts);
@@ -355,8 +355,13 @@ static void *blas_part_thread(void *arg)
  * (OpenBLAS does not do this today) or when the team cannot grow. Slow, never a deadlock. */
 static void blas_fresh_threads(BlasJob *job, int numjobs)
 {
-    pthread_t ids[MAX_TEAM + 1];
-    BlasPart parts[MAX_TEAM + 1];
+    pthread_t *ids = malloc(sizeof(pthread_t) * (size_t)numjobs);
+    BlasPart *parts = malloc(sizeof(BlasPart) * (size_t)numjobs);
+    if (ids == NULL || parts == NULL) {
+        fprintf(stderr, "minivae: out of memory starting threads for OpenBLAS's %d jobs\n",
+                numjobs);
+        abort();       /* the jobs wait for each other: running fewer would hang */
+    }
     for (int i = 1; i < numjobs; i++) {
         parts[i].job = job;
         parts[i].part = i;
@@ -368,6 +373,8 @@ static void blas_fresh_threads(BlasJob *job, int numjobs)
     }
     blas_part(job, 0, numjobs);
     for (int i = 1; i < numjobs; i++) pthread_join(ids[i], NULL);
+    free(ids);
+    free(parts);
 }
 
 static void blas_callback(int sync, blas_dojob dojob, int numjobs, size_t elsize, void *jobdata,

@@ -204,6 +204,7 @@ DEFINE_BIAS_RELU(f64, double)
 #include <unistd.h>
 #define HAVE_TEAM 1
 #define MAX_TEAM 255  /* workers at most; a product asking for more jobs gets threads of its own */
+#define MAX_SPIN_US 10000000LL  /* kernels.MAX_SPIN_US */
 static long long team_spin_ns = 10000000; /* awake after a job; MINIVAE_TEAM_SPIN_US */
 
 typedef void (*team_fn)(void *arg, int part, int parts);
@@ -235,7 +236,7 @@ static void *team_worker(void *arg)
     for (;;) {
         unsigned long now = __atomic_load_n(&team_posted, __ATOMIC_ACQUIRE);
         if (now == seen) {
-            long long until = now_ns() + team_spin_ns;
+            long long until = now_ns() + __atomic_load_n(&team_spin_ns, __ATOMIC_RELAXED);
             do {
                 sched_yield();
                 now = __atomic_load_n(&team_posted, __ATOMIC_ACQUIRE);
@@ -347,12 +348,14 @@ typedef struct {
 static void *blas_part_thread(void *arg)
 {
     BlasPart *bp = arg;
+    team_in_job = 1;           /* a product nested in here gets fresh threads too */
     blas_part(bp->job, bp->part, 0);
     return NULL;
 }
 
 /* The jobs on threads made for this call: for a product asked for from inside a team job
- * (OpenBLAS does not do this today) or when the team cannot grow. Slow, never a deadlock. */
+ * (OpenBLAS does not do this today), with more jobs than MAX_TEAM + 1, or when the team cannot
+ * grow. Slow, never a deadlock. */
 static void blas_fresh_threads(BlasJob *job, int numjobs)
 {
     pthread_t *ids = malloc(sizeof(pthread_t) * (size_t)numjobs);
@@ -371,7 +374,10 @@ static void blas_fresh_threads(BlasJob *job, int numjobs)
             abort();   /* the jobs wait for each other: running fewer would hang */
         }
     }
+    int was = team_in_job;
+    team_in_job = 1;
     blas_part(job, 0, numjobs);
+    team_in_job = was;
     for (int i = 1; i < numjobs; i++) pthread_join(ids[i], NULL);
     free(ids);
     free(parts);
@@ -386,18 +392,19 @@ static void blas_callback(int sync, blas_dojob dojob, int numjobs, size_t elsize
         if (numjobs == 1) dojob(0, jobdata, dojob_data);
         return;
     }
-    if (numjobs > MAX_TEAM + 1 || team_in_job) {
+    if (team_in_job) {                /* nested in a team job, whose caller holds the team */
         blas_fresh_threads(&job, numjobs);
         return;
     }
+    /* Held for the whole product, on the team or on fresh threads: besides one job at a time
+     * for the workers, it keeps OpenBLAS's per-job-index scratch buffers (blas_thread_buffer
+     * [i], used by job i >= 1) to one product at a time, as OpenBLAS's own pool does. */
     pthread_mutex_lock(&team_busy);   /* another caller's job: wait, never run alone */
-    team_grow(numjobs - 1);
-    if (team_workers < numjobs - 1) {
-        pthread_mutex_unlock(&team_busy);
+    if (numjobs - 1 <= MAX_TEAM) team_grow(numjobs - 1);
+    if (team_workers < numjobs - 1)
         blas_fresh_threads(&job, numjobs);
-        return;
-    }
-    team_post(blas_part, &job, numjobs);
+    else
+        team_post(blas_part, &job, numjobs);
     pthread_mutex_unlock(&team_busy);
 }
 #else
@@ -410,8 +417,10 @@ static void team_run(team_fn fn, void *arg, int threads)
 }
 #endif
 
-/* [lo, hi) of part `part` of n numbers in `parts` parts, cut at multiples of 16 numbers (64
- * bytes of float32: no two parts share a cache line of a 64-byte-aligned buffer). */
+/* [lo, hi) of part `part` of n numbers (or rows, or columns) in `parts` parts, cut at
+ * multiples of 16. A flat slice then starts at a multiple of 64 bytes (float32) from the
+ * buffer's start; a cut by columns still shares a cache line per row where the row length is
+ * not a multiple of 16 (results are the same; only speed can suffer). */
 static void part_range(Py_ssize_t n, int part, int parts, Py_ssize_t *lo, Py_ssize_t *hi)
 {
     Py_ssize_t q = (n + 15) / 16;
@@ -832,8 +841,12 @@ static PyObject *team_info(PyObject *self, PyObject *args)
     (void)self;
     if (!PyArg_ParseTuple(args, "|L:team_info", &spin_us)) return NULL;
 #if HAVE_TEAM
-    if (spin_us >= 0) team_spin_ns = spin_us * 1000;
-    return Py_BuildValue("{s:i,s:L}", "workers", team_workers, "spin_us", team_spin_ns / 1000);
+    if (spin_us >= 0) {   /* at most MAX_SPIN_US (10 s): no overflow in ns or deadlines */
+        long long ns = (spin_us > MAX_SPIN_US ? MAX_SPIN_US : spin_us) * 1000;
+        __atomic_store_n(&team_spin_ns, ns, __ATOMIC_RELAXED);
+    }
+    return Py_BuildValue("{s:i,s:L}", "workers", team_workers, "spin_us",
+                         __atomic_load_n(&team_spin_ns, __ATOMIC_RELAXED) / 1000);
 #else
     return Py_BuildValue("{s:i,s:L}", "workers", 0, "spin_us", (long long)0);
 #endif

@@ -122,15 +122,16 @@ def team_backend() -> bool:
     the results do not change. Off with MINIVAE_BLAS_TEAM=0 (and without the kernels)."""
     global _team_backend
     if _team_backend is None:
-        _team_backend = False
+        from . import kernels
+        wanted = team_wanted()      # a bad setting raises here, and nothing is decided yet
         lib = _library()
-        if lib and team_wanted():
-            from . import kernels
-            setter = _symbol(lib, "set_threads_callback_function")
-            if kernels.enabled() and setter is not None:
-                kernels.spin_from_env()
-                addr = ctypes.cast(setter, ctypes.c_void_p).value
-                _team_backend = bool(kernels._c.team_blas(addr, True))
+        setter = _symbol(lib, "set_threads_callback_function") if lib else None
+        if wanted and setter is not None and kernels.enabled():
+            kernels.spin_from_env()
+            addr = ctypes.cast(setter, ctypes.c_void_p).value
+            _team_backend = bool(kernels._c.team_blas(addr, True))
+        else:
+            _team_backend = False
     return _team_backend
 
 

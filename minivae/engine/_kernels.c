@@ -648,6 +648,16 @@ static int acquire_all(Views *vs, PyObject **objs, const char **names, const int
     return 0;
 }
 
+/* Run a kernel's job without the GIL, then release its buffers: -> None. */
+static PyObject *run_matrix_job(MatJob *job, int threads, Views *vs)
+{
+    Py_BEGIN_ALLOW_THREADS
+    mat_run(job, threads);
+    Py_END_ALLOW_THREADS
+    release_all(vs);
+    Py_RETURN_NONE;
+}
+
 static PyObject *bernoulli_nll_terms(PyObject *self, PyObject *args)
 {
     static const char *names[] = {"the logits", "x", "t"};
@@ -662,11 +672,7 @@ static PyObject *bernoulli_nll_terms(PyObject *self, PyObject *args)
         return NULL;
     Py_ssize_t itemsize = vs.views[0].itemsize, n = vs.views[0].len / itemsize;
     MatJob job = {OP_NLL_TERMS, itemsize == 4, {a[0], a[1], a[2], NULL}, NULL, 1, n, 0.0};
-    Py_BEGIN_ALLOW_THREADS
-    mat_run(&job, threads);
-    Py_END_ALLOW_THREADS
-    release_all(&vs);
-    Py_RETURN_NONE;
+    return run_matrix_job(&job, threads, &vs);
 }
 
 static PyObject *bernoulli_nll_grad(PyObject *self, PyObject *args)
@@ -684,11 +690,7 @@ static PyObject *bernoulli_nll_grad(PyObject *self, PyObject *args)
         return NULL;
     Py_ssize_t itemsize = vs.views[0].itemsize, n = vs.views[0].len / itemsize;
     MatJob job = {OP_NLL_GRAD, itemsize == 4, {a[0], a[1], a[2], a[3]}, NULL, 1, n, scale};
-    Py_BEGIN_ALLOW_THREADS
-    mat_run(&job, threads);
-    Py_END_ALLOW_THREADS
-    release_all(&vs);
-    Py_RETURN_NONE;
+    return run_matrix_job(&job, threads, &vs);
 }
 
 /* Whether a buffer holds exactly rows * cols numbers, without computing a product that could
@@ -740,11 +742,7 @@ static PyObject *bias_relu(PyObject *self, PyObject *args)
         return NULL;
     MatJob job = {OP_BIAS_RELU, vs.views[0].itemsize == 4, {a[0], NULL, NULL, NULL}, b, rows,
                   cols, 0.0};
-    Py_BEGIN_ALLOW_THREADS
-    mat_run(&job, threads);
-    Py_END_ALLOW_THREADS
-    release_all(&vs);
-    Py_RETURN_NONE;
+    return run_matrix_job(&job, threads, &vs);
 }
 
 static PyObject *relu_grad_bias(PyObject *self, PyObject *args)
@@ -762,11 +760,7 @@ static PyObject *relu_grad_bias(PyObject *self, PyObject *args)
         return NULL;
     MatJob job = {OP_RELU_GRAD_BIAS, vs.views[0].itemsize == 4, {a[0], a[1], a[2], NULL}, db,
                   rows, cols, 0.0};
-    Py_BEGIN_ALLOW_THREADS
-    mat_run(&job, threads);
-    Py_END_ALLOW_THREADS
-    release_all(&vs);
-    Py_RETURN_NONE;
+    return run_matrix_job(&job, threads, &vs);
 }
 
 static PyObject *bernoulli_bias_negabs(PyObject *self, PyObject *args)
@@ -784,11 +778,7 @@ static PyObject *bernoulli_bias_negabs(PyObject *self, PyObject *args)
         return NULL;
     MatJob job = {OP_BIAS_NEGABS, vs.views[0].itemsize == 4, {a[0], a[1], NULL, NULL}, b, rows,
                   cols, 0.0};
-    Py_BEGIN_ALLOW_THREADS
-    mat_run(&job, threads);
-    Py_END_ALLOW_THREADS
-    release_all(&vs);
-    Py_RETURN_NONE;
+    return run_matrix_job(&job, threads, &vs);
 }
 
 static PyObject *bernoulli_nll_grad_db(PyObject *self, PyObject *args)
@@ -807,11 +797,7 @@ static PyObject *bernoulli_nll_grad_db(PyObject *self, PyObject *args)
         return NULL;
     MatJob job = {OP_NLL_GRAD_DB, vs.views[0].itemsize == 4, {a[0], a[1], a[2], a[3]}, db,
                   rows, cols, scale};
-    Py_BEGIN_ALLOW_THREADS
-    mat_run(&job, threads);
-    Py_END_ALLOW_THREADS
-    release_all(&vs);
-    Py_RETURN_NONE;
+    return run_matrix_job(&job, threads, &vs);
 }
 
 

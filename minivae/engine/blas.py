@@ -110,6 +110,13 @@ def set_threads(n: int) -> int:
 _team_backend = None    # None: not tried yet; True: minivae's team runs OpenBLAS's jobs; False
 
 
+def _callback_setter() -> int | None:
+    """The address of OpenBLAS's openblas_set_threads_callback_function, or None."""
+    lib = _library()
+    setter = _symbol(lib, "set_threads_callback_function") if lib else None
+    return None if setter is None else ctypes.cast(setter, ctypes.c_void_p).value
+
+
 def team_backend() -> bool:
     """Hand OpenBLAS's parallel jobs to the compiled kernels' thread team, once per process
     (OpenBLAS >= 0.3.27: openblas_set_threads_callback_function). -> whether it does.
@@ -124,12 +131,10 @@ def team_backend() -> bool:
     if _team_backend is None:
         from . import kernels
         wanted = team_wanted()      # a bad setting raises here, and nothing is decided yet
-        lib = _library()
-        setter = _symbol(lib, "set_threads_callback_function") if lib else None
+        setter = _callback_setter()
         if wanted and setter is not None and kernels.enabled():
             kernels.spin_from_env()
-            addr = ctypes.cast(setter, ctypes.c_void_p).value
-            _team_backend = bool(kernels._c.team_blas(addr, True))
+            _team_backend = bool(kernels._c.team_blas(setter, True))
         else:
             _team_backend = False
     return _team_backend
@@ -152,12 +157,10 @@ def openblas_pool():
     """OpenBLAS's own thread pool inside the block, whatever :func:`team_backend` set (for
     benchmarks and tests that compare the two); the team is handed the jobs again after."""
     global _team_backend
-    lib = _library()
-    setter = _symbol(lib, "set_threads_callback_function") if lib else None
     was = _team_backend
-    if was and setter is not None:
+    if was:                         # True only where the setter was found
         from . import kernels
-        kernels._c.team_blas(ctypes.cast(setter, ctypes.c_void_p).value, False)
+        kernels._c.team_blas(_callback_setter(), False)
     _team_backend = False
     try:
         yield
@@ -209,7 +212,5 @@ def describe() -> dict:
 
 def available() -> dict:
     """What was found, for ``minivae info`` and the benchmarks."""
-    lib = _library()
-    callback = bool(lib) and _symbol(lib, "set_threads_callback_function") is not None
-    return {"set_threads": pinnable(), "threads_callback": callback,
+    return {"set_threads": pinnable(), "threads_callback": _callback_setter() is not None,
             "saxpby": _function("saxpby") is not None, "daxpby": _function("daxpby") is not None}

@@ -163,7 +163,7 @@ class DataParallel:
         k = self._k(hi - lo)
         fuse = opt is not None and self.comm.size == 1
         terms = self._blocks(x, eps, B, k, opt if fuse else None) if k > 1 else None
-        blas_k = 1
+        blas_k = parts = 1
         if terms is None:
             # Too few rows to split (or the team is busy: a nested call): the pass runs here,
             # its matrix products on the BLAS's threads, which split them without the per-
@@ -171,8 +171,10 @@ class DataParallel:
             # (never more BLAS threads than cores: OpenBLAS's jobs wait for each other, so
             # 64 of them on 2 cores crawl; measured 60 ms a step at batch 7, --threads 64)
             blas_k = min(self._threads(), _threads.usable_cores()) if k == 1 else 1
+            # the compiled kernels split over the team that runs the BLAS's jobs
+            parts = blas_k if blas_k > 1 and blas.team_backend() else 1
             pin = _threads.blas_threads(blas_k) if self.engine else nullcontext()
-            with pin, kernels.parts(blas_k if blas_k > 1 and blas.team_backend() else 1):
+            with pin, kernels.parts(parts):
                 terms = self._forward_backward(m, m.params, x, eps, B)
             fuse = False
         if self.comm.size > 1:
@@ -180,7 +182,7 @@ class DataParallel:
         if opt is not None and not fuse:
             # after a pass on BLAS threads the update runs from this thread, its compiled
             # kernel split over the team that ran the products' jobs (blas.team_backend)
-            with kernels.parts(blas_k if blas_k > 1 and blas.team_backend() else 1):
+            with kernels.parts(parts):
                 optimizer_step(opt, split=blas_k == 1)
         loss_b, recon, kl = terms
         if self.comm.size == 1:

@@ -384,3 +384,94 @@ def test_more_gradient_buffers_than_one_call_takes_are_checked_before_anything_i
         kernels.adam(gs, p[:4], m, v, *HYPER.values())
     for g in gs:
         np.testing.assert_array_equal(g, 1.0)                # gs[0] not summed into
+
+
+# -- the likelihood's forward in one team job, with NumPy's own exp, log1p and add loops --------
+needs_loops = pytest.mark.skipif(not kernels.numpy_loops(),
+                                 reason="NumPy's exp/log1p/add loops were not found here")
+
+
+@needs_kernels
+@needs_loops
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (6, 300), (128, 784), (33, 2049),
+                                   (2, 5000), (40, 2048), (0, 784)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_likelihood_in_one_team_job_is_numpys_exp_log1p_and_sum_to_the_last_bit(
+        rng, dtype, shape, bias):
+    """Blocks of rows, cut over 1-4 parts: the same l + b, e, and per-example sums as NumPy's
+    np.exp, np.log1p and np.sum(t, axis=1) in the kernels-off twin, for values that reach
+    exp's underflow, both zeros, infinities and NaN."""
+    logits, x = bernoulli_case(rng, dtype, shape=shape) if shape[0] >= 2 and shape[1] >= 4 else (
+        (rng.standard_normal(shape) * 8).astype(dtype), rng.random(shape).astype(dtype))
+    if shape[0] >= 3 and shape[1] >= 4:
+        logits[2, :4] = [np.inf, -np.inf, np.nan, 1e-38]
+    b = (rng.standard_normal(shape[1]) * 3).astype(dtype) if bias else None
+    with kernels.disabled():
+        want_l = logits + b if bias else logits.copy()
+        want_nll, (_, _, want_e) = nt.bernoulli_nll(PX, want_l.copy(), x)
+    for parts in (1, 2, 3, 4):
+        got_l = logits.copy()
+        with kernels.parts(parts):
+            got = nt._nll_rows(got_l, b, x)
+        assert got is not None                             # the team job ran
+        got_nll, (l_c, x_c, got_e) = got
+        assert got_nll.dtype == dtype and got_nll.shape == (shape[0],)
+        np.testing.assert_array_equal(got_l, want_l, err_msg=f"{parts} parts")
+        np.testing.assert_array_equal(got_e, want_e, err_msg=f"{parts} parts")
+        np.testing.assert_array_equal(got_nll, want_nll, err_msg=f"{parts} parts")
+        assert l_c is got_l and x_c is x
+
+
+@needs_kernels
+@needs_loops
+def test_the_likelihood_runs_the_numpy_calls_where_the_loops_are_not_found(rng, monkeypatch):
+    """Without NumPy's loops (another NumPy's ufunc layout), the twin calls np.exp, np.log1p
+    and np.sum as before: the same numbers. numpy_loops refuses ufuncs that are not exp,
+    log1p and add, and keeps the loops it found."""
+    logits, x = bernoulli_case(rng, np.float32, shape=(128, 784))
+    with_loops = nt.bernoulli_nll(PX, logits.copy(), x)
+    monkeypatch.setattr(kernels, "_loops", False)
+    assert nt._nll_rows(logits.copy(), None, x) is None
+    without = nt.bernoulli_nll(PX, logits.copy(), x)
+    np.testing.assert_array_equal(with_loops[0], without[0])
+    np.testing.assert_array_equal(with_loops[1][2], without[1][2])
+    from minivae.engine import _kernels
+    assert _kernels.numpy_loops(np.exp, np.exp, np.add) is False
+    assert _kernels.numpy_loops(np.log1p, np.exp, np.add) is False
+    assert _kernels.numpy_loops(1, 2, 3) is False
+    monkeypatch.setattr(kernels, "_loops", None)
+    assert kernels.numpy_loops()                           # still found
+
+
+@needs_kernels
+@needs_loops
+def test_bad_likelihood_buffers_raise_and_change_nothing(rng):
+    logits, x = bernoulli_case(rng, np.float64, shape=(8, 300))
+    e, t, nll, b = np.zeros(2400), np.zeros(2400), np.zeros(8), np.ones(300)
+    before = [a.copy() for a in (logits, e, t, nll)]
+    calls = [
+        (lambda: kernels.bernoulli_nll_rows(logits.reshape(-1), b, x.reshape(-1), e, t,
+                                            nll[:-1], 8, 300), ValueError, "nll has 7 numbers"),
+        (lambda: kernels.bernoulli_nll_rows(logits.reshape(-1), b[:-1], x.reshape(-1), e, t,
+                                            nll, 8, 300), ValueError, "b has 299 numbers"),
+        (lambda: kernels.bernoulli_nll_rows(logits.reshape(-1), b, x.reshape(-1), e, t, nll,
+                                            2**60 + 8, 300), ValueError, "not rows x cols"),
+        (lambda: kernels.bernoulli_nll_rows(logits.reshape(-1), b, x.reshape(-1)[:-1], e, t,
+                                            nll, 8, 300), ValueError, "x has 2399 numbers"),
+        (lambda: kernels.bernoulli_nll_rows(logits.reshape(-1), b.astype(np.float32),
+                                            x.reshape(-1), e, t, nll, 8, 300), TypeError,
+         "different dtype"),
+        (lambda: kernels.bernoulli_nll_rows(logits.reshape(-1), b, x.reshape(-1), e, t, nll,
+                                            -1, 300), ValueError, ">= 0"),
+    ]
+    for call, error, message in calls:
+        with pytest.raises(error, match=message):
+            call()
+        for a, was in zip((logits, e, t, nll), before):
+            np.testing.assert_array_equal(a, was)
+    ro = logits.copy()
+    ro.flags.writeable = False                             # no bias: the logits are only read
+    kernels.bernoulli_nll_rows(ro.reshape(-1), None, x.reshape(-1), e, t, nll, 8, 300)
+    with pytest.raises((BufferError, ValueError, TypeError)):
+        kernels.bernoulli_nll_rows(ro.reshape(-1), b, x.reshape(-1), e, t, nll, 8, 300)

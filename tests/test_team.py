@@ -281,9 +281,18 @@ def _matrix_calls(rng, rows, cols, dtype):
             l.reshape(-1), x.reshape(-1), o["t"].reshape(-1)),
         "bernoulli_nll_grad": lambda o: kernels.bernoulli_nll_grad(
             l.reshape(-1), x.reshape(-1), e.reshape(-1), o["out"].reshape(-1), 1 / 7),
+        "relu_grad_bias in place": lambda o: kernels.relu_grad_bias(
+            o["g"].reshape(-1), l.reshape(-1), o["g"].reshape(-1), o["db"], rows, cols),
     }
+    if kernels.numpy_loops():
+        for bias in (None, b):
+            calls[f"bernoulli_nll_rows, bias {bias is not None}"] = (
+                lambda o, bias=bias: kernels.bernoulli_nll_rows(
+                    o["l"].reshape(-1), bias, x.reshape(-1), o["e"].reshape(-1),
+                    o["t"].reshape(-1), o["nll"], rows, cols))
     fresh = lambda: {"out": r(rows, cols), "src": r(rows, cols), "g": r(rows, cols),   # noqa: E731
-                     "db": r(cols), "l": l.copy(), "e": r(rows, cols), "t": np.log1p(np.exp(e))}
+                     "db": r(cols), "l": l.copy(), "e": r(rows, cols), "t": np.log1p(np.exp(e)),
+                     "nll": r(rows)}
     return calls, fresh
 
 

@@ -176,6 +176,149 @@ DEFINE_BERNOULLI_BIAS(f64, double, fabs)
 DEFINE_BIAS_RELU(f32, float)
 DEFINE_BIAS_RELU(f64, double)
 
+/* The pieces the team runs in two steps, so that a bias gradient still adds its rows in
+ * order whatever the number of threads (relu_grad_bias and nll_grad_db above, cut by rows):
+ *     e[i] <- -|l[i]|                     (the likelihood's first step, with no bias)
+ *     g[i] <- src[i] * [c[i] > 0]          (the ReLU mask alone; src may be g)
+ *     db[j] <- sum_i g[i, j]               (rows added in order, as the one-pass kernels) */
+#define DEFINE_PIECES(SUFFIX, T, ABS)                                                     \
+    VECTOR_CLONES static void negabs_##SUFFIX(const T *restrict l, T *restrict e,        \
+                                              Py_ssize_t n)                               \
+    {                                                                                     \
+        for (Py_ssize_t i = 0; i < n; i++) e[i] = -ABS(l[i]);                             \
+    }                                                                                     \
+    VECTOR_CLONES static void relu_grad_##SUFFIX(const T *src, const T *restrict c, T *g, \
+                                                 Py_ssize_t n)                            \
+    {                                                                                     \
+        for (Py_ssize_t i = 0; i < n; i++) g[i] = src[i] * (T)(c[i] > (T)0);              \
+    }                                                                                     \
+    VECTOR_CLONES static void col_sum_##SUFFIX(const T *restrict g, T *restrict db,      \
+                                               Py_ssize_t rows, Py_ssize_t cols,          \
+                                               Py_ssize_t ld)                             \
+    {                                                                                     \
+        for (Py_ssize_t j = 0; j < cols; j++) db[j] = (T)0;                               \
+        for (Py_ssize_t i = 0; i < rows; i++) {                                           \
+            const T *restrict gi = g + i * ld;                                            \
+            for (Py_ssize_t j = 0; j < cols; j++) db[j] += gi[j];                         \
+        }                                                                                 \
+    }
+
+DEFINE_PIECES(f32, float, fabsf)
+DEFINE_PIECES(f64, double, fabs)
+
+/* ----------------------------------------------------------------------------------------- */
+/* NumPy's own inner loops for exp, log1p and add, so that the likelihood's forward runs on
+ * the team, rows by rows, with NumPy's numbers: the same SIMD exp and log1p as np.exp and
+ * np.log1p (each number's result does not depend on where a slice starts; the tests check it
+ * to the bit), and np.sum(t, axis=1) as NumPy computes it: out = 0, then the add loop reduces
+ * the row into it (NumPy's pairwise summation). They are found through the head of NumPy's
+ * PyUFuncObject (numpy/ufuncobject.h; public, and part of NumPy's ABI since 1.0), checked
+ * against what the ufunc says of itself in Python (name, nin, nout, nargs, ntypes and the
+ * signature at the loop's index): where anything disagrees, numpy_loops() returns False and
+ * minivae calls np.exp, np.log1p and np.sum as before. */
+typedef void (*np_loop_fn)(char **args, const Py_ssize_t *dims, const Py_ssize_t *steps,
+                           void *data);
+typedef struct {
+    np_loop_fn fn;
+    void *data;
+} NpLoop;
+static NpLoop np_exp[2], np_log1p[2], np_add[2]; /* [0]: float32, [1]: float64 */
+static int np_loops_found;
+
+typedef struct {
+    PyObject_HEAD
+    int nin, nout, nargs;
+    int identity;
+    np_loop_fn *functions;
+    void *const *data;
+    int ntypes;
+    int reserved1;
+    const char *name;
+    const char *types;
+} UFuncHead;
+
+#define NPY_FLOAT_NUM 11   /* NPY_FLOAT and NPY_DOUBLE in NumPy's type numbers (its ABI) */
+#define NPY_DOUBLE_NUM 12
+
+static int attr_int(PyObject *obj, const char *name, long *out)
+{
+    PyObject *v = PyObject_GetAttrString(obj, name);
+    if (v == NULL) return -1;
+    *out = PyLong_AsLong(v);
+    Py_DECREF(v);
+    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+/* The loop of `ufunc` whose Python signature is sig (e.g. "f->f"), with type number `num` for
+ * each of its nargs arguments -> 1 (found, into *out), 0 (not found or not as expected), or -1
+ * (a Python error set). */
+static int find_loop(PyObject *ufunc, const char *name, const char *sig, int nargs, char num,
+                     NpLoop *out)
+{
+    if (strcmp(Py_TYPE(ufunc)->tp_name, "numpy.ufunc") != 0) return 0;
+    UFuncHead *u = (UFuncHead *)ufunc;
+    long nin, nout, n_args, ntypes;
+    if (attr_int(ufunc, "nin", &nin) < 0 || attr_int(ufunc, "nout", &nout) < 0 ||
+        attr_int(ufunc, "nargs", &n_args) < 0 || attr_int(ufunc, "ntypes", &ntypes) < 0)
+        return -1;
+    if (u->nin != nin || u->nout != nout || u->nargs != n_args || u->ntypes != ntypes ||
+        u->nargs != nargs || u->name == NULL || strcmp(u->name, name) != 0 ||
+        u->functions == NULL || u->types == NULL)
+        return 0;
+    PyObject *types = PyObject_GetAttrString(ufunc, "types");
+    if (types == NULL) return -1;
+    int found = 0;
+    if (PyList_Check(types) && PyList_GET_SIZE(types) == ntypes) {
+        for (Py_ssize_t i = 0; i < ntypes && !found; i++) {
+            const char *t = PyUnicode_AsUTF8(PyList_GET_ITEM(types, i));
+            if (t == NULL) {
+                Py_DECREF(types);
+                return -1;
+            }
+            if (strcmp(t, sig) != 0) continue;
+            int ok = u->functions[i] != NULL;
+            for (int a = 0; a < nargs; a++) ok = ok && u->types[i * nargs + a] == num;
+            if (ok) {
+                out->fn = u->functions[i];
+                out->data = u->data ? u->data[i] : NULL;
+                found = 1;
+            } else {
+                break;      /* the Python signature and the C table disagree: not as expected */
+            }
+        }
+    }
+    Py_DECREF(types);
+    return found;
+}
+
+static PyObject *numpy_loops(PyObject *self, PyObject *args)
+{
+    PyObject *exp_u, *log1p_u, *add_u;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOO:numpy_loops", &exp_u, &log1p_u, &add_u)) return NULL;
+    NpLoop e[2], l[2], a[2];
+    int r[6] = {find_loop(exp_u, "exp", "f->f", 2, NPY_FLOAT_NUM, &e[0]),
+                find_loop(exp_u, "exp", "d->d", 2, NPY_DOUBLE_NUM, &e[1]),
+                find_loop(log1p_u, "log1p", "f->f", 2, NPY_FLOAT_NUM, &l[0]),
+                find_loop(log1p_u, "log1p", "d->d", 2, NPY_DOUBLE_NUM, &l[1]),
+                find_loop(add_u, "add", "ff->f", 3, NPY_FLOAT_NUM, &a[0]),
+                find_loop(add_u, "add", "dd->d", 3, NPY_DOUBLE_NUM, &a[1])};
+    int all = 1;
+    for (int i = 0; i < 6; i++) {
+        if (r[i] < 0) return NULL;
+        all = all && r[i] == 1;
+    }
+    if (all) {
+        for (int k = 0; k < 2; k++) {
+            np_exp[k] = e[k];
+            np_log1p[k] = l[k];
+            np_add[k] = a[k];
+        }
+        np_loops_found = 1;
+    }
+    return PyBool_FromLong(all);
+}
+
 /* ----------------------------------------------------------------------------------------- */
 /* A small team of worker threads for the step of a batch too small to split over threads
  * (minivae/engine/threads.py, MIN_ROWS): it runs OpenBLAS's parallel jobs (blas_callback below,
@@ -459,17 +602,16 @@ static void adam_part(void *arg, int part, int parts)
 }
 
 /* The kernels over the team. Each part computes its numbers exactly as the whole pass would:
- * - the flat kernels (the likelihood's terms and gradient) take a slice of the buffers;
+ * - the flat kernels (the likelihood's terms and gradient, the ReLU mask) take a slice of the
+ *   buffers;
  * - bias+ReLU and the likelihood's bias pass take whole rows [r0, r1);
- * - the kernels that also sum a bias gradient over the rows take the columns [c0, c1) of every
- *   row, so that each column still adds its rows in order. That only pays for big arrays
- *   (MIN_COL_PART numbers a part): with two threads writing halves of each row, the cores pass
- *   the cache lines around them back and forth (measured at batch 128, 784 columns: no gain;
- *   at 512: 305 -> 220 us for the likelihood's gradient).
- * Parts are cut at multiples of 16 rows or numbers or columns. */
-#define MIN_COL_PART (1 << 17)
+ * - a sum over rows (a bias gradient) takes the columns [c0, c1) of every row, so that each
+ *   column still adds its rows in order.
+ * The kernels that compute a gradient and sum it over rows in one pass run, on more threads,
+ * as a flat pass and then the sum (mat_run). Parts are cut at multiples of 16 rows or numbers
+ * or columns. */
 enum { OP_BIAS_RELU, OP_RELU_GRAD_BIAS, OP_BIAS_NEGABS, OP_NLL_GRAD_DB, OP_NLL_TERMS,
-       OP_NLL_GRAD };
+       OP_NLL_GRAD, OP_RELU_GRAD, OP_COL_SUM };
 
 typedef struct {
     int op, f32;
@@ -479,7 +621,6 @@ typedef struct {
 } MatJob;
 
 static int by_rows(int op) { return op == OP_BIAS_RELU || op == OP_BIAS_NEGABS; }
-static int by_cols(int op) { return op == OP_RELU_GRAD_BIAS || op == OP_NLL_GRAD_DB; }
 
 #define MAT_CASES(T, SUFFIX)                                                                   \
     switch (j->op) {                                                                           \
@@ -507,6 +648,12 @@ static int by_cols(int op) { return op == OP_RELU_GRAD_BIAS || op == OP_NLL_GRAD
         nll_grad_##SUFFIX((T *)j->a[0] + c0, (T *)j->a[1] + c0, (T *)j->a[2] + c0,             \
                           (T *)j->a[3] + c0, c1 - c0, (T)j->scale);                            \
         break;                                                                                 \
+    case OP_RELU_GRAD:                                                                         \
+        relu_grad_##SUFFIX((T *)j->a[0] + c0, (T *)j->a[1] + c0, (T *)j->a[2] + c0, c1 - c0);  \
+        break;                                                                                 \
+    case OP_COL_SUM:                                                                           \
+        col_sum_##SUFFIX((T *)j->a[0] + c0, (T *)j->vec + c0, j->rows, c1 - c0, j->cols);      \
+        break;                                                                                 \
     }
 
 static void mat_part(void *arg, int part, int parts)
@@ -526,15 +673,101 @@ static void mat_part(void *arg, int part, int parts)
 }
 
 /* Run a job on `threads` parts at most: each at least 16 rows or columns wide and MIN_PART
- * numbers (MIN_COL_PART for a split by columns). */
-static void mat_run(MatJob *j, int threads)
+ * numbers. */
+static void mat_run_one(MatJob *j, int threads)
 {
     Py_ssize_t n = j->rows * j->cols;
     Py_ssize_t cut = by_rows(j->op) ? j->rows : j->cols;
-    Py_ssize_t min_part = by_cols(j->op) ? MIN_COL_PART : MIN_PART;
     if (cut < (Py_ssize_t)threads * 16) threads = (int)(cut / 16);
-    if (n < (Py_ssize_t)threads * min_part) threads = (int)(n / min_part);
+    if (n < (Py_ssize_t)threads * MIN_PART) threads = (int)(n / MIN_PART);
     team_run(mat_part, j, threads);
+}
+
+/* A kernel that sums its gradient over rows (relu_grad_bias, nll_grad_db) runs, on more than
+ * one thread, as two team jobs: the elementwise pass cut into flat slices, then the sum over
+ * rows cut by columns. The numbers are those of the one pass: each element is the same
+ * product or quotient, stored, then added down its column in row order. Cutting the one pass
+ * by columns instead gained nothing at batch 128 (each core then streams half of every row);
+ * two jobs pay from MIN_PART numbers a part for the likelihood's gradient (its division;
+ * batch 128, 784 columns, 2 threads: 54 -> 47 us; batch 512: 317 -> 177 us) and from twice
+ * that for the ReLU mask (512 x 400: 98 -> 65 us; 128 x 784: 38 -> 40 us, so one pass). */
+static void mat_run(MatJob *j, int threads)
+{
+    Py_ssize_t n = j->rows * j->cols;
+    if (j->op != OP_RELU_GRAD_BIAS && j->op != OP_NLL_GRAD_DB) {
+        mat_run_one(j, threads);
+        return;
+    }
+    Py_ssize_t min_part = j->op == OP_NLL_GRAD_DB ? MIN_PART : 2 * (Py_ssize_t)MIN_PART;
+    if (threads < 2 || n < 2 * min_part) {
+        mat_part(j, 0, 1);
+        return;
+    }
+    if (n < (Py_ssize_t)threads * min_part) threads = (int)(n / min_part);
+    MatJob flat = *j, sum = *j;
+    flat.rows = 1;
+    flat.cols = n;
+    flat.vec = NULL;
+    if (j->op == OP_NLL_GRAD_DB) {
+        flat.op = OP_NLL_GRAD;            /* l, x, e -> out */
+        sum.a[0] = j->a[3];
+    } else {
+        flat.op = OP_RELU_GRAD;           /* src, c -> g */
+        sum.a[0] = j->a[2];
+    }
+    sum.op = OP_COL_SUM;
+    mat_run_one(&flat, threads);
+    mat_run_one(&sum, threads);
+}
+
+/* ----------------------------------------------------------------------------------------- */
+/* The Bernoulli likelihood's forward on the team, rows by rows (numpy_twins.bernoulli_nll and
+ * bernoulli_nll_bias): for each block of rows, while it is in L1,
+ *     l <- l + b (with a bias);  e <- -|l|;  e <- exp(e);  t <- log1p(e);
+ *     t <- (t + (|l| + l) / 2) - x l;  nll[i] <- sum_j t[i, j]
+ * with NumPy's exp, log1p and add loops (numpy_loops above): the numbers of the NumPy calls. */
+#define NLL_BLOCK 2048       /* numbers a block (rows of it): l, x, e and t stay in L1 */
+#define MIN_NLL_PART 8192    /* numbers a part at least: exp and log1p cost ~1 ns a number */
+typedef struct {
+    int f32;
+    char *l, *x, *e, *t, *nll;
+    const char *b;
+    Py_ssize_t rows, cols;
+} NllJob;
+
+static void nll_rows_part(void *arg, int part, int parts)
+{
+    NllJob *j = arg;
+    Py_ssize_t r0, r1;
+    part_range(j->rows, part, parts, &r0, &r1);
+    int k = j->f32 ? 0 : 1;
+    Py_ssize_t sz = j->f32 ? 4 : 8, cols = j->cols;
+    Py_ssize_t block = cols >= NLL_BLOCK ? 1 : NLL_BLOCK / cols;
+    for (Py_ssize_t r = r0; r < r1; r += block) {
+        Py_ssize_t nr = r1 - r < block ? r1 - r : block, n = nr * cols, off = r * cols * sz;
+        char *l = j->l + off, *x = j->x + off, *e = j->e + off, *t = j->t + off;
+        if (j->f32) {
+            if (j->b) bias_negabs_f32((float *)l, (const float *)j->b, (float *)e, nr, cols, cols);
+            else negabs_f32((const float *)l, (float *)e, n);
+        } else {
+            if (j->b) bias_negabs_f64((double *)l, (const double *)j->b, (double *)e, nr, cols, cols);
+            else negabs_f64((const double *)l, (double *)e, n);
+        }
+        char *ee[2] = {e, e}, *et[2] = {e, t};
+        Py_ssize_t steps[3] = {sz, sz, sz};
+        np_exp[k].fn(ee, &n, steps, np_exp[k].data);
+        np_log1p[k].fn(et, &n, steps, np_log1p[k].data);
+        if (j->f32) nll_terms_f32((const float *)l, (const float *)x, (float *)t, n);
+        else nll_terms_f64((const double *)l, (const double *)x, (double *)t, n);
+        Py_ssize_t reduce_steps[3] = {0, sz, 0};
+        for (Py_ssize_t i = 0; i < nr; i++) {
+            char *o = j->nll + (r + i) * sz, *row = t + i * cols * sz;
+            char *args[3] = {o, row, o};
+            if (j->f32) *(float *)o = 0.0f;
+            else *(double *)o = 0.0;
+            np_add[k].fn(args, &cols, reduce_steps, np_add[k].data);
+        }
+    }
 }
 
 /* ----------------------------------------------------------------------------------------- */
@@ -801,6 +1034,42 @@ static PyObject *bernoulli_nll_grad_db(PyObject *self, PyObject *args)
 }
 
 
+static PyObject *bernoulli_nll_rows(PyObject *self, PyObject *args)
+{
+    static const char *names[] = {"the logits array", "x", "e", "t"};
+    int writable[] = {1, 0, 1, 1};      /* the logits are written only with a bias */
+    PyObject *objs[4], *b_obj, *nll_obj;
+    void *a[4], *b = NULL, *nll;
+    Py_ssize_t rows, cols;
+    Views vs;
+    int threads = 1;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOOOOOnn|i:bernoulli_nll_rows", &objs[0], &b_obj, &objs[1],
+                          &objs[2], &objs[3], &nll_obj, &rows, &cols, &threads))
+        return NULL;
+    if (!np_loops_found)
+        return PyErr_Format(PyExc_RuntimeError, "NumPy's exp, log1p and add loops were not "
+                            "found (numpy_loops): call np.exp, np.log1p and np.sum instead");
+    if (rows < 0 || cols < 0) return PyErr_Format(PyExc_ValueError, "rows and cols must be >= 0");
+    writable[0] = b_obj != Py_None;
+    if (acquire_all(&vs, objs, names, writable, 4, a) < 0) return NULL;
+    if (!check_shape(&vs.views[0], names[0], rows, cols) ||
+        (b_obj != Py_None && (b = acquire_n(&vs, b_obj, "b", 0, cols)) == NULL) ||
+        (nll = acquire_n(&vs, nll_obj, "nll", 1, rows)) == NULL) {
+        release_all(&vs);
+        return NULL;
+    }
+    NllJob job = {vs.views[0].itemsize == 4, a[0], a[1], a[2], a[3], nll, b, rows, cols};
+    Py_ssize_t n = rows * cols;
+    if (rows < (Py_ssize_t)threads * 16) threads = (int)(rows / 16);
+    if (n < (Py_ssize_t)threads * MIN_NLL_PART) threads = (int)(n / MIN_NLL_PART);
+    Py_BEGIN_ALLOW_THREADS
+    team_run(nll_rows_part, &job, threads);
+    Py_END_ALLOW_THREADS
+    release_all(&vs);
+    Py_RETURN_NONE;
+}
+
 /* ----------------------------------------------------------------------------------------- */
 /* The team, from Python. */
 typedef void (*blas_setter)(void *callback);
@@ -858,6 +1127,13 @@ static PyMethodDef methods[] = {
     {"bernoulli_nll_grad_db", bernoulli_nll_grad_db, METH_VARARGS,
      "bernoulli_nll_grad_db(l, x, e, out, scale, db, rows, cols): out as bernoulli_nll_grad,\n"
      "and db[j] <- sum_i out[i, j] (rows in order)."},
+    {"numpy_loops", numpy_loops, METH_VARARGS,
+     "numpy_loops(np.exp, np.log1p, np.add) -> whether NumPy's float32 and float64 loops were\n"
+     "found (and kept for bernoulli_nll_rows)."},
+    {"bernoulli_nll_rows", bernoulli_nll_rows, METH_VARARGS,
+     "bernoulli_nll_rows(l, b, x, e, t, nll, rows, cols[, threads]): l <- l + b (b None: no\n"
+     "bias), e <- exp(-|l|), t <- softplus(l) - x l, nll[i] <- sum_j t[i, j], with NumPy's\n"
+     "exp, log1p and add loops, rows by rows."},
     {"bias_relu", bias_relu, METH_VARARGS,
      "bias_relu(out, b, rows, cols): out[i, j] <- max(out[i, j] + b[j], 0), in place."},
     {"relu_grad_bias", relu_grad_bias, METH_VARARGS,

@@ -82,9 +82,10 @@ _local = threading.local()   # .parts: how many team threads this thread's kerne
 def parts(k: int):
     """Inside the block, this thread's compiled kernels (Adam, the likelihood's, the fused
     bias+ReLU passes) split their work over k threads of the compiled team (the caller and
-    k - 1 workers; see the team's note in _kernels.c), each part at least 32768 numbers. Each
-    thread writes its own slice (the (rows, cols) kernels: its own columns, so a bias gradient
-    still adds its rows in order), so the result is the same to the bit for any k."""
+    k - 1 workers; see the team's note in _kernels.c), each part at least 32768 numbers (8192
+    for the likelihood's forward). Each thread writes its own slice, and a bias gradient is
+    summed down its columns in row order (its own columns a thread), so the result is the same
+    to the bit for any k."""
     previous = getattr(_local, "parts", 1)
     _local.parts = max(1, int(k))
     try:
@@ -173,6 +174,29 @@ def bernoulli_nll_grad_db(logits, x, e, out, scale: float, db, rows: int, cols: 
     """:func:`bernoulli_nll_grad`, and db[j] <- sum_i out[i, j] (rows added in order): the
     decoder's last bias gradient, in the same pass."""
     _c.bernoulli_nll_grad_db(logits, x, e, out, scale, db, rows, cols, current_parts())
+
+
+_loops = None   # whether NumPy's exp, log1p and add loops were found (None: not asked yet)
+
+
+def numpy_loops() -> bool:
+    """Whether the compiled likelihood pass can call NumPy's own float32/float64 loops for exp,
+    log1p and add (found once, through the head of NumPy's ufunc object, and checked against
+    what each ufunc says of itself; see the note above numpy_loops in _kernels.c). False where
+    the kernels were not built or NumPy's ufunc objects are not as expected."""
+    global _loops
+    if _loops is None:
+        _loops = _c is not None and bool(_c.numpy_loops(np.exp, np.log1p, np.add))
+    return _loops
+
+
+def bernoulli_nll_rows(logits, b, x, e, t, nll, rows: int, cols: int) -> None:
+    """The Bernoulli likelihood's forward in one team job, block of rows by block of rows:
+    l <- l + b (b None: no bias; else (cols,)), e <- exp(-|l|), t <- softplus(l) - x l and
+    nll[i] <- sum_j t[i, j], with NumPy's exp, log1p and add loops, so the numbers are those of
+    np.exp, np.log1p and np.sum(t, axis=1). logits, x, e, t: flat views of C-contiguous
+    (rows, cols) arrays of one dtype; nll: (rows,). Needs :func:`numpy_loops` True."""
+    _c.bernoulli_nll_rows(logits, b, x, e, t, nll, rows, cols, current_parts())
 
 
 def bias_relu(out, b, rows: int, cols: int) -> None:

@@ -295,7 +295,12 @@ def sequential_backward(net, P, dout, caches, need_dx=True, overwrite_dout=False
 @twin_of(losses.Bernoulli.nll, exact=True, case=_bernoulli_nll_case)
 def bernoulli_nll(px, logits, x):
     """softplus(l) - x l summed over D, in place: the same values and cache as the reference.
-    The arithmetic around exp and log1p is one compiled pass where the kernels were built."""
+    Where the kernels were built, the whole pass is one team job (kernels.bernoulli_nll_rows,
+    with NumPy's own exp, log1p and add loops), or else the arithmetic around exp and log1p is
+    one compiled pass."""
+    out = _nll_rows(logits, None, x)
+    if out is not None:
+        return out
     a = np.abs(logits)
     e = np.negative(a)
     np.exp(e, out=e)                                  # e = exp(-|l|)
@@ -366,6 +371,9 @@ def bernoulli_nll_bias(logits, b, x):
     """Bernoulli.nll(logits + b, x), with ``logits += b`` done in the likelihood's first
     compiled pass: -> (nll (B,), cache) as :func:`bernoulli_nll`, or None (nothing written)
     when the kernels cannot take these arrays."""
+    out = _nll_rows(logits, b, x)
+    if out is not None:
+        return out
     views = kernels.flat(logits, x, b)                # e and t are made like logits
     if views is None:
         return None
@@ -375,6 +383,22 @@ def bernoulli_nll_bias(logits, b, x):
     t = np.log1p(e)
     kernels.bernoulli_nll_terms(views[0], views[1], t.reshape(-1))
     return np.sum(t, axis=1), (logits, x, e)
+
+
+def _nll_rows(logits, b, x):
+    """The likelihood's forward (with the bias b, or None) as one compiled team job ->
+    (nll (B,), cache), or None (nothing written) where the kernels or NumPy's loops are not at
+    hand, or the arrays are not C-contiguous (B, D) of one dtype."""
+    if not (kernels.enabled() and logits.ndim == 2 and kernels.numpy_loops()):
+        return None
+    views = kernels.flat(logits, x) if b is None else kernels.flat(logits, x, b)
+    if views is None or x.shape != logits.shape:
+        return None
+    e, t = np.empty_like(logits), np.empty_like(logits)
+    nll = np.empty(logits.shape[0], dtype=logits.dtype)
+    kernels.bernoulli_nll_rows(views[0], b if b is None else views[2], views[1], e.reshape(-1),
+                               t.reshape(-1), nll, *logits.shape)
+    return nll, (logits, x, e)
 
 
 def bernoulli_nll_grad_bias(cache, scale, db):

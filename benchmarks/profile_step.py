@@ -83,7 +83,8 @@ def profile(B: int, steps: int, threads: int = 1) -> dict:
     saved = {k: table[k] for k in (Dense.backward, ReLU.forward, ReLU.backward,
                                    losses.Bernoulli.nll, losses.Bernoulli.nll_backward)}
     saved_forward, saved_nt = Dense.forward, {n: getattr(nt, n) for n in
-                                              ("sample", "sample_backward")}
+                                              ("sample", "sample_backward", "gaussian_latent",
+                                               "gaussian_latent_backward")}
     saved_kl = (nt.losses.kl_normal, nt.losses.kl_normal_backward)
     saved_fused = (nt.matmul, nt.input_grad, nt.kernels.bias_relu, nt.kernels.relu_grad_bias,
                    nt.bernoulli_nll_bias, nt.bernoulli_nll_grad_bias)
@@ -126,6 +127,9 @@ def profile(B: int, steps: int, threads: int = 1) -> dict:
                                                      saved[losses.Bernoulli.nll_backward])
         nt.sample = timed("sampler and KL", saved_nt["sample"])
         nt.sample_backward = timed("sampler and KL", saved_nt["sample_backward"])
+        nt.gaussian_latent = timed("sampler and KL", saved_nt["gaussian_latent"])
+        nt.gaussian_latent_backward = timed("sampler and KL",
+                                            saved_nt["gaussian_latent_backward"])
         nt.losses.kl_normal = timed("sampler and KL", saved_kl[0])
         nt.losses.kl_normal_backward = timed("sampler and KL", saved_kl[1])
         # the fused Dense+ReLU passes (numpy_twins.FUSE): their products and their kernels

@@ -475,3 +475,113 @@ def test_bad_likelihood_buffers_raise_and_change_nothing(rng):
     kernels.bernoulli_nll_rows(ro.reshape(-1), None, x.reshape(-1), e, t, nll, 8, 300)
     with pytest.raises((BufferError, ValueError, TypeError)):
         kernels.bernoulli_nll_rows(ro.reshape(-1), b, x.reshape(-1), e, t, nll, 8, 300)
+
+
+# -- the Gaussian latent: the sampler and the KL in one call each way -------------------------
+def latent_case(rng, dtype, B, L):
+    h = (rng.standard_normal((B, 2 * L)) * 3).astype(dtype)
+    if B >= 2 and L >= 4:
+        h[0, L:L + 4] = [80.0, -80.0, 0.0, -0.0]          # exp overflow / underflow, both zeros
+        h[1, :4] = [np.inf, -np.inf, np.nan, 1e-30]
+        h[1, L:L + 3] = [np.inf, -np.inf, np.nan]
+    eps = rng.standard_normal((B, L)).astype(dtype)
+    return h, eps
+
+
+@needs_kernels
+@needs_loops
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("B, L", [(0, 20), (1, 1), (5, 7), (128, 20), (3, 8), (4, 9), (2, 300)])
+@pytest.mark.parametrize("s", [1 / 128, 0.37, 0.0])
+def test_the_latent_in_one_call_is_the_sampler_and_the_kl_to_the_last_bit(rng, dtype, B, L, s):
+    from minivae.sampling import sample, sample_backward
+    h, eps = latent_case(rng, dtype, B, L)
+    dz = rng.standard_normal((B, L)).astype(dtype)
+    with np.errstate(all="ignore"):
+        mu, logvar = h[:, :L], h[:, L:]
+        z_w, (sigma_w, _) = sample(np, mu, logvar, eps)
+        kl_w, (_, var_w) = losses.kl_normal(np, mu, logvar)
+        dmu, dlogvar, _ = sample_backward(dz, (sigma_w, eps))
+        kmu, klogvar = losses.kl_normal_backward(np, s, (mu, var_w))
+        dh_w = np.concatenate([dmu + kmu, dlogvar + klogvar], axis=1)
+    got = nt.gaussian_latent(h, eps, L, s)
+    assert got is not None
+    z, kl, cache = got
+    assert z.dtype == kl.dtype == dtype and z.shape == (B, L) and kl.shape == (B,)
+    np.testing.assert_array_equal(z, z_w)
+    np.testing.assert_array_equal(kl, kl_w)
+    np.testing.assert_array_equal(cache[2], sigma_w)
+    np.testing.assert_array_equal(cache[3], var_w)
+    dh = np.full((B, 2 * L), 7.0, dtype)
+    nt.gaussian_latent_backward(dz, cache, s, dh)
+    np.testing.assert_array_equal(dh, dh_w)
+    nt.gaussian_latent_backward(np.asfortranarray(dz), cache, s, dh)    # any layout of dz
+    np.testing.assert_array_equal(dh, dh_w)
+
+
+@needs_kernels
+@needs_loops
+def test_the_latent_call_declines_what_would_change_a_number(rng):
+    """A strided eps, mixed dtypes, a NumPy float64 scale with float32 arrays (it would
+    promote), or a wrong shape: None, and the reference runs (and raises its own error)."""
+    h, eps = latent_case(rng, np.float32, 6, 5)
+    wide = rng.standard_normal((6, 10)).astype(np.float32)
+    assert nt.gaussian_latent(h, wide[:, ::2], 5, 0.5) is None
+    assert nt.gaussian_latent(h, eps.astype(np.float64), 5, 0.5) is None
+    assert nt.gaussian_latent(h, eps, 5, np.float64(0.5)) is None
+    assert nt.gaussian_latent(h, eps[:, :4], 5, 0.5) is None
+    assert nt.gaussian_latent(h[:, :8], eps, 5, 0.5) is None
+    with pytest.raises(TypeError, match="different dtype"):
+        nt.gaussian_latent_backward(eps.astype(np.float64), nt.gaussian_latent(h, eps, 5, 0.5)[2],
+                                    0.5, np.empty((6, 10), np.float32))
+    from minivae import VAE
+    m = VAE(d_in=12, hidden=(8,), latent=5, seed=0)
+    x = (rng.random((6, 12)) < 0.5).astype(np.float32)
+    with pytest.raises(ValueError, match="eps has shape"):
+        nt.vae_forward_backward(m, m.params, x, eps[:, :4])
+
+
+@needs_kernels
+@needs_loops
+def test_bad_latent_buffers_raise_and_change_nothing(rng):
+    from minivae.engine import _kernels as K
+    h, eps = latent_case(rng, np.float64, 4, 3)
+    z, sg, var, kl = np.zeros(12), np.zeros(12), np.zeros(12), np.zeros(4)
+    before = [a.copy() for a in (z, sg, var, kl)]
+    for args, error, message in [
+        ((h.reshape(-1), eps.reshape(-1), z, sg, var, kl[:-1], 4, 3), ValueError, "kl has 3"),
+        ((h.reshape(-1)[:-1], eps.reshape(-1), z, sg, var, kl, 4, 3), ValueError, "h has 23"),
+        ((h.reshape(-1), eps.reshape(-1), z, sg, var, kl, 4, -3), ValueError, ">= 0"),
+        ((h.reshape(-1), eps.reshape(-1), z, sg, var, kl, 2**61, 2**2), ValueError, "a size"),
+        ((h.reshape(-1), eps.reshape(-1).astype(np.float32), z, sg, var, kl, 4, 3), TypeError,
+         "different dtype"),
+    ]:
+        with pytest.raises(error, match=message):
+            K.gaussian_latent(*args)
+        for a, was in zip((z, sg, var, kl), before):
+            np.testing.assert_array_equal(a, was)
+    with pytest.raises(ValueError, match="dh has 23"):
+        K.gaussian_latent_backward(z, h.reshape(-1), sg, eps.reshape(-1), var, 0.5,
+                                   np.zeros(23), 4, 3)
+
+
+@needs_kernels
+@needs_loops
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_compiled_likelihood_and_latent_change_no_number_of_training(rng, monkeypatch, threads):
+    """Three steps of the default-shaped VAE with NumPy's loops in the compiled passes and with
+    the NumPy calls (the loops 'not found'): the same losses, gradients and parameters."""
+    from minivae import VAE, DataParallel
+    x = (rng.random((64, 784)) < 0.3).astype(np.float32)
+    eps = rng.standard_normal((64, 20)).astype(np.float32)
+    runs = []
+    for loops in (None, False):
+        monkeypatch.setattr(kernels, "_loops", loops)
+        m = VAE(d_in=784, hidden=(64,), latent=20, seed=3)
+        opt, dp = Adam(m.params), DataParallel(m, threads=threads)
+        losses_ = [float(dp.train_step(opt, x, eps).loss) for _ in range(3)]
+        runs.append((losses_, m.params.grad.copy(), m.params.data.copy(), kernels._loops))
+    assert runs[0][3] is True and runs[1][3] is False      # the first run used the loops
+    assert runs[0][0] == runs[1][0]
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])
+    np.testing.assert_array_equal(runs[0][2], runs[1][2])

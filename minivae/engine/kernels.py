@@ -199,6 +199,22 @@ def bernoulli_nll_rows(logits, b, x, e, t, nll, rows: int, cols: int) -> None:
     _c.bernoulli_nll_rows(logits, b, x, e, t, nll, rows, cols, current_parts())
 
 
+def gaussian_latent(h, eps, z, sigma, var, kl, B: int, L: int) -> None:
+    """The VAE's sampler and KL in one call (sampling.sample, losses.kl_normal), on the
+    encoder's output h = [mu | logvar]: sigma <- exp(logvar * 0.5), var <- exp(logvar),
+    z <- mu + sigma * eps, kl[i] <- 0.5 * sum_j (mu^2 + var - 1 - logvar), with NumPy's exp and
+    add loops. Flat views: h (B * 2L,), eps, z, sigma, var (B * L,), kl (B,), one dtype.
+    Needs :func:`numpy_loops` True."""
+    _c.gaussian_latent(h, eps, z, sigma, var, kl, B, L)
+
+
+def gaussian_latent_backward(dz, h, sigma, eps, var, s: float, dh, B: int, L: int) -> None:
+    """The sampler's and the KL's backward in one pass, into dh (B * 2L,):
+    dh[:, :L] = dz + mu * s, dh[:, L:] = dz * sigma * eps * 0.5 + 0.5 * (var - 1) * s, with
+    s = beta / n (sampling.sample_backward, losses.kl_normal_backward)."""
+    _c.gaussian_latent_backward(dz, h, sigma, eps, var, s, dh, B, L)
+
+
 def bias_relu(out, b, rows: int, cols: int) -> None:
     """out[i, j] <- max(out[i, j] + b[j], 0) in one pass: a Dense layer's bias and the ReLU
     after it. out: flat (rows * cols,) view of a C-contiguous (rows, cols) array; b: (cols,)."""

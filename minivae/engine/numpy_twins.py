@@ -428,20 +428,61 @@ def vae_forward_backward(model, P, x, eps, batch_size=None):
     b = x.shape[0]
     n = b if batch_size is None else batch_size
     h, enc_caches = sequential_forward(model.encoder, P, x)
-    mu, logvar = h[:, :L], h[:, L:]
-    z, s_cache = sample(xp, mu, logvar, eps)
+    s = model.beta / n
+    latent = gaussian_latent(h, eps, L, s)
+    if latent is not None:                            # the five steps below, in two calls
+        z, kl, cache = latent
+    else:
+        mu, logvar = h[:, :L], h[:, L:]
+        z, s_cache = sample(xp, mu, logvar, eps)
     recon, r_cache, dec_caches, fused = _decode(model, P, z, x)
-    kl, k_cache = losses.kl_normal(xp, mu, logvar)
+    if latent is None:
+        kl, k_cache = losses.kl_normal(xp, mu, logvar)
     loss_b = recon + model.beta * kl
 
     dz = _decode_backward(model, P, n, r_cache, dec_caches, fused)
-    dmu, dlogvar, _ = sample_backward(dz, s_cache)
-    kmu, klogvar = losses.kl_normal_backward(xp, model.beta / n, k_cache)
     dh = np.empty((b, 2 * L), dtype=model.dtype)      # written in halves: no concat copy
-    np.add(dmu, kmu, out=dh[:, :L])
-    np.add(dlogvar, klogvar, out=dh[:, L:])
+    if latent is not None:
+        gaussian_latent_backward(dz, cache, s, dh)
+    else:
+        dmu, dlogvar, _ = sample_backward(dz, s_cache)
+        kmu, klogvar = losses.kl_normal_backward(xp, s, k_cache)
+        np.add(dmu, kmu, out=dh[:, :L])
+        np.add(dlogvar, klogvar, out=dh[:, L:])
     sequential_backward(model.encoder, P, dh, enc_caches, need_dx=False, overwrite_dout=True)
     return loss_b, recon, kl
+
+
+def gaussian_latent(h, eps, L, s):
+    """sampling.sample and losses.kl_normal on h = [mu | logvar] (B, 2L) in one compiled call
+    -> (z (B, L), kl (B,), cache for :func:`gaussian_latent_backward`), or None (nothing
+    computed) where the kernels or NumPy's loops are not at hand, the arrays are not
+    C-contiguous float arrays of one dtype and the right shapes, or s (beta / n) is not a
+    Python float (a NumPy scalar could change the result's dtype). The same numbers as the
+    reference's NumPy expressions, to the bit."""
+    if not (kernels.enabled() and type(s) is float and kernels.numpy_loops()
+            and h.ndim == 2 and eps.ndim == 2 and h.shape[1] == 2 * L
+            and eps.shape == (h.shape[0], L) and eps.dtype == h.dtype
+            and h.dtype in (np.float32, np.float64)
+            and h.flags.c_contiguous and eps.flags.c_contiguous):
+        return None
+    B = h.shape[0]
+    z, sigma, var = (np.empty((B, L), dtype=h.dtype) for _ in range(3))
+    kl = np.empty(B, dtype=h.dtype)
+    kernels.gaussian_latent(h.reshape(-1), eps.reshape(-1), z.reshape(-1), sigma.reshape(-1),
+                            var.reshape(-1), kl, B, L)
+    return z, kl, (h, eps, sigma, var)
+
+
+def gaussian_latent_backward(dz, cache, s, dh):
+    """sampling.sample_backward and losses.kl_normal_backward (scale s = beta / n) into
+    dh (B, 2L), in one compiled pass; dz (B, L) made C-contiguous first if it is not (a dz
+    of another dtype than h is a TypeError)."""
+    h, eps, sigma, var = cache
+    B, L = sigma.shape
+    dz = np.ascontiguousarray(dz)
+    kernels.gaussian_latent_backward(dz.reshape(-1), h.reshape(-1), sigma.reshape(-1),
+                                     eps.reshape(-1), var.reshape(-1), s, dh.reshape(-1), B, L)
 
 
 @twin_of(Autoencoder.forward_backward, exact=False, case=_model_case(Autoencoder))

@@ -536,3 +536,18 @@ def test_replica_checksums_and_shared_bytes_over_the_seam():
         assert "other" not in out[r]["differ"]
         assert out[r]["bytes"] == b"checkpoint bytes"
         assert out[r]["refused"] == ("damaged header", True)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("B", [1, 7, 128, 600])
+def test_the_reported_means_are_np_mean_of_the_rows_to_the_bit(rng, dtype, B):
+    """The step's loss, recon and KL (add.reduce / B, without np.mean's wrapper) are np.mean of
+    the per-row values, as the reference reports them."""
+    m = VAE(d_in=30, hidden=(16,), latent=3, dtype=dtype, seed=2)
+    x = (rng.random((B, 30)) < 0.4).astype(dtype)
+    eps = rng.standard_normal((B, 3)).astype(dtype)
+    r = DataParallel(m, threads=2).loss_and_grads(x, eps)
+    loss_b, recon, kl = m.forward_backward(m.params.with_own_grad(), x, eps)
+    for got, rows in ((r.loss, loss_b), (r.recon, recon), (r.kl, kl)):
+        want = np.mean(rows)
+        assert type(got) is type(want) and got.tobytes() == want.tobytes()

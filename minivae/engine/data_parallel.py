@@ -38,6 +38,8 @@ import weakref
 from contextlib import nullcontext
 from functools import partial
 
+import numpy as np
+
 from ..models import LossResult
 from ..optim import Optimizer, sum_into_first
 from . import blas, kernels
@@ -185,7 +187,12 @@ class DataParallel:
             with kernels.parts(parts):
                 optimizer_step(opt, split=blas_k == 1)
         loss_b, recon, kl = terms
-        if self.comm.size == 1:
+        if self.comm.size == 1 and m.backend.name == "numpy":
+            # np.mean's own steps (add.reduce, then / count) without its Python wrapper: the
+            # same float to the bit, ~10 us a step less
+            add = np.add.reduce
+            loss, mrecon, mkl = add(loss_b) / B, add(recon) / B, add(kl) / B
+        elif self.comm.size == 1:
             loss, mrecon, mkl = xp.mean(loss_b), xp.mean(recon), xp.mean(kl)
         else:                               # means over the global batch
             sums = xp.stack([xp.sum(loss_b), xp.sum(recon), xp.sum(kl)])

@@ -433,6 +433,9 @@ class Trainer:
         self.x_test = be.asarray(x_te, dtype=dt)
         self.model.check_input(self.x_train, "training data")   # validated once: the hot
         self.model.check_input(self.x_test, "test data")        # loop uses check=False
+        if cfg.batch_size > self.n_train:   # legitimate (full-batch training), but say so
+            self.log(f"note: batch_size {cfg.batch_size} is larger than the {self.n_train} "
+                     f"training examples: each epoch is one step on the whole training set")
         self.shuffle = np.random.default_rng(cfg.seed)  # host: permutations index host-built ids
         self.history: list[dict] = []
         self.epoch = 0          # completed epochs

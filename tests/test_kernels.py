@@ -585,3 +585,79 @@ def test_the_compiled_likelihood_and_latent_change_no_number_of_training(rng, mo
     assert runs[0][0] == runs[1][0]
     np.testing.assert_array_equal(runs[0][1], runs[1][1])
     np.testing.assert_array_equal(runs[0][2], runs[1][2])
+
+
+# -- SGD with momentum: one compiled pass, no subnormal buffer ---------------------------------
+@needs_kernels
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("n", [1, 7, 2048, 5000, 70000])
+def test_compiled_sgd_momentum_is_the_formula_to_the_last_bit(rng, dtype, k, n):
+    gs, p, b, _ = buffers(rng, n, k, dtype)
+    want_g = gs[0].copy()
+    for h in gs[1:]:
+        want_g += h
+    want_b = 0.9 * b + want_g                         # SGD.update, each operation rounded once
+    want_p = p - 0.01 * want_b
+    for parts in (1, 2, 3):
+        g2, p2, b2 = [g.copy() for g in gs], p.copy(), b.copy()
+        with kernels.parts(parts):
+            kernels.sgd_momentum(tuple(g2), p2, b2, 0.9, 0.01)
+        np.testing.assert_array_equal(g2[0], want_g)
+        np.testing.assert_array_equal(b2, want_b)
+        np.testing.assert_array_equal(p2, want_p)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_compiled_sgd_momentum_keeps_no_subnormal_buffer(rng, dtype):
+    """A dead unit's buffer (gradient exactly 0) decays by mu a step: it reaches 0, never a
+    subnormal, and the parameter moves by what the exact formula gives up to lr x tiny."""
+    tiny = np.finfo(dtype).tiny
+    p = rng.standard_normal(64).astype(dtype)
+    b = np.full(64, tiny * 4, dtype)
+    b[:32] *= -1
+    p0 = p.copy()
+    for _ in range(30):
+        kernels.sgd_momentum((np.zeros(64, dtype),), p, b, 0.9, 0.01)
+        assert not np.any((b != 0) & (np.abs(b) < tiny))
+    assert np.all(b == 0)
+    assert np.max(np.abs(p - p0)) <= 0.01 * tiny * 4 * 10 + np.max(np.abs(p0)) * np.finfo(dtype).eps
+
+
+@needs_kernels
+def test_sgd_momentum_twin_uses_the_kernel_and_tracks_the_reference(rng):
+    """SGD(momentum) through DataParallel, with the compiled pass and with the NumPy twin
+    (OpenBLAS's axpby, which may fuse a multiply-add): the same training to round-off."""
+    from minivae import VAE, DataParallel, SGD
+    x = (rng.random((40, 30)) < 0.4).astype(np.float32)
+    eps = rng.standard_normal((40, 3)).astype(np.float32)
+    runs = []
+    for on in (True, False):
+        m = VAE(d_in=30, hidden=(16,), latent=3, seed=4)
+        opt, dp = SGD(m.params, lr=0.05, momentum=0.9), DataParallel(m, threads=1)
+        previous = kernels.set_enabled(on)
+        try:
+            for _ in range(4):
+                dp.train_step(opt, x, eps)
+        finally:
+            kernels.set_enabled(previous)
+        runs.append((m.params.data.copy(), opt.buf.copy()))
+    np.testing.assert_allclose(runs[0][0], runs[1][0], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(runs[0][1], runs[1][1], rtol=1e-5, atol=1e-7)
+    assert not np.array_equal(runs[0][1], np.zeros_like(runs[0][1]))
+
+
+@needs_kernels
+def test_bad_sgd_buffers_raise_and_change_nothing(rng):
+    gs, p, b, _ = buffers(rng, 10, 1, np.float64)
+    before = [a.copy() for a in (gs[0], p, b)]
+    for args, error, message in [
+        ((gs, p, b[:-1], 0.9, 0.1), ValueError, "momentum buffer has 9 numbers"),
+        ((gs, p.astype(np.float32), b, 0.9, 0.1), TypeError, "different dtype"),
+        (((), p, b, 0.9, 0.1), ValueError, "1 to 64"),
+    ]:
+        with pytest.raises(error, match=message):
+            kernels.sgd_momentum(*args)
+        for a, was in zip((gs[0], p, b), before):
+            np.testing.assert_array_equal(a, was)

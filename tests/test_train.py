@@ -322,3 +322,14 @@ def test_a_json_file_given_as_checkpoint_is_named_not_unpickled(tmp_path):
     with pytest.raises(CheckpointError, match="is not a minivae checkpoint") as e:
         load_checkpoint(p)
     assert "pickle" not in str(e.value)
+
+
+def test_a_batch_larger_than_the_training_set_is_said_once_and_trains_full_batch(tmp_path, tiny):
+    said = []
+    t = Trainer(cfg(tmp_path, batch_size=100000, epochs=2), dataset=tiny, log=said.append)
+    assert [m for m in said if "larger than the 240 training examples" in m] != []
+    assert t.steps_per_epoch == 1
+    assert t.fit() == "done" and t.step == 2
+    said.clear()
+    Trainer(cfg(tmp_path / "b", batch_size=240), dataset=tiny, log=said.append)
+    assert not [m for m in said if "larger than" in m]          # exactly the set: no note

@@ -132,6 +132,23 @@ def adam(gs, p, m, v, b1, c1, b2, c2, step, eps, decay) -> None:
     _c.adam(gs, p, m, v, b1, c1, b2, c2, step, eps, decay, current_parts())
 
 
+def sgd_momentum(gs, p, b, mu, lr) -> None:
+    """SGD with momentum after its first step, in one pass (GIL released):
+
+        g = gs[0] + gs[1] + ...   (stored into gs[0])
+        b <- mu b + g;   p <- p - lr b
+
+    except that a b below the smallest normal number is stored as 0 (as Adam's m: see the note
+    above DEFINE_SGD_MOMENTUM in _kernels.c). Split as :func:`adam` inside :func:`parts`, with
+    the same result to the bit. TypeError / ValueError before anything is written."""
+    if len(gs) > MAX_GRADS:
+        _check_adam_buffers(gs, p, b, b)
+        for h in gs[MAX_GRADS:]:
+            np.add(gs[0], h, out=gs[0])
+        gs = gs[:MAX_GRADS]
+    _c.sgd_momentum(gs, p, b, mu, lr, current_parts())
+
+
 def _check_adam_buffers(gs, p, m, v) -> None:
     """What the compiled adam checks, in Python: for the gradient buffers beyond MAX_GRADS,
     which :func:`adam` adds into gs[0] before the kernel sees them."""

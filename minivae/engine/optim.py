@@ -58,8 +58,12 @@ def _case(factories):
 def sgd_update(opt, lo, hi, grads):
     if opt.weight_decay or (opt.momentum and opt.t == 1):
         return SGD.update(opt, lo, hi, grads)
-    g = sum_into_first(grads)
     p = opt.params.data[lo:hi]
+    if opt.momentum and kernels.enabled():
+        # one compiled pass; a buffer below the smallest normal number is stored as 0
+        kernels.sgd_momentum(tuple(grads), p, opt.buf[lo:hi], opt.momentum, opt.lr)
+        return
+    g = sum_into_first(grads)
     if opt.momentum:
         buf = opt.buf[lo:hi]
         axpby(1.0, g, opt.momentum, buf)               # b = mu b + g

@@ -18,6 +18,7 @@ and the k samples of IWAE are folded in chunks with a running log-sum-exp.
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 
@@ -80,13 +81,15 @@ def elbo(model, x, batch_size: int = 1000, rng=None, check: bool = True) -> dict
     return {"loss": recon + kl, "recon": recon, "kl": kl}
 
 
-def iwae(model, x, k: int = 100, max_rows: int = 4096, rng=None) -> float:
+def iwae(model, x, k: int = 100, max_rows: int = 4096, rng=None, progress: bool = False) -> float:
     """Mean importance-weighted bound IWAE_k over the examples, nats (a negative number).
 
     x: (N, D). For each example, k draws z_i ~ q(z|x) and log weights
     log w_i = log p(x|z_i) + log p(z_i) - log q(z_i|x); IWAE_k = logsumexp_i(log w_i) - log k.
     Examples go through in blocks of B = max(1, max_rows // k) and the samples in chunks of
     k_c = max(1, max_rows // B), so one pass holds at most max(max_rows, B) decoder rows.
+    ``progress``: a tqdm bar over the examples on stderr when it is a terminal (a large k
+    takes minutes).
     """
     if not model.has_prior:
         raise ValueError("the importance-weighted bound needs a VAE (an Autoencoder has no q(z|x))")
@@ -99,26 +102,45 @@ def iwae(model, x, k: int = 100, max_rows: int = 4096, rng=None) -> float:
     B = max(1, max_rows // k)
     kc = max(1, max_rows // B)
     total = xp.zeros((), dtype=model.dtype)
-    for i, j in _batches(n, B):
-        xb = x[i:j, :]
-        m = None                                                        # running max  (b,)
-        s = None                                                        # running sum  (b,)
-        for c0, c1 in _batches(k, kc):
-            log_w = model.importance_log_weights(xb, c1 - c0, rng)     # (kk, b)
-            cmax = xp.max(log_w, axis=0)
-            if m is None:
-                m, s = cmax, xp.sum(xp.exp(log_w - cmax), axis=0)
-            else:
-                m_new = xp.maximum(m, cmax)
-                s = s * xp.exp(m - m_new) + xp.sum(xp.exp(log_w - m_new), axis=0)
-                m = m_new
-        total = total + xp.sum(m + xp.log(s))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=n, desc=f"IWAE k={k}", unit="ex", leave=False, file=sys.stderr,
+                   disable=None)                    # None: no bar where stderr is no TTY
+    try:
+        for i, j in _batches(n, B):
+            total = _iwae_block(model, x[i:j, :], k, kc, rng, total)
+            if bar is not None:
+                bar.update(j - i)
+    finally:
+        if bar is not None:
+            bar.close()
     return float(total) / n - math.log(k)
 
 
-def evaluate(model, x, k: int = 0, batch_size: int = 1000, seed: int = 0) -> dict:
+def _iwae_block(model, xb, k, kc, rng, total):
+    """total + sum over the block's examples of logsumexp_i(log w_i), k samples in chunks of
+    kc (a running max and sum: the whole (k, b) never exists at once)."""
+    xp = model.xp
+    m = None                                                        # running max  (b,)
+    s = None                                                        # running sum  (b,)
+    for c0, c1 in _batches(k, kc):
+        log_w = model.importance_log_weights(xb, c1 - c0, rng)     # (kk, b)
+        cmax = xp.max(log_w, axis=0)
+        if m is None:
+            m, s = cmax, xp.sum(xp.exp(log_w - cmax), axis=0)
+        else:
+            m_new = xp.maximum(m, cmax)
+            s = s * xp.exp(m - m_new) + xp.sum(xp.exp(log_w - m_new), axis=0)
+            m = m_new
+    return total + xp.sum(m + xp.log(s))
+
+
+def evaluate(model, x, k: int = 0, batch_size: int = 1000, seed: int = 0,
+             progress: bool = False) -> dict:
     """The ELBO terms and, when k > 0, the IWAE_k bound: a dict of host floats (nats/example).
-    An Autoencoder has no IWAE bound: k must be 0 for it (ValueError otherwise)."""
+    An Autoencoder has no IWAE bound: k must be 0 for it (ValueError otherwise). ``progress``:
+    a tqdm bar on stderr for the IWAE pass."""
     k = check_count(k, "k", low=0)
     seed = check_count(seed, "seed", low=0)
     if k and not model.has_prior:
@@ -126,6 +148,6 @@ def evaluate(model, x, k: int = 0, batch_size: int = 1000, seed: int = 0) -> dic
                          "q(z|x)): pass k=0")
     out = elbo(model, x, batch_size, rng=model.backend.rng(seed))
     if k:
-        out[f"iwae_{k}"] = iwae(model, x, k, rng=model.backend.rng(seed + 1))
+        out[f"iwae_{k}"] = iwae(model, x, k, rng=model.backend.rng(seed + 1), progress=progress)
         out[f"nll_{k}"] = -out[f"iwae_{k}"]
     return out

@@ -120,3 +120,24 @@ def test_autoencoder_gets_reconstruction_only():
         evaluate(ae, x, k=10)
     with pytest.raises(ValueError, match="needs a VAE"):
         iwae(ae, x, 10)
+
+
+def test_the_iwae_progress_bar_counts_every_example_and_changes_no_number(monkeypatch):
+    """progress=True: a tqdm bar (here forced on, as on a terminal) whose count reaches every
+    example; the bound is the same as without it."""
+    import tqdm.auto
+    seen = []
+
+    class Bar(tqdm.auto.tqdm):
+        def __init__(self, *a, **kw):
+            kw["disable"] = False
+            super().__init__(*a, **kw)
+            seen.append(self)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    m = VAE(d_in=16, hidden=(8,), latent=3, seed=0)
+    x = np.full((50, 16), 0.5, np.float32)
+    with_bar = iwae(m, x, k=300, max_rows=128, rng=m.backend.rng(5), progress=True)
+    without = iwae(m, x, k=300, max_rows=128, rng=m.backend.rng(5))
+    assert with_bar == without
+    assert len(seen) == 1 and seen[0].n == 50

@@ -26,6 +26,8 @@ def add_arguments(p):
     p.add_argument("--device", default="numpy", choices=list(BACKENDS))
     p.add_argument("--seed", type=int, default=0, help="seed of the evaluation noise")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar for the IWAE pass (it shows only on a terminal)")
 
 
 def run(args) -> int:
@@ -57,7 +59,7 @@ def run(args) -> int:
 
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)   # reported below, once, as "finite"
-        res = evaluate(model, x_test, k=k, seed=args.seed)
+        res = evaluate(model, x_test, k=k, seed=args.seed, progress=not args.no_progress)
     res.update(n=int(x_test.shape[0]), data=ds.name, epoch=meta["epoch"],
                seconds=time.perf_counter() - t0)
     import math

@@ -44,6 +44,13 @@
  * is below step * TINY / eps (1e-33 in float32 with the default eps): it can change only a
  * parameter within about that of 0. v is kept exact: a tiny but live gradient (|g| < 1e-19 in
  * float32) leaves v subnormal with m normal, and there the update is not negligible. */
+/* g[0, len) <- gs[0] + gs[1] + ... + gs[k-1] over the block at lo, added left to right */
+#define SUM_GRADS(T)                                                                      \
+    for (int j = 1; j < k; j++) {                                                         \
+        const T *restrict h = gs[j] + lo;                                                 \
+        for (Py_ssize_t i = 0; i < len; i++) g[i] += h[i];                                \
+    }
+
 #define DEFINE_ADAM(NAME, T, SQRT, TINY)                                                      \
     VECTOR_CLONES static void NAME(T **gs, int k, T *p, T *m, T *v, Py_ssize_t n, T b1, T c1, T b2,     \
                      T c2, T step, T eps, T decay)                                        \
@@ -51,10 +58,7 @@
         for (Py_ssize_t lo = 0; lo < n; lo += BLOCK) {                                    \
             Py_ssize_t len = n - lo < BLOCK ? n - lo : BLOCK;                             \
             T *restrict g = gs[0] + lo;                                                   \
-            for (int j = 1; j < k; j++) {                                                 \
-                const T *restrict h = gs[j] + lo;                                         \
-                for (Py_ssize_t i = 0; i < len; i++) g[i] += h[i];                        \
-            }                                                                             \
+            SUM_GRADS(T)                                                                  \
             T *restrict pp = p + lo, *restrict mm = m + lo, *restrict vv = v + lo;        \
             for (Py_ssize_t i = 0; i < len; i++) {                                        \
                 T gi = g[i];                                                              \
@@ -84,10 +88,7 @@ DEFINE_ADAM(adam_f64, double, sqrt, DBL_MIN)
         for (Py_ssize_t lo = 0; lo < n; lo += BLOCK) {                                    \
             Py_ssize_t len = n - lo < BLOCK ? n - lo : BLOCK;                             \
             T *restrict g = gs[0] + lo;                                                   \
-            for (int j = 1; j < k; j++) {                                                 \
-                const T *restrict h = gs[j] + lo;                                         \
-                for (Py_ssize_t i = 0; i < len; i++) g[i] += h[i];                        \
-            }                                                                             \
+            SUM_GRADS(T)                                                                  \
             T *restrict pp = p + lo, *restrict bb = b + lo;                               \
             for (Py_ssize_t i = 0; i < len; i++) {                                        \
                 T bi = mu * bb[i] + g[i];                                                 \
@@ -865,14 +866,13 @@ static void *acquire(Views *vs, PyObject *obj, const char *what, int writable)
     return acquire_n(vs, obj, what, writable, -1);
 }
 
-static PyObject *adam(PyObject *self, PyObject *args)
+/* The optimizers' shared tail: acquire the gradients gs_obj (1 to MAX_GRADS arrays) and the
+ * nbufs state buffers bufs (p first; all writable, of one length and dtype) into job, run it on
+ * `threads` parts of the team, release. -> None, or NULL with an exception set before
+ * anything is written. */
+static PyObject *run_optimizer(AdamJob *job, PyObject *gs_obj, PyObject **bufs,
+                               const char **names, int nbufs, int threads)
 {
-    PyObject *gs_obj, *p_obj, *m_obj, *v_obj;
-    double b1, c1, b2, c2, step, eps, decay;
-    int threads = 1;
-    if (!PyArg_ParseTuple(args, "OOOOddddddd|i:adam", &gs_obj, &p_obj, &m_obj, &v_obj, &b1, &c1,
-                          &b2, &c2, &step, &eps, &decay, &threads))
-        return NULL;
     PyObject *gs_seq = PySequence_Fast(gs_obj, "gs must be a sequence of gradient arrays");
     if (gs_seq == NULL) return NULL;
     Py_ssize_t k = PySequence_Fast_GET_SIZE(gs_seq);
@@ -882,67 +882,58 @@ static PyObject *adam(PyObject *self, PyObject *args)
                             MAX_GRADS);
     }
     Views vs = {.held = 0, .first_name = "the gradient"};
-    void *gs[MAX_GRADS];
-    void *p = NULL, *m = NULL, *v = NULL;
+    void *gs[MAX_GRADS], *state[3] = {NULL, NULL, NULL};
     int ok = 1;
     for (Py_ssize_t j = 0; j < k && ok; j++)
         ok = (gs[j] = acquire(&vs, PySequence_Fast_GET_ITEM(gs_seq, j), "a gradient", 1)) != NULL;
-    ok = ok && (p = acquire(&vs, p_obj, "p", 1)) != NULL;
-    ok = ok && (m = acquire(&vs, m_obj, "m", 1)) != NULL;
-    ok = ok && (v = acquire(&vs, v_obj, "v", 1)) != NULL;
+    for (int i = 0; i < nbufs && ok; i++)
+        ok = (state[i] = acquire(&vs, bufs[i], names[i], 1)) != NULL;
     Py_DECREF(gs_seq);
     if (!ok) {
         release_all(&vs);
         return NULL;
     }
-    Py_ssize_t itemsize = vs.views[0].itemsize, n = vs.views[0].len / itemsize;
-    AdamJob job = {gs, (int)k, itemsize == 4, p, m, v, n, b1, c1, b2, c2, step, eps, decay, 0};
-    if (n < (Py_ssize_t)threads * MIN_PART) threads = (int)(n / MIN_PART);
+    Py_ssize_t itemsize = vs.views[0].itemsize;
+    job->gs = gs;
+    job->k = (int)k;
+    job->f32 = itemsize == 4;
+    job->p = state[0];
+    job->m = state[1];
+    job->v = state[2];
+    job->n = vs.views[0].len / itemsize;
+    if (job->n < (Py_ssize_t)threads * MIN_PART) threads = (int)(job->n / MIN_PART);
     Py_BEGIN_ALLOW_THREADS
-    team_run(adam_part, &job, threads);
+    team_run(adam_part, job, threads);
     Py_END_ALLOW_THREADS
     release_all(&vs);
     Py_RETURN_NONE;
 }
 
-static PyObject *sgd_momentum(PyObject *self, PyObject *args)
+static PyObject *adam(PyObject *self, PyObject *args)
 {
-    PyObject *gs_obj, *p_obj, *b_obj;
-    double mu, lr;
+    static const char *names[] = {"p", "m", "v"};
+    PyObject *gs_obj, *bufs[3];
+    AdamJob job = {.sgd = 0};
     int threads = 1;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOOdd|i:sgd_momentum", &gs_obj, &p_obj, &b_obj, &mu, &lr,
+    if (!PyArg_ParseTuple(args, "OOOOddddddd|i:adam", &gs_obj, &bufs[0], &bufs[1], &bufs[2],
+                          &job.b1, &job.c1, &job.b2, &job.c2, &job.step, &job.eps, &job.decay,
                           &threads))
         return NULL;
-    PyObject *gs_seq = PySequence_Fast(gs_obj, "gs must be a sequence of gradient arrays");
-    if (gs_seq == NULL) return NULL;
-    Py_ssize_t k = PySequence_Fast_GET_SIZE(gs_seq);
-    if (k < 1 || k > MAX_GRADS) {
-        Py_DECREF(gs_seq);
-        return PyErr_Format(PyExc_ValueError, "gs holds %zd arrays; 1 to %d allowed", k,
-                            MAX_GRADS);
-    }
-    Views vs = {.held = 0, .first_name = "the gradient"};
-    void *gs[MAX_GRADS];
-    void *p = NULL, *b = NULL;
-    int ok = 1;
-    for (Py_ssize_t j = 0; j < k && ok; j++)
-        ok = (gs[j] = acquire(&vs, PySequence_Fast_GET_ITEM(gs_seq, j), "a gradient", 1)) != NULL;
-    ok = ok && (p = acquire(&vs, p_obj, "p", 1)) != NULL;
-    ok = ok && (b = acquire(&vs, b_obj, "the momentum buffer", 1)) != NULL;
-    Py_DECREF(gs_seq);
-    if (!ok) {
-        release_all(&vs);
+    return run_optimizer(&job, gs_obj, bufs, names, 3, threads);
+}
+
+static PyObject *sgd_momentum(PyObject *self, PyObject *args)
+{
+    static const char *names[] = {"p", "the momentum buffer"};
+    PyObject *gs_obj, *bufs[2];
+    AdamJob job = {.sgd = 1};   /* b1: the momentum mu; step: the learning rate */
+    int threads = 1;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOOdd|i:sgd_momentum", &gs_obj, &bufs[0], &bufs[1], &job.b1,
+                          &job.step, &threads))
         return NULL;
-    }
-    Py_ssize_t itemsize = vs.views[0].itemsize, n = vs.views[0].len / itemsize;
-    AdamJob job = {gs, (int)k, itemsize == 4, p, b, NULL, n, mu, 0, 0, 0, lr, 0, 0, 1};
-    if (n < (Py_ssize_t)threads * MIN_PART) threads = (int)(n / MIN_PART);
-    Py_BEGIN_ALLOW_THREADS
-    team_run(adam_part, &job, threads);
-    Py_END_ALLOW_THREADS
-    release_all(&vs);
-    Py_RETURN_NONE;
+    return run_optimizer(&job, gs_obj, bufs, names, 2, threads);
 }
 
 /* Acquire the n buffers objs[i] (named names[i], writable where writable[i]) into vs and

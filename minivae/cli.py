@@ -61,6 +61,7 @@ def main(argv=None) -> int:
         # a bad MINIVAE_TEAM_SPIN_US, MINIVAE_BLAS_TEAM or MINIVAE_NUM_THREADS: one line,
         # before any work (nothing written, no run directory made)
         kernels.spin_from_env()
+        kernels.check_env()
         blas.team_wanted()
         threads.get_num_threads()
         with one_blas_thread():

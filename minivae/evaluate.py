@@ -42,10 +42,18 @@ def _to_backend(model, x, check=True):
                     else np.issubdtype(np.asarray(x).dtype, np.floating))
         if not floating:
             model.check_input(x if be.is_array(x) else be.asarray(np.asarray(x)))  # raises
-    x = be.asarray(x, dtype=model.dtype)
+    converted = be.asarray(x, dtype=model.dtype)
     if check:
-        model.check_input(x)
-    return x
+        try:
+            model.check_input(converted)
+        except ValueError as e:   # finite data that overflowed the model's dtype: say that
+            host = np.asarray(be.to_host(x) if be.is_array(x) else x)
+            if "NaN or Inf" in str(e) and bool(np.isfinite(host).all()):
+                raise ValueError(f"x has values too large for the model's "
+                                 f"{np.dtype(model.dtype).name} (largest magnitude "
+                                 f"{float(np.max(np.abs(host))):.3g})") from None
+            raise
+    return converted
 
 
 def _rng(model, rng, seed):
@@ -95,6 +103,8 @@ def iwae(model, x, k: int = 100, max_rows: int = 4096, rng=None, progress: bool 
         raise ValueError("the importance-weighted bound needs a VAE (an Autoencoder has no q(z|x))")
     k = check_count(k, "k")
     max_rows = check_count(max_rows, "max_rows")
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be True or False, got {progress!r}")
     rng = _rng(model, rng, 0)
     xp = model.xp
     x = _to_backend(model, x)

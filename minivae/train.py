@@ -113,6 +113,18 @@ def run_lock(out):
         lock.release()
 
 
+def remove_if_only_the_lock(out: Path) -> None:
+    """Remove the run directory ``out`` if it holds nothing but :func:`run_lock`'s lock file
+    (a ``minivae train`` that made it, then failed before writing, e.g. on missing data);
+    anything else in it stays."""
+    try:
+        if [p.name for p in out.iterdir()] == [".minivae.lock"]:
+            (out / ".minivae.lock").unlink()
+            out.rmdir()
+    except OSError:
+        pass
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a run; stored in the checkpoint and in metrics.json."""
@@ -434,7 +446,7 @@ class Trainer:
         self.model.check_input(self.x_train, "training data")   # validated once: the hot
         self.model.check_input(self.x_test, "test data")        # loop uses check=False
         if cfg.batch_size > self.n_train:   # legitimate (full-batch training), but say so
-            self.log(f"note: batch_size {cfg.batch_size} is larger than the {self.n_train} "
+            self.log(f"note: the batch size ({cfg.batch_size}) is larger than the {self.n_train} "
                      f"training examples: each epoch is one step on the whole training set")
         self.shuffle = np.random.default_rng(cfg.seed)  # host: permutations index host-built ids
         self.history: list[dict] = []

@@ -127,3 +127,19 @@ def test_help_names_the_defaults():
     for text in ("mnist10k", "--resume", "--warmup", "--binarize", "default 400", "default 1e-3",
                  "batch size (default 128)", "default 10"):
         assert text in out, text
+
+
+def test_a_train_that_fails_before_writing_leaves_no_new_directory(tmp_path, capsys):
+    """Missing data: one line, exit 2, and the --out it made for its lock is gone again; an
+    --out that existed before stays, with what was in it."""
+    fresh = tmp_path / "new" / "run"
+    code = cli.main(["train", "--out", str(fresh), "--data", "mnist", "--data-dir",
+                     str(tmp_path / "nowhere"), "--no-progress"])
+    assert code == 2 and "error" in capsys.readouterr().err
+    assert not fresh.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    code = cli.main(["train", "--out", str(kept), "--data", "mnist", "--data-dir",
+                     str(tmp_path / "nowhere"), "--no-progress"])
+    assert code == 2 and (kept / "notes.txt").read_text() == "mine"

@@ -141,3 +141,14 @@ def test_the_iwae_progress_bar_counts_every_example_and_changes_no_number(monkey
     without = iwae(m, x, k=300, max_rows=128, rng=m.backend.rng(5))
     assert with_bar == without
     assert len(seen) == 1 and seen[0].n == 50
+
+
+def test_finite_data_too_large_for_the_models_dtype_is_named_as_such():
+    m = VAE(d_in=4, hidden=(3,), latent=2, likelihood="gaussian", seed=0)   # float32
+    x = np.full((2, 4), 1e300)                                             # finite float64
+    with pytest.raises(ValueError, match=r"too large for the model's float32 .*1e\+300"):
+        elbo(m, x)
+    with pytest.raises(ValueError, match="contains NaN or Inf"):
+        elbo(m, np.full((2, 4), np.nan))
+    with pytest.raises(TypeError, match="progress must be True or False"):
+        iwae(m, np.zeros((2, 4)), k=2, progress="no")

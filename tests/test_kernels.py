@@ -661,3 +661,77 @@ def test_bad_sgd_buffers_raise_and_change_nothing(rng):
             kernels.sgd_momentum(*args)
         for a, was in zip((gs[0], p, b), before):
             np.testing.assert_array_equal(a, was)
+
+
+# -- found by the new-user attack ---------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("on", [True, False])
+def test_the_likelihood_at_infinite_logits_is_the_references(rng, dtype, on):
+    """l = -inf with x > 0 is +inf nats, as the reference's max(l, 0) + log1p(e) - x l; the
+    branch-free (|l| + l) / 2 once gave inf - inf = NaN there (kernels on and off)."""
+    l = np.zeros((3, 6), dtype)
+    l[:, :3] = -np.inf
+    l[:, 3:] = np.inf
+    x = np.tile(np.array([0.0, 0.5, 1.0], dtype), (3, 2))
+    want, _ = losses.bernoulli_nll(np, l, x)
+    previous = kernels.set_enabled(on)
+    try:
+        with np.errstate(all="ignore"):
+            got, _ = nt.bernoulli_nll(PX, l.copy(), x)
+            row = nt.bernoulli_nll(PX, l[:1, 1:2].copy(), x[:1, 1:2])[0]
+    finally:
+        kernels.set_enabled(previous)
+    np.testing.assert_array_equal(got, want)
+    assert row[0] == np.inf                                # -inf logit, x = 0.5
+
+
+@pytest.mark.parametrize("rows", [0, 3, 40])
+def test_the_likelihood_with_no_pixels_is_zero_and_never_crashes(rows):
+    """(B, 0) logits: each example's NLL is 0, as np.sum over nothing (a division by the
+    column count once killed the process)."""
+    l = np.zeros((rows, 0), np.float32)
+    nll, _ = nt.bernoulli_nll(PX, l, l.copy())
+    np.testing.assert_array_equal(nll, np.zeros(rows, np.float32))
+    if kernels.available() and kernels.numpy_loops():
+        z = np.zeros(0, np.float32)
+        out = np.full(rows, 7.0, np.float32)
+        kernels.bernoulli_nll_rows(z, None, z, z, z, out, rows, 0)
+        np.testing.assert_array_equal(out, np.zeros(rows, np.float32))
+
+
+@needs_kernels
+@pytest.mark.parametrize("which", ["adam", "sgd"])
+def test_a_read_only_gradient_beyond_the_kernels_limit_writes_nothing(rng, which):
+    """More gradient buffers than one call takes are added in Python first: every one is
+    checked (writable too) before anything is written, and errors name the buffer."""
+    gs = [np.ones(10) for _ in range(kernels.MAX_GRADS + 1)]
+    gs[1].flags.writeable = False
+    p, m, v = np.zeros(10), np.zeros(10), np.ones(10)
+    call = ((lambda g, b: kernels.adam(g, p, m, b, **HYPER)) if which == "adam"
+            else (lambda g, b: kernels.sgd_momentum(g, p, b, 0.9, 0.1)))
+    with pytest.raises(ValueError, match="gradient 1 is read-only"):
+        call(tuple(gs), v)
+    np.testing.assert_array_equal(gs[0], np.ones(10))
+    np.testing.assert_array_equal(p, np.zeros(10))
+    name = "v" if which == "adam" else "the momentum buffer"
+    with pytest.raises(ValueError, match=f"{name} has 9 numbers"):
+        call(tuple(np.ones(10) for _ in range(kernels.MAX_GRADS + 1)), np.ones(9))
+
+
+@pytest.mark.parametrize("value, ok", [("banana", False), ("2", False), ("OFF", True),
+                                       ("yes", True)])
+def test_a_mistyped_kernels_switch_is_one_line_before_any_work(tmp_path, value, ok):
+    env = {**os.environ, "MINIVAE_KERNELS": value}
+    if ok:
+        out = subprocess.run([sys.executable, "-m", "minivae", "info"], capture_output=True,
+                             text=True, env=env, timeout=120)
+        assert out.returncode == 0 and "MINIVAE_KERNELS must" not in out.stderr
+        return
+    out = subprocess.run([sys.executable, "-m", "minivae", "train", "--epochs", "1", "--out",
+                          str(tmp_path / "run")], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"minivae train: error: MINIVAE_KERNELS must be 1 (use the compiled kernels) or 0 (the "
+        f"NumPy twins), got {value!r}"]
+    assert not (tmp_path / "run").exists()

@@ -10,6 +10,8 @@ k grows (Burda et al. 2016). The data set and binarization are the ones the run 
 """
 from __future__ import annotations
 
+from . import number
+
 from ..backend import strict_json
 
 from ..backend import NAMES as BACKENDS
@@ -24,7 +26,7 @@ def add_arguments(p):
     p.add_argument("--n", type=int, default=None, metavar="N",
                    help="evaluate the first N test examples only")
     p.add_argument("--device", default="numpy", choices=list(BACKENDS))
-    p.add_argument("--seed", type=int, default=0, help="seed of the evaluation noise")
+    p.add_argument("--seed", type=number(0, kind=int), default=0, help="seed of the evaluation noise")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar for the IWAE pass (it shows only on a terminal)")

@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+from . import number
+
 from ..backend import NAMES as BACKENDS
 
 HELP = "decode samples from the prior of a trained VAE into a PNG grid"
@@ -14,7 +16,7 @@ def add_arguments(p):
     p.add_argument("checkpoint", metavar="CKPT", help="run directory or checkpoint.npz")
     p.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--out", metavar="PNG", help="output file (default: samples.png in the run)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=number(0, kind=int), default=0)
     p.add_argument("--device", default="numpy", choices=list(BACKENDS))
 
 

@@ -161,11 +161,19 @@ def run(args) -> int:
     from ..cli import UserError
     from ..engine.mpi import MPIUnavailable, run_on_all_ranks, world
 
+    from ..train import remove_if_only_the_lock
+
     try:
         comm = world()          # SingleProcess, or every rank of an mpiexec launch
     except MPIUnavailable as e:
         raise UserError(str(e)) from None
-    return run_on_all_ranks(comm, "minivae train", lambda: _run(args, comm))
+    out = Path(args.out) if args.out.strip() else None
+    made_here = out is not None and not out.exists()
+    try:
+        return run_on_all_ranks(comm, "minivae train", lambda: _run(args, comm))
+    finally:
+        if made_here and comm.rank == 0:      # a run that failed before writing leaves nothing
+            remove_if_only_the_lock(out)
 
 
 def _everywhere(e):

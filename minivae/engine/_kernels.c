@@ -106,16 +106,18 @@ DEFINE_SGD_MOMENTUM(sgd_momentum_f64, double, DBL_MIN)
 /* The Bernoulli likelihood on logits l and data x, around NumPy's SIMD exp and log1p
  * (minivae/losses.py, bernoulli_nll_numpy and its backward): with e = exp(-|l|) and
  * t = log1p(e), the per-pixel negative log-likelihood is
- *     t <- (t + (|l| + l) * 0.5) - x l          [softplus(l) - x l; (|l| + l) / 2 = max(l, 0)]
+ *     t <- (t + max(l, 0)) - x l                 [softplus(l) - x l]
+ * where max(l, 0) is np.maximum(l, 0.0): l where l > 0 or l is NaN, else +0 (at l = -inf
+ * the earlier (|l| + l) / 2 gave inf - inf = NaN where the reference gives 0)
  * and its gradient, scaled, is
  *     out <- (P (1 - x) - Q x) / (e + 1) * scale, with (P, Q) = (1, e) if l >= 0, else (e, 1)
  * (sigmoid(l) - x without cancellation). */
-#define DEFINE_BERNOULLI(SUFFIX, T, ABS)                                                  \
+#define DEFINE_BERNOULLI(SUFFIX, T)                                                       \
     VECTOR_CLONES static void nll_terms_##SUFFIX(const T *l, const T *x, T *t,           \
                                                  Py_ssize_t n)                            \
     {                                                                                     \
         for (Py_ssize_t i = 0; i < n; i++)                                                \
-            t[i] = (t[i] + (ABS(l[i]) + l[i]) * (T)0.5) - x[i] * l[i];                    \
+            t[i] = (t[i] + ((l[i] > 0 || l[i] != l[i]) ? l[i] : (T)0)) - x[i] * l[i];      \
     }                                                                                     \
     VECTOR_CLONES static void nll_grad_##SUFFIX(const T *l, const T *x, const T *e,      \
                                                 T *out, Py_ssize_t n, T scale)            \
@@ -126,8 +128,8 @@ DEFINE_SGD_MOMENTUM(sgd_momentum_f64, double, DBL_MIN)
         }                                                                                 \
     }
 
-DEFINE_BERNOULLI(f32, float, fabsf)
-DEFINE_BERNOULLI(f64, double, fabs)
+DEFINE_BERNOULLI(f32, float)
+DEFINE_BERNOULLI(f64, double)
 
 /* The decoder's last bias, folded into the likelihood's first and last passes:
  *     l[i, j] <- l[i, j] + b[j];  e[i, j] <- -|l[i, j]|            (before exp and log1p)
@@ -784,6 +786,13 @@ static void nll_rows_part(void *arg, int part, int parts)
     part_range(j->rows, part, parts, &r0, &r1);
     int k = j->f32 ? 0 : 1;
     Py_ssize_t sz = j->f32 ? 4 : 8, cols = j->cols;
+    if (cols == 0) {                  /* no pixels: each row's sum is 0, as np.sum gives */
+        for (Py_ssize_t r = r0; r < r1; r++) {
+            if (j->f32) ((float *)j->nll)[r] = 0.0f;
+            else ((double *)j->nll)[r] = 0.0;
+        }
+        return;
+    }
     Py_ssize_t block = cols >= NLL_BLOCK ? 1 : NLL_BLOCK / cols;
     for (Py_ssize_t r = r0; r < r1; r += block) {
         Py_ssize_t nr = r1 - r < block ? r1 - r : block, n = nr * cols, off = r * cols * sz;

@@ -26,7 +26,17 @@ except ImportError:  # built without a C compiler: the NumPy twins run instead
 
 MAX_GRADS = 64   # gradient buffers one kernel call sums (MAX_GRADS in _kernels.c)
 
-_enabled = os.environ.get("MINIVAE_KERNELS", "1").strip() not in ("0", "false", "no", "off")
+_OFF, _ON = ("0", "false", "no", "off"), ("1", "true", "yes", "on", "")
+_enabled = os.environ.get("MINIVAE_KERNELS", "1").strip().lower() not in _OFF
+
+
+def check_env() -> None:
+    """ValueError (one line) unless MINIVAE_KERNELS is unset or one of 1/true/yes/on,
+    0/false/no/off: the CLI calls it before any work, so a typo never silently means "on"."""
+    value = os.environ.get("MINIVAE_KERNELS", "1").strip().lower()
+    if value not in _OFF + _ON:
+        raise ValueError(f"MINIVAE_KERNELS must be 1 (use the compiled kernels) or 0 (the NumPy "
+                         f"twins), got {os.environ['MINIVAE_KERNELS']!r}")
 
 
 def available() -> bool:
@@ -125,7 +135,7 @@ def adam(gs, p, m, v, b1, c1, b2, c2, step, eps, decay) -> None:
     anything is written.
     """
     if len(gs) > MAX_GRADS:   # more threads than the kernel takes: add the rest in first,
-        _check_adam_buffers(gs, p, m, v)      # after the kernel's checks: an error writes nothing
+        _check_buffers(gs, [("p", p), ("m", m), ("v", v)])   # an error writes nothing
         for h in gs[MAX_GRADS:]:
             np.add(gs[0], h, out=gs[0])
         gs = gs[:MAX_GRADS]
@@ -142,18 +152,20 @@ def sgd_momentum(gs, p, b, mu, lr) -> None:
     above DEFINE_SGD_MOMENTUM in _kernels.c). Split as :func:`adam` inside :func:`parts`, with
     the same result to the bit. TypeError / ValueError before anything is written."""
     if len(gs) > MAX_GRADS:
-        _check_adam_buffers(gs, p, b, b)
+        _check_buffers(gs, [("p", p), ("the momentum buffer", b)])
         for h in gs[MAX_GRADS:]:
             np.add(gs[0], h, out=gs[0])
         gs = gs[:MAX_GRADS]
     _c.sgd_momentum(gs, p, b, mu, lr, current_parts())
 
 
-def _check_adam_buffers(gs, p, m, v) -> None:
-    """What the compiled adam checks, in Python: for the gradient buffers beyond MAX_GRADS,
-    which :func:`adam` adds into gs[0] before the kernel sees them."""
+def _check_buffers(gs, state) -> None:
+    """What the compiled optimizers check, in Python, for gradient buffers beyond MAX_GRADS,
+    which are added into gs[0] before the kernel sees them: every gradient and every
+    (name, array) of ``state`` one-dimensional, contiguous, writable, of one float dtype and
+    length. TypeError / ValueError naming the array."""
     first = gs[0]
-    named = [(f"gradient {i}", g) for i, g in enumerate(gs)] + [("p", p), ("m", m), ("v", v)]
+    named = [(f"gradient {i}", g) for i, g in enumerate(gs)] + list(state)
     for name, a in named:
         if (not isinstance(a, np.ndarray) or a.ndim != 1 or not a.flags.c_contiguous
                 or a.dtype not in (np.float32, np.float64)):
@@ -163,7 +175,6 @@ def _check_adam_buffers(gs, p, m, v) -> None:
             raise TypeError(f"{name} has a different dtype from the gradient")
         if a.shape != first.shape:
             raise ValueError(f"{name} has {a.size} numbers, the gradient {first.size}")
-    for name, a in (("the gradient", first), ("p", p), ("m", m), ("v", v)):
         if not a.flags.writeable:
             raise ValueError(f"{name} is read-only")
 

@@ -308,9 +308,8 @@ def bernoulli_nll(px, logits, x):
     if kernels.enabled() and (views := kernels.flat(logits, x, t)):
         kernels.bernoulli_nll_terms(*views)           # the five lines below, in one pass
         return np.sum(t, axis=1), (logits, x, e)
-    a += logits
-    a *= 0.5                                          # (l + |l|) / 2 = max(l, 0), exactly
-    t += a                                            # softplus(l)
+    np.maximum(logits, 0.0, out=a)
+    t += a                                            # softplus(l) = max(l, 0) + log1p(e)
     np.multiply(x, logits, out=a)
     t -= a                                            # softplus(l) - x l
     return np.sum(t, axis=1), (logits, x, e)

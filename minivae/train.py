@@ -140,6 +140,7 @@ class TrainConfig:
     optimizer: str = "adam"
     lr: float = 1e-3
     weight_decay: float = 0.0
+    momentum: float = 0.0             # SGD's heavy-ball momentum (optimizer sgd only)
     epochs: int = 10
     batch_size: int = 128
     backend: str = "numpy"            # numpy | cupy | strict | auto
@@ -191,6 +192,12 @@ class TrainConfig:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
                     or v < low:
                 raise ValueError(f"{name} must be a finite number >= {low:g}, got {v!r}")
+        m = self.momentum
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m < 1:
+            raise ValueError(f"momentum must be a number in [0, 1), got {m!r}")
+        if m and str(self.optimizer).lower() != "sgd":
+            raise ValueError(f"momentum applies to the sgd optimizer only (this run uses "
+                             f"{self.optimizer})")
         if self.tau_anneal > 0 and self.tau_min > self.tau:
             raise ValueError(f"tau_min ({self.tau_min:g}) is above tau ({self.tau:g}): annealing "
                              f"lowers the temperature")
@@ -335,7 +342,7 @@ _META = {
 
 
 _NEWER_FIELDS = ("keep", "latent_type", "categories", "tau", "tau_min", "tau_anneal",
-                 "straight_through")   # TrainConfig fields a checkpoint from an earlier minivae may lack
+                 "straight_through", "momentum")   # TrainConfig fields a checkpoint from an earlier minivae may lack
 
 
 def _finite_value(v) -> bool:
@@ -438,8 +445,9 @@ class Trainer:
                       straight_through=cfg.straight_through)
         self.model = build_model({"kind": cfg.kind, **mk}, backend=self.backend,
                                  dtype=cfg.dtype, seed=cfg.seed)
+        extra = {"momentum": cfg.momentum} if cfg.momentum else {}
         self.opt = make_optimizer(cfg.optimizer, self.model.params, lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+                                  weight_decay=cfg.weight_decay, **extra)
         be, dt = self.backend, self.model.dtype
         self.x_train = be.asarray(x_tr, dtype=dt)       # the whole set on the device, once
         self.x_test = be.asarray(x_te, dtype=dt)
@@ -725,7 +733,7 @@ class Trainer:
         ``overrides``: TrainConfig fields to change. Those that define the run
         (``TrainConfig.FIXED``: data, architecture, optimizer, batch size, dtype, seed,
         binarization) may only be given their saved value, else :class:`ResumeConflict`; the
-        others (epochs, lr, weight_decay, beta, warmup_epochs, log_every, keep, backend,
+        others (epochs, lr, weight_decay, momentum, beta, warmup_epochs, log_every, keep, backend,
         progress, figures, ...) apply, and ``trainer.changed`` lists them as
         {field: (old, new)}. Raises :class:`CheckpointError` for a checkpoint that is missing,
         damaged, or does not fit.
@@ -780,11 +788,12 @@ class Trainer:
                                                                             saved):
                 raise ResumeConflict(k, saved.get(k), v)
         overrides = {k: v for k, v in overrides.items() if k not in TrainConfig.FIXED}
-        cfg_d = {**saved, "out": str(run_dir), **overrides}
         try:
-            cfg = TrainConfig.from_json(cfg_d)
+            TrainConfig.from_json({**saved, "out": str(run_dir)})
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{src}: its training configuration is not valid ({e})") from None
+        # an override that makes it invalid (say momentum with Adam) is the caller's ValueError
+        cfg = TrainConfig.from_json({**saved, "out": str(run_dir), **overrides})
         t = cls(cfg, dataset=dataset, log=log, comm=comm)
         if t.model.params.layout.to_json() != meta["layout"]:
             raise CheckpointError(f"{src}: the checkpoint's parameter layout does not match "

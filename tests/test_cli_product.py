@@ -143,3 +143,27 @@ def test_a_train_that_fails_before_writing_leaves_no_new_directory(tmp_path, cap
     code = cli.main(["train", "--out", str(kept), "--data", "mnist", "--data-dir",
                      str(tmp_path / "nowhere"), "--no-progress"])
     assert code == 2 and (kept / "notes.txt").read_text() == "mine"
+
+
+def test_sgd_momentum_from_the_command_line_trains_and_may_change_on_resume(tmp_path, capsys):
+    out = tmp_path / "sgd"
+    base = ["--hidden", "16", "--latent", "2", "--no-progress", "--no-figures"]
+    assert cli.main(["train", "--out", str(out), "--optimizer", "sgd", "--lr", "0.01",
+                     "--momentum", "0.9", "--epochs", "1", *base]) == 0
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["config"]["momentum"] == 0.9 and doc["config"]["optimizer"] == "sgd"
+    assert math.isfinite(doc["epochs"][-1]["test_loss"])
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", "--out", str(out), "--momentum", "0.5",
+                     "--epochs", "2", *base]) == 0
+    assert "--momentum 0.9 -> 0.5" in "".join(capsys.readouterr())
+    adam = tmp_path / "adam"
+    assert cli.main(["train", "--out", str(adam), "--epochs", "1", *base]) == 0
+    capsys.readouterr()
+    for argv in (["train", "--resume", "--out", str(adam), "--momentum", "0.9", *base],
+                 ["train", "--out", str(tmp_path / "x"), "--momentum", "0.9", *base],
+                 ["train", "--out", str(tmp_path / "y"), "--optimizer", "sgd", "--momentum",
+                  "1", *base]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "momentum" in err[0], err

@@ -37,7 +37,8 @@ HELP = "train a VAE on MNIST-like data; metrics, checkpoint and figures go to --
 #: defaults of the flags (argparse defaults are None, so that a resume knows what was given)
 DEFAULTS = dict(data="mnist10k", data_dir=None, binarize="none", model="vae", hidden=[400],
                 latent=20, activation="relu", likelihood="bernoulli", init=None, beta=1.0,
-                warmup=0.0, optimizer="adam", lr=1e-3, weight_decay=0.0, epochs=10, batch=128,
+                warmup=0.0, optimizer="adam", lr=1e-3, weight_decay=0.0, momentum=0.0, epochs=10,
+                batch=128,
                 seed=0, device="numpy", dtype="float32", log_every=20, keep=3,
                 latent_type="gaussian", categories=10, tau=1.0, tau_min=0.5, tau_anneal=0.0,
                 straight_through=False)
@@ -46,7 +47,8 @@ DEFAULTS = dict(data="mnist10k", data_dir=None, binarize="none", model="vae", hi
 FIELDS = dict(data="data", data_dir="data_dir", binarize="binarize", model="model",
               hidden="hidden", latent="latent", activation="activation",
               likelihood="likelihood", init="init", beta="beta", warmup="warmup_epochs",
-              optimizer="optimizer", lr="lr", weight_decay="weight_decay", epochs="epochs",
+              optimizer="optimizer", lr="lr", weight_decay="weight_decay", momentum="momentum",
+              epochs="epochs",
               batch="batch_size", seed="seed", device="backend", dtype="dtype",
               log_every="log_every", keep="keep", latent_type="latent_type",
               categories="categories", tau="tau", tau_min="tau_min", tau_anneal="tau_anneal",
@@ -107,6 +109,8 @@ def add_arguments(p):
     g.add_argument("--optimizer", choices=list(OPTIMIZERS), help="default adam")
     g.add_argument("--lr", type=pos_float, help="learning rate (default 1e-3)")
     g.add_argument("--weight-decay", type=nonneg, help="default 0")
+    g.add_argument("--momentum", type=nonneg,
+                   help="SGD's heavy-ball momentum in [0, 1) (--optimizer sgd; default 0)")
     g.add_argument("--epochs", type=pos_int,
                    help="default 10; with --resume: the run's own count unless given")
     g.add_argument("--batch", "--batch-size", dest="batch", type=pos_int,
@@ -126,7 +130,7 @@ def add_arguments(p):
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint. Flags that define the "
                         "run (data, model, --batch, --optimizer, --dtype, --seed) must match it; "
-                        "--epochs, --lr, --weight-decay, --beta, --warmup, --tau, --tau-min, "
+                        "--epochs, --lr, --weight-decay, --momentum, --beta, --warmup, --tau, --tau-min, "
                         "--tau-anneal, --log-every, --keep, --device may change and are "
                         "reported (--threads is the process's)")
     g.add_argument("--from-epoch", type=number(0, kind=int), metavar="E",
@@ -282,7 +286,8 @@ def _run(args, comm) -> int:
                 data=a["data"], data_dir=a["data_dir"], model=a["model"], hidden=a["hidden"],
                 latent=a["latent"], activation=a["activation"], likelihood=a["likelihood"],
                 init=a["init"], optimizer=a["optimizer"], lr=a["lr"],
-                weight_decay=a["weight_decay"], epochs=a["epochs"], batch_size=a["batch"],
+                weight_decay=a["weight_decay"], momentum=a["momentum"], epochs=a["epochs"],
+                batch_size=a["batch"],
                 backend=a["device"], dtype=a["dtype"], seed=a["seed"], binarize=a["binarize"],
                 beta=a["beta"], warmup_epochs=a["warmup"], log_every=a["log_every"],
                 keep=a["keep"], latent_type=a["latent_type"], categories=a["categories"],

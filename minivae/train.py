@@ -92,10 +92,15 @@ _locks: dict = {}
 
 
 @contextlib.contextmanager
-def run_lock(out):
+def run_lock(out, made=()):
     """Hold ``out/.minivae.lock`` (an advisory file lock, filelock) for the block, so that two
     trainers never write one run directory. Re-entrant within a process. Raises
-    :class:`RunLocked` at once if another process holds it."""
+    :class:`RunLocked` at once if another process holds it.
+
+    ``made``: the directories this process made for ``out`` (:func:`make_run_dir`). If the
+    block fails and ``out`` then holds nothing but the lock file, the lock file and those
+    directories are removed while the lock is still held: a run that failed before writing
+    leaves nothing behind, and a directory anyone else made is never touched."""
     from filelock import FileLock, Timeout
 
     out = Path(out)
@@ -109,18 +114,42 @@ def run_lock(out):
                         f"finish, or choose another --out") from None
     try:
         yield
+    except BaseException:
+        if made and lock.lock_counter == 1:      # the outermost block: nobody else holds it
+            _remove_made(out, made)
+        raise
     finally:
         lock.release()
 
 
-def remove_if_only_the_lock(out: Path) -> None:
-    """Remove the run directory ``out`` if it holds nothing but :func:`run_lock`'s lock file
-    (a ``minivae train`` that made it, then failed before writing, e.g. on missing data);
-    anything else in it stays."""
+def make_run_dir(out) -> list:
+    """``mkdir -p out`` -> the directories this call made, outermost first. Each is made by
+    one mkdir that fails if the directory exists, so one that another process made at the same
+    moment is never counted as ours."""
+    out = Path(out)
+    missing, p = [], out
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    made = []
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            continue
+        made.append(d)
+    return made
+
+
+def _remove_made(out: Path, made) -> None:
+    """Remove ``out`` if it holds nothing but the lock file, then the other directories of
+    ``made`` that are empty, innermost first; anything else stays."""
     try:
-        if [p.name for p in out.iterdir()] == [".minivae.lock"]:
-            (out / ".minivae.lock").unlink()
-            out.rmdir()
+        if [p.name for p in out.iterdir()] != [".minivae.lock"]:
+            return
+        (out / ".minivae.lock").unlink()
+        for d in reversed(list(made)):
+            d.rmdir()                            # OSError (not empty): stop there
     except OSError:
         pass
 
@@ -192,10 +221,15 @@ class TrainConfig:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
                     or v < low:
                 raise ValueError(f"{name} must be a finite number >= {low:g}, got {v!r}")
+        from .optim import OPTIMIZERS
+        if not isinstance(self.optimizer, str) or self.optimizer.lower() not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of "
+                             f"{', '.join(OPTIMIZERS)}")
+        self.optimizer = self.optimizer.lower()   # 'SGD' and 'sgd' are one run
         m = self.momentum
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m < 1:
             raise ValueError(f"momentum must be a number in [0, 1), got {m!r}")
-        if m and str(self.optimizer).lower() != "sgd":
+        if m and self.optimizer != "sgd":
             raise ValueError(f"momentum applies to the sgd optimizer only (this run uses "
                              f"{self.optimizer})")
         if self.tau_anneal > 0 and self.tau_min > self.tau:
@@ -826,8 +860,11 @@ class Trainer:
                                       f"(0..{t.n_train})")
             t.perm, t.pos = perm.astype(np.int64), pos
         t.sums[:] = arrays["sums"]           # checked by load_checkpoint, as history and epoch
-        t.changed = {k: (saved.get(k), v) for k, v in overrides.items()
-                     if k != "out" and _norm(v) != _norm(saved.get(k))}
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+                    if f.name in _NEWER_FIELDS}        # what an older checkpoint ran with
+        was = {k: saved.get(k, defaults.get(k)) for k in overrides}
+        t.changed = {k: (was[k], v) for k, v in overrides.items()
+                     if k != "out" and _norm(v) != _norm(was[k])}
         t.rolled_back = from_epoch is not None and from_epoch < latest
         return t
 
@@ -891,6 +928,8 @@ def _effective(field, value, saved):
         return default_init(saved.get("activation"))
     if field == "data_dir" and saved.get("data") == "mnist10k":
         return None
+    if field == "optimizer" and isinstance(value, str):
+        return value.lower()                     # any case names one optimizer
     return _norm(value)
 
 

@@ -132,17 +132,22 @@ def test_help_names_the_defaults():
 def test_a_train_that_fails_before_writing_leaves_no_new_directory(tmp_path, capsys):
     """Missing data: one line, exit 2, and the --out it made for its lock is gone again; an
     --out that existed before stays, with what was in it."""
-    fresh = tmp_path / "new" / "run"
-    code = cli.main(["train", "--out", str(fresh), "--data", "mnist", "--data-dir",
-                     str(tmp_path / "nowhere"), "--no-progress"])
-    assert code == 2 and "error" in capsys.readouterr().err
-    assert not fresh.exists()
+    missing = ["--data", "mnist", "--data-dir", str(tmp_path / "nowhere"), "--no-progress"]
+    fresh = tmp_path / "new" / "deeper" / "run"
+    assert cli.main(["train", "--out", str(fresh), *missing]) == 2
+    assert "error" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()                  # the parents it made too
     kept = tmp_path / "kept"
     kept.mkdir()
     (kept / "notes.txt").write_text("mine")
-    code = cli.main(["train", "--out", str(kept), "--data", "mnist", "--data-dir",
-                     str(tmp_path / "nowhere"), "--no-progress"])
-    assert code == 2 and (kept / "notes.txt").read_text() == "mine"
+    assert cli.main(["train", "--out", str(kept), *missing]) == 2
+    assert (kept / "notes.txt").read_text() == "mine"
+    empty = tmp_path / "empty"                               # made by someone else: stays
+    empty.mkdir()
+    assert cli.main(["train", "--out", str(empty / "run"), *missing]) == 2
+    assert empty.is_dir() and not (empty / "run").exists()
+    assert cli.main(["train", "--out", str(empty), *missing]) == 2
+    assert empty.is_dir()
 
 
 def test_sgd_momentum_from_the_command_line_trains_and_may_change_on_resume(tmp_path, capsys):

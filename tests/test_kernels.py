@@ -733,5 +733,5 @@ def test_a_mistyped_kernels_switch_is_one_line_before_any_work(tmp_path, value, 
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
         f"minivae train: error: MINIVAE_KERNELS must be 1 (use the compiled kernels) or 0 (the "
-        f"NumPy twins), got {value!r}"]
+        f"NumPy twins; also true/false, yes/no, on/off), got {value!r}"]
     assert not (tmp_path / "run").exists()

@@ -333,3 +333,31 @@ def test_a_batch_larger_than_the_training_set_is_said_once_and_trains_full_batch
     said.clear()
     Trainer(cfg(tmp_path / "b", batch_size=240), dataset=tiny, log=said.append)
     assert not [m for m in said if "larger than" in m]          # exactly the set: no note
+
+
+def test_the_optimizers_name_is_one_run_in_any_case(tmp_path, tiny):
+    """'SGD' from the Python API and 'sgd' on a resume are the same optimizer; an unknown name
+    is refused by the configuration itself, before momentum is looked at."""
+    t = Trainer(cfg(tmp_path, optimizer="SGD", momentum=0.9, epochs=1), dataset=tiny, log=quiet)
+    assert t.cfg.optimizer == "sgd" and t.fit() == "done"
+    r = Trainer.resume(tmp_path / "run", dataset=tiny, log=quiet, optimizer="sgd", epochs=2,
+                       momentum=0.5)
+    assert r.changed == {"epochs": (1, 2), "momentum": (0.9, 0.5)}
+    with pytest.raises(ValueError, match="unknown optimizer 'nesterov'"):
+        TrainConfig(optimizer="nesterov", momentum=0.9)
+
+
+def test_make_run_dir_counts_only_the_directories_it_made(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from minivae.train import make_run_dir
+    assert make_run_dir(tmp_path / "a" / "b") == [tmp_path / "a", tmp_path / "a" / "b"]
+    assert make_run_dir(tmp_path / "a" / "b") == []                # there already
+    real = Path.mkdir
+
+    def raced(self, *a, **kw):          # another process makes it first: ours then fails
+        real(self)
+        raise FileExistsError(self)
+    monkeypatch.setattr(Path, "mkdir", raced)
+    assert make_run_dir(tmp_path / "c") == []
+    assert (tmp_path / "c").is_dir()

@@ -146,38 +146,40 @@ def add_arguments(p):
     g.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
 
 
-def _writable_dir(out: Path):
-    """Refuse an --out that is a file or cannot be written, before any training."""
+def _writable_dir(out: Path) -> list:
+    """Refuse an --out that is a file or cannot be written, before any training. -> the
+    directories made for it (train.make_run_dir), which a run that fails before writing
+    removes again (train.run_lock)."""
     from ..cli import UserError
+    from ..train import make_run_dir
 
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a directory")
+    made = []
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        made = make_run_dir(out)
         probe = out / ".minivae-write-test"
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as e:
+        for d in reversed(made):
+            try:
+                d.rmdir()
+            except OSError:
+                break
         raise UserError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    return made
 
 
 def run(args) -> int:
     from ..cli import UserError
     from ..engine.mpi import MPIUnavailable, run_on_all_ranks, world
 
-    from ..train import remove_if_only_the_lock
-
     try:
         comm = world()          # SingleProcess, or every rank of an mpiexec launch
     except MPIUnavailable as e:
         raise UserError(str(e)) from None
-    out = Path(args.out) if args.out.strip() else None
-    made_here = out is not None and not out.exists()
-    try:
-        return run_on_all_ranks(comm, "minivae train", lambda: _run(args, comm))
-    finally:
-        if made_here and comm.rank == 0:      # a run that failed before writing leaves nothing
-            remove_if_only_the_lock(out)
+    return run_on_all_ranks(comm, "minivae train", lambda: _run(args, comm))
 
 
 def _everywhere(e):
@@ -240,8 +242,8 @@ def _run(args, comm) -> int:
         """Rank 0 alone looks at --out and holds its lock; the others get what it found."""
         if args.resume and not (out / "checkpoint.npz").is_file():
             raise UserError(f"--resume: no checkpoint.npz in {out}")
-        _writable_dir(out)
-        lock.enter_context(run_lock(out))
+        made = _writable_dir(out)
+        lock.enter_context(run_lock(out, made=made))
         if not args.resume and (out / "checkpoint.npz").exists():
             raise UserError(f"{out} already holds a run: add --resume to continue it, or "
                             f"choose another --out")

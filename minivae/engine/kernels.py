@@ -36,7 +36,8 @@ def check_env() -> None:
     value = os.environ.get("MINIVAE_KERNELS", "1").strip().lower()
     if value not in _OFF + _ON:
         raise ValueError(f"MINIVAE_KERNELS must be 1 (use the compiled kernels) or 0 (the NumPy "
-                         f"twins), got {os.environ['MINIVAE_KERNELS']!r}")
+                         f"twins; also true/false, yes/no, on/off), got "
+                         f"{os.environ['MINIVAE_KERNELS']!r}")
 
 
 def available() -> bool:

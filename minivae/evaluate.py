@@ -23,7 +23,7 @@ import sys
 import numpy as np
 
 from .backend import RNG
-from .models import check_count
+from .models import check_count, dtype_name
 
 
 
@@ -42,18 +42,25 @@ def _to_backend(model, x, check=True):
                     else np.issubdtype(np.asarray(x).dtype, np.floating))
         if not floating:
             model.check_input(x if be.is_array(x) else be.asarray(np.asarray(x)))  # raises
-    converted = be.asarray(x, dtype=model.dtype)
+        _check_fits(model, x)
+    x = be.asarray(x, dtype=model.dtype)
     if check:
-        try:
-            model.check_input(converted)
-        except ValueError as e:   # finite data that overflowed the model's dtype: say that
-            host = np.asarray(be.to_host(x) if be.is_array(x) else x)
-            if "NaN or Inf" in str(e) and bool(np.isfinite(host).all()):
-                raise ValueError(f"x has values too large for the model's "
-                                 f"{np.dtype(model.dtype).name} (largest magnitude "
-                                 f"{float(np.max(np.abs(host))):.3g})") from None
-            raise
-    return converted
+        model.check_input(x)
+    return x
+
+
+def _check_fits(model, x) -> None:
+    """ValueError if finite data would overflow the model's narrower float dtype (1e300 into
+    float32), which the check after the conversion would only see as "NaN or Inf"."""
+    be = model.backend
+    xp, a = (be.xp, x) if be.is_array(x) else (np, np.asarray(x))
+    limit = float(be.xp.finfo(model.dtype).max)
+    if a.size == 0 or float(xp.finfo(a.dtype).max) <= limit:
+        return
+    big = float(xp.max(xp.abs(a)))
+    if math.isfinite(big) and big > limit:
+        raise ValueError(f"x has values too large for the model's {dtype_name(model.dtype)} "
+                         f"(largest magnitude {big:.3g})")
 
 
 def _rng(model, rng, seed):

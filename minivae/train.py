@@ -116,7 +116,7 @@ def run_lock(out, made=()):
         yield
     except BaseException:
         if made and lock.lock_counter == 1:      # the outermost block: nobody else holds it
-            _remove_made(out, made)
+            remove_made_dirs(made, litter=(".minivae.lock",))
         raise
     finally:
         lock.release()
@@ -141,17 +141,20 @@ def make_run_dir(out) -> list:
     return made
 
 
-def _remove_made(out: Path, made) -> None:
-    """Remove ``out`` if it holds nothing but the lock file, then the other directories of
-    ``made`` that are empty, innermost first; anything else stays."""
-    try:
-        if [p.name for p in out.iterdir()] != [".minivae.lock"]:
+def remove_made_dirs(made, litter=()) -> None:
+    """Remove the directories of ``made`` (:func:`make_run_dir`'s list), innermost first,
+    each only if it holds nothing but files named in ``litter`` (removed with it); stop at the
+    first that holds anything else or cannot be removed."""
+    for d in reversed(list(made)):
+        try:
+            names = [p.name for p in d.iterdir()]
+            if any(n not in litter for n in names):
+                return
+            for n in names:
+                (d / n).unlink()
+            d.rmdir()
+        except OSError:
             return
-        (out / ".minivae.lock").unlink()
-        for d in reversed(list(made)):
-            d.rmdir()                            # OSError (not empty): stop there
-    except OSError:
-        pass
 
 
 @dataclass

@@ -151,7 +151,7 @@ def _writable_dir(out: Path) -> list:
     directories made for it (train.make_run_dir), which a run that fails before writing
     removes again (train.run_lock)."""
     from ..cli import UserError
-    from ..train import make_run_dir
+    from ..train import make_run_dir, remove_made_dirs
 
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a directory")
@@ -162,11 +162,7 @@ def _writable_dir(out: Path) -> list:
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as e:
-        for d in reversed(made):
-            try:
-                d.rmdir()
-            except OSError:
-                break
+        remove_made_dirs(made)
         raise UserError(f"--out {out}: cannot write there ({e.strerror or e})") from None
     return made
 

@@ -135,11 +135,7 @@ def adam(gs, p, m, v, b1, c1, b2, c2, step, eps, decay) -> None:
     Raises TypeError / ValueError for buffers of the wrong dtype, layout or length, before
     anything is written.
     """
-    if len(gs) > MAX_GRADS:   # more threads than the kernel takes: add the rest in first,
-        _check_buffers(gs, [("p", p), ("m", m), ("v", v)])   # an error writes nothing
-        for h in gs[MAX_GRADS:]:
-            np.add(gs[0], h, out=gs[0])
-        gs = gs[:MAX_GRADS]
+    gs = _fold_extra_grads(gs, [("p", p), ("m", m), ("v", v)])
     _c.adam(gs, p, m, v, b1, c1, b2, c2, step, eps, decay, current_parts())
 
 
@@ -152,12 +148,20 @@ def sgd_momentum(gs, p, b, mu, lr) -> None:
     except that a b below the smallest normal number is stored as 0 (as Adam's m: see the note
     above DEFINE_SGD_MOMENTUM in _kernels.c). Split as :func:`adam` inside :func:`parts`, with
     the same result to the bit. TypeError / ValueError before anything is written."""
-    if len(gs) > MAX_GRADS:
-        _check_buffers(gs, [("p", p), ("the momentum buffer", b)])
-        for h in gs[MAX_GRADS:]:
-            np.add(gs[0], h, out=gs[0])
-        gs = gs[:MAX_GRADS]
+    gs = _fold_extra_grads(gs, [("p", p), ("the momentum buffer", b)])
     _c.sgd_momentum(gs, p, b, mu, lr, current_parts())
+
+
+def _fold_extra_grads(gs, state):
+    """More gradient buffers than one kernel call takes (more threads than MAX_GRADS): check
+    every buffer first (:func:`_check_buffers`: an error writes nothing), add the extra ones
+    into gs[0], and -> the first MAX_GRADS for the kernel. Fewer: gs as given."""
+    if len(gs) <= MAX_GRADS:
+        return gs
+    _check_buffers(gs, state)
+    for h in gs[MAX_GRADS:]:
+        np.add(gs[0], h, out=gs[0])
+    return gs[:MAX_GRADS]
 
 
 def _check_buffers(gs, state) -> None:

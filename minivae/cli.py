@@ -26,10 +26,20 @@ class UserError(Exception):
     """A problem with what the user asked for: printed as one line, exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: ``minivae train: error: argument --batch: ... (see
+    'minivae train --help')``, exit status 2. argparse's own prints the whole usage block
+    first, which for ``train`` is 18 lines above the one that names the problem. The
+    subcommands' parsers are of this class too (add_subparsers makes them like their parent)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="minivae",
         description="A from-scratch VAE with hand-written, gradient-checked backward passes.",
     )

@@ -109,7 +109,23 @@ def test_bad_flags_and_paths_give_one_line_errors(args, message):
     assert rc == 2
     assert "Traceback" not in err
     assert message in err
-    assert len(err.strip().splitlines()) <= 1 or err.startswith("usage:")
+    assert len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--batch", "x"], "minivae train: error: argument --batch/--batch-size: expected a "
+                                "whole number, got 'x' (see 'minivae train --help')"),
+    (["trian"], "minivae: error: argument COMMAND: invalid choice: 'trian'"),
+    (["train", "--no-such-flag"], "minivae: error: unrecognized arguments: --no-such-flag"),
+    (["evaluate"], "minivae evaluate: error: the following arguments are required"),
+    (["train", "--optimizer", "lbfgs"], "argument --optimizer: invalid choice: 'lbfgs'"),
+])
+def test_argparse_errors_are_one_line_too(args, message):
+    """A flag argparse itself refuses (a bad value, an unknown flag or command, a missing
+    argument): one line naming it and where the help is, no usage block, exit status 2."""
+    rc, out, err = minivae(*args)
+    assert (rc, out) == (2, "")
+    assert err.count("\n") == 1 and message in err and "--help')" in err, err
 
 
 def test_corrupt_checkpoint_and_existing_run_are_refused(run_dir, tmp_path):

@@ -30,10 +30,15 @@ class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error: ``minivae train: error: argument --batch: ... (see
     'minivae train --help')``, exit status 2. argparse's own prints the whole usage block
     first, which for ``train`` is 18 lines above the one that names the problem. The
-    subcommands' parsers are of this class too (add_subparsers makes them like their parent)."""
+    subcommands' parsers are of this class too (add_subparsers makes them like their parent).
+    Under ``mpiexec -n N`` every rank parses the same command line, so rank 0 alone prints it
+    (the others exit 2 silently), instead of N copies of the same line."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        from .engine.mpi import launched_rank
+
+        quiet = launched_rank() not in (None, 0)
+        self.exit(2, None if quiet else f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

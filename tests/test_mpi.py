@@ -274,6 +274,19 @@ def test_two_runs_are_refused_one_lock(tmp_path, data):
     assert _text(base, "err", 1) == ""
 
 
+@needs_mpi
+def test_a_bad_flag_under_mpiexec_is_one_line_from_rank_0(tmp_path, data):
+    """Every rank parses the same command line: rank 0 alone prints the error, every rank
+    exits 2 (before this, N ranks printed N copies of the line)."""
+    base = _dirs(tmp_path, data, 2)
+    p, _ = mpirun(base, 2, ["train", "--batch", "x", "--out", "run"], timeout=60)
+    assert p.returncode == 2
+    err0 = _text(base, "err", 0)
+    assert err0.count("\n") == 1 and "argument --batch/--batch-size" in err0, err0
+    assert _text(base, "err", 1) == ""
+    assert not (base / "d0" / "run").exists()
+
+
 def test_under_a_launcher_without_mpi4py_the_run_is_refused_in_one_line(tmp_path):
     """Started by mpiexec (its environment) but mpi4py cannot be imported: one clear line."""
     fake = tmp_path / "fake" / "mpi4py"

@@ -57,6 +57,16 @@ def launched_size() -> int | None:
     return None
 
 
+def launched_rank() -> int | None:
+    """This process's rank as an MPI launcher announced it in the environment (before MPI is
+    initialised), or None when there is no launcher or it does not say."""
+    for var in RANK_VARS:
+        v = os.environ.get(var, "")
+        if v.strip().isdigit():
+            return int(v)
+    return None
+
+
 _world: Communicator | None = None
 
 

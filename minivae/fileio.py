@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import threading
 from pathlib import Path
 
 
@@ -15,12 +17,24 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def atomic_write(path, write, what="file") -> None:
-    """Write ``path`` atomically: ``write(f)`` fills a temp file beside it, which is fsynced
-    and renamed over ``path``. A crash or a full disk mid-write leaves the previous file
-    intact; the error names the path and says so. Used for checkpoints, metrics, figures."""
+def temp_path(path) -> Path:
+    """The temp file :func:`atomic_write` fills for ``path`` in this thread: beside it, named
+    for the host, process and thread (``samples.png.<host>.<pid>.<thread>.tmp``), so that two
+    writers of one path at once (two ``minivae sample --out s.png``, MPI ranks on a shared
+    filesystem) each fill their own and the last rename wins with a whole file. With one
+    shared temp name they wrote into each other's file: a mixed, sometimes undecodable PNG."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    host = socket.gethostname().replace(os.sep, "_") or "host"
+    return path.with_name(f"{path.name}.{host}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+
+def atomic_write(path, write, what="file") -> None:
+    """Write ``path`` atomically: ``write(f)`` fills a temp file beside it (:func:`temp_path`),
+    which is fsynced and renamed over ``path``. A crash or a full disk mid-write leaves the
+    previous file intact; the error names the path and says so. Writers of one path at once
+    each leave a whole file: the last one's. Used for checkpoints, metrics, figures."""
+    path = Path(path)
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             write(f)

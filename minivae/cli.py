@@ -31,14 +31,21 @@ class _Parser(argparse.ArgumentParser):
     'minivae train --help')``, exit status 2. argparse's own prints the whole usage block
     first, which for ``train`` is 18 lines above the one that names the problem. The
     subcommands' parsers are of this class too (add_subparsers makes them like their parent).
-    Under ``mpiexec -n N`` every rank parses the same command line, so rank 0 alone prints it
-    (the others exit 2 silently), instead of N copies of the same line."""
+    Under ``mpiexec -n N`` every rank parses the same command line, so rank 0 alone prints
+    (errors, --help, --version), instead of N copies of the same text."""
 
     def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+    def _print_message(self, message, file=None):
         from .engine.mpi import launched_rank
 
-        quiet = launched_rank() not in (None, 0)
-        self.exit(2, None if quiet else f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        if launched_rank() in (None, 0):
+            super()._print_message(message, file)
+
+
+#: the commands that run over the ranks of an mpiexec launch; the others run on rank 0 alone
+MPI_COMMANDS = ("train", "study")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,21 +57,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"minivae {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.commands = {}
     for name, modname in COMMANDS.items():
         mod = importlib.import_module(modname)
         p = sub.add_parser(name, help=mod.HELP, description=mod.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
+        parser.commands[name] = p
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:         # named by the command's parser: 'minivae train: error: unrecognized ...'
+        parser.commands.get(args.command, parser).error(
+            f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    from .engine.mpi import launched_rank, launched_size
+
+    ranks = launched_size()
+    if args.command not in MPI_COMMANDS and ranks not in (None, 1):
+        # evaluate, sample, info, ... are one process's work: under mpiexec -n N, rank 0 does
+        # it and the other ranks do nothing (N copies would print N times and write one file
+        # at once)
+        if launched_rank() not in (None, 0):
+            return 0
+        others = f"ranks 1-{ranks - 1}" if ranks > 2 else "rank 1" if ranks == 2 else "the others"
+        print(f"minivae {args.command}: runs as one process: rank 0 of this mpiexec launch "
+              f"does it, {others} nothing", file=sys.stderr)
     from .backend import BackendUnavailable
     from .engine.threads import one_blas_thread
     from .train import RunLocked

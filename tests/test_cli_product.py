@@ -116,7 +116,9 @@ def test_bad_flags_and_paths_give_one_line_errors(args, message):
     (["train", "--batch", "x"], "minivae train: error: argument --batch/--batch-size: expected a "
                                 "whole number, got 'x' (see 'minivae train --help')"),
     (["trian"], "minivae: error: argument COMMAND: invalid choice: 'trian'"),
-    (["train", "--no-such-flag"], "minivae: error: unrecognized arguments: --no-such-flag"),
+    (["train", "--no-such-flag"], "minivae train: error: unrecognized arguments: --no-such-flag "
+                                  "(see 'minivae train --help')"),
+    (["--no-such-flag"], "minivae: error: unrecognized arguments: --no-such-flag"),
     (["evaluate"], "minivae evaluate: error: the following arguments are required"),
     (["train", "--optimizer", "lbfgs"], "argument --optimizer: invalid choice: 'lbfgs'"),
 ])

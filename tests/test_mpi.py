@@ -287,6 +287,46 @@ def test_a_bad_flag_under_mpiexec_is_one_line_from_rank_0(tmp_path, data):
     assert not (base / "d0" / "run").exists()
 
 
+@needs_mpi
+def test_one_process_commands_run_on_rank_0_alone(tmp_path, data, one_process):
+    """evaluate, sample, info, ... are one process's work: under mpiexec -n 2 rank 0 does it
+    (and says so in one line) and rank 1 does nothing: no second copy of the output, no two
+    writers of one file. --help is printed once too."""
+    base = _dirs(tmp_path, data, 2)
+    run = str(one_process)
+    p, _ = mpirun(base, 2, ["sample", run, "-n", "4", "--out", str(tmp_path / "s.png")],
+                  timeout=60)
+    assert p.returncode == 0, _text(base, "err", 0)
+    assert "rank 0 of this mpiexec launch does it, rank 1 nothing" in _text(base, "err", 0)
+    assert (tmp_path / "s.png").stat().st_size > 0
+    assert _text(base, "out", 1) == _text(base, "err", 1) == ""
+    p, _ = mpirun(base, 2, ["evaluate", run, "--k", "2", "--json"], timeout=60)
+    assert p.returncode == 0
+    json.loads(_text(base, "out", 0).strip().splitlines()[-1])
+    assert _text(base, "out", 1) == _text(base, "err", 1) == ""
+    p, _ = mpirun(base, 2, ["train", "--help"], timeout=60)
+    assert p.returncode == 0 and "--batch" in _text(base, "out", 0)
+    assert _text(base, "out", 1) == ""
+
+
+@needs_mpi
+def test_ranks_on_one_machine_share_its_cores_by_default(tmp_path, data):
+    """Without --threads, each of 2 ranks on this machine gets half the default threads (at
+    least 1), not all of them: with --oversubscribe nothing binds the ranks to cores, and 2
+    threads a rank on 2 cores took 10x as long an epoch."""
+    base = _dirs(tmp_path, data, 2)
+    script = tmp_path / "threads.py"
+    script.write_text("import os\nos.environ.pop('MINIVAE_NUM_THREADS', None)\n"
+                      "import minivae\nfrom minivae.engine.threads import usable_cores\n"
+                      "print(usable_cores(), minivae.get_num_threads())\n")
+    p, _ = mpirun(base, 2, [], script=script, timeout=60)
+    assert p.returncode == 0, _text(base, "err", 0)
+    from minivae.engine.threads import MAX_DEFAULT_THREADS
+    for r in (0, 1):
+        cores, threads = map(int, _text(base, "out", r).split())
+        assert threads == max(1, min(cores // 2, MAX_DEFAULT_THREADS)), (r, cores, threads)
+
+
 def test_under_a_launcher_without_mpi4py_the_run_is_refused_in_one_line(tmp_path):
     """Started by mpiexec (its environment) but mpi4py cannot be imported: one clear line."""
     fake = tmp_path / "fake" / "mpi4py"

@@ -248,6 +248,24 @@ def test_thread_count_is_validated(monkeypatch):
     assert minivae.get_num_threads() == (2 if blas.pinnable() else 1)
 
 
+def test_the_default_shares_the_cores_among_an_mpi_launch_s_local_ranks(monkeypatch):
+    """The launcher's environment says how many ranks share this machine; the default count
+    is the cores divided among them, at least 1 (tests/test_mpi.py checks it under mpiexec)."""
+    for var in ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE",
+                "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK",
+                "OMPI_COMM_WORLD_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    cores = parallel.usable_cores()
+    assert parallel.default_threads() == max(1, min(cores, parallel.MAX_DEFAULT_THREADS))
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "2")
+    assert parallel.default_threads() == max(1, min(cores // 2, parallel.MAX_DEFAULT_THREADS))
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", str(cores * 8))
+    assert parallel.default_threads() == 1
+    monkeypatch.delenv("OMPI_COMM_WORLD_LOCAL_SIZE")
+    monkeypatch.setenv("PMI_SIZE", "3")                # no local count: all on this machine
+    assert parallel.default_threads() == max(1, min(cores // 3, parallel.MAX_DEFAULT_THREADS))
+
+
 # -- the team -----------------------------------------------------------------------------------
 def test_team_returns_results_in_order_and_runs_jobs_on_other_threads():
     team = parallel.team(3)

@@ -57,6 +57,21 @@ def launched_size() -> int | None:
     return None
 
 
+#: variables that give the number of ranks on this node (Open MPI, MPICH/Hydra, Slurm)
+LOCAL_SIZE_VARS = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE")
+
+
+def launched_local_size() -> int | None:
+    """How many ranks of this launch share this machine, from the launcher's environment;
+    the whole world size when the launcher does not say; None when there is no launcher."""
+    for var in LOCAL_SIZE_VARS:
+        v = os.environ.get(var, "")
+        if v.strip().isdigit() and int(v) > 0:
+            return int(v)
+    size = launched_size()
+    return None if size is None else max(size, 1)
+
+
 def launched_rank() -> int | None:
     """This process's rank as an MPI launcher announced it in the environment (before MPI is
     initialised), or None when there is no launcher or it does not say."""

@@ -70,7 +70,8 @@ def usable_cores() -> int:
 
 def get_num_threads() -> int:
     """Threads minivae's NumPy training step uses: set_num_threads(), else $MINIVAE_NUM_THREADS,
-    else min(usable cores, 4); 1 when the BLAS cannot be pinned to one thread per worker."""
+    else :func:`default_threads` (min(usable cores, 4), divided among the MPI ranks on this
+    machine); 1 when the BLAS cannot be pinned to one thread per worker."""
     if not blas.pinnable():
         return 1
     if _threads is not None:
@@ -84,7 +85,20 @@ def get_num_threads() -> int:
         if n < 1:
             raise ValueError(f"MINIVAE_NUM_THREADS must be >= 1, got {env!r}")
         return n
-    return max(1, min(usable_cores(), MAX_DEFAULT_THREADS))
+    return default_threads()
+
+
+def default_threads() -> int:
+    """min(usable cores, 4), shared out among the ranks of an MPI launch on this machine
+    (``mpiexec -n 2`` on 2 cores: 1 thread each; 2 threads each fought over the cores and took
+    10x as long an epoch)."""
+    from .mpi import launched_local_size
+
+    cores = usable_cores()
+    local = launched_local_size()
+    if local and local > 1:
+        cores //= local
+    return max(1, min(cores, MAX_DEFAULT_THREADS))
 
 
 def set_num_threads(n: int | None) -> None:

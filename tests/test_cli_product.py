@@ -147,6 +147,18 @@ def test_help_names_the_defaults():
         assert text in out, text
 
 
+def test_a_new_run_that_diverges_says_so_on_stderr_and_leaves_no_directory(tmp_path):
+    """Diverged before its first checkpoint: the error (with its advice) on stderr, exit 1,
+    and the --out it made (with its parents) is gone again: it held only the lock file."""
+    out = tmp_path / "new" / "run"
+    rc, stdout, err = minivae("train", "--out", out, "--lr", "1e6", "--epochs", "1",
+                              "--no-progress", "--no-figures")
+    assert rc == 1
+    assert "became NaN/Inf" in err and "start again with a smaller --lr" in err
+    assert "NaN" not in stdout
+    assert not (tmp_path / "new").exists()
+
+
 def test_a_train_that_fails_before_writing_leaves_no_new_directory(tmp_path, capsys):
     """Missing data: one line, exit 2, and the --out it made for its lock is gone again; an
     --out that existed before stays, with what was in it."""

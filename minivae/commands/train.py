@@ -208,7 +208,7 @@ def _run(args, comm) -> int:
     from ..cli import UserError
     from ..engine.data_parallel import ReplicasDiffer, share_bytes
     from ..train import (CheckpointError, Diverged, ResumeConflict, RunLocked, TrainConfig,
-                         Trainer, load_checkpoint, run_lock)
+                         Trainer, load_checkpoint, remove_made_dirs, run_lock)
 
     root = comm.rank == 0
     say = print if root else (lambda *a, **k: None)       # rank 0 alone speaks
@@ -233,12 +233,13 @@ def _run(args, comm) -> int:
         get_backend(given["device"])
 
     lock = contextlib.ExitStack()
+    made = []                         # the directories rank 0 made for --out (none elsewhere)
 
     def look_at_out():
         """Rank 0 alone looks at --out and holds its lock; the others get what it found."""
         if args.resume and not (out / "checkpoint.npz").is_file():
             raise UserError(f"--resume: no checkpoint.npz in {out}")
-        made = _writable_dir(out)
+        made[:] = _writable_dir(out)
         lock.enter_context(run_lock(out, made=made))
         if not args.resume and (out / "checkpoint.npz").exists():
             raise UserError(f"{out} already holds a run: add --resume to continue it, or "
@@ -280,18 +281,10 @@ def _run(args, comm) -> int:
         else:
             a = {**DEFAULTS, **given}
             _categorical_only(given, a["latent_type"])
-            cfg = TrainConfig(
-                data=a["data"], data_dir=a["data_dir"], model=a["model"], hidden=a["hidden"],
-                latent=a["latent"], activation=a["activation"], likelihood=a["likelihood"],
-                init=a["init"], optimizer=a["optimizer"], lr=a["lr"],
-                weight_decay=a["weight_decay"], momentum=a["momentum"], epochs=a["epochs"],
-                batch_size=a["batch"],
-                backend=a["device"], dtype=a["dtype"], seed=a["seed"], binarize=a["binarize"],
-                beta=a["beta"], warmup_epochs=a["warmup"], log_every=a["log_every"],
-                keep=a["keep"], latent_type=a["latent_type"], categories=a["categories"],
-                tau=a["tau"], tau_min=a["tau_min"], tau_anneal=a["tau_anneal"],
-                straight_through=a["straight_through"], out=str(out),
-                progress=not args.no_progress, figures=not args.no_figures)
+            try:
+                cfg = _config(TrainConfig, a, out, args)
+            except (ValueError, TypeError) as e:   # from the command line alone: every rank
+                raise _everywhere(UserError(str(e))) from None   # finds it, rank 0 says it
             t = Trainer(cfg, comm=comm)
             code = (f"({cfg.latent} x {cfg.categories} categories)"
                     if cfg.latent_type == "categorical" else str(cfg.latent))
@@ -303,7 +296,11 @@ def _run(args, comm) -> int:
         try:
             status = t.fit()
         except Diverged as e:
-            say(f"minivae train: {e}")
+            if root:                  # an error: on stderr, once
+                print(f"minivae train: {e}", file=sys.stderr, flush=True)
+                # diverged before its first checkpoint: the --out made for it holds nothing
+                # but the lock file and goes, as for any run that failed before writing
+                remove_made_dirs(made, litter=(".minivae.lock",))
             return 1
         except ReplicasDiffer as e:
             if root:
@@ -316,6 +313,21 @@ def _run(args, comm) -> int:
         say(f"done: test loss {last['test_loss']:.2f} nats/example after epoch {last['epoch']}; "
             f"results in {out}/")
     return 0
+
+
+def _config(TrainConfig, a, out, args):
+    """The TrainConfig of a new run from the flags (a: the defaults updated with the given)."""
+    return TrainConfig(
+        data=a["data"], data_dir=a["data_dir"], model=a["model"], hidden=a["hidden"],
+        latent=a["latent"], activation=a["activation"], likelihood=a["likelihood"],
+        init=a["init"], optimizer=a["optimizer"], lr=a["lr"],
+        weight_decay=a["weight_decay"], momentum=a["momentum"], epochs=a["epochs"],
+        batch_size=a["batch"], backend=a["device"], dtype=a["dtype"], seed=a["seed"],
+        binarize=a["binarize"], beta=a["beta"], warmup_epochs=a["warmup"],
+        log_every=a["log_every"], keep=a["keep"], latent_type=a["latent_type"],
+        categories=a["categories"], tau=a["tau"], tau_min=a["tau_min"],
+        tau_anneal=a["tau_anneal"], straight_through=a["straight_through"], out=str(out),
+        progress=not args.no_progress, figures=not args.no_figures)
 
 
 def _ranks(comm) -> str:

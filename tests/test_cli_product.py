@@ -121,6 +121,11 @@ def test_bad_flags_and_paths_give_one_line_errors(args, message):
     (["--no-such-flag"], "minivae: error: unrecognized arguments: --no-such-flag"),
     (["evaluate"], "minivae evaluate: error: the following arguments are required"),
     (["train", "--optimizer", "lbfgs"], "argument --optimizer: invalid choice: 'lbfgs'"),
+    (["evaluate", "run", "--k", "99999999999999999999"], "argument --k: must be <= 100000"),
+    (["evaluate", "run", "--n", "0"], "argument --n: must be >= 1, got 0"),
+    (["sample", "run", "-n", "x"], "argument -n: expected a whole number, got 'x'"),
+    (["sample", "run", "-n", "20000"], "argument -n: must be <= 10000, got 20000"),
+    (["compare", "--seed", "-1"], "argument --seed: must be >= 0, got -1"),
 ])
 def test_argparse_errors_are_one_line_too(args, message):
     """A flag argparse itself refuses (a bad value, an unknown flag or command, a missing

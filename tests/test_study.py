@@ -76,13 +76,33 @@ def test_study_estimators_json_reports_every_estimator_and_the_variance_gap(tmp_
 def test_study_refuses_a_batch_larger_than_the_test_set():
     proc = subprocess.run([sys.executable, "-m", "minivae", "study", "estimators", "--batch",
                            "5000"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "--batch 5000 is more than the 1000 test images" in proc.stderr
+    assert proc.returncode == 2 and "argument --batch: must be <= 1000, got 5000" in proc.stderr
 
 
 def test_study_rejects_one_sample_for_the_table():
     proc = subprocess.run([sys.executable, "-m", "minivae", "study", "estimators", "--samples",
                            "1"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "--samples must be >= 2" in proc.stderr
+    assert proc.returncode == 2 and "argument --samples: must be >= 2, got 1" in proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--replicates", "1"], "argument --replicates: must be >= 2, got 1"),
+    (["--steps", "-1"], "argument --steps: must be >= 0, got -1"),
+    (["--batch", "x"], "argument --batch: expected a whole number, got 'x'"),
+    (["--quick", "--out", "FILE"], "--out FILE is a file, not a directory"),
+])
+def test_study_refuses_bad_flags_before_any_work(tmp_path, args, message):
+    """Each flag named in one line, before the minutes of measuring (an --out that is a file
+    used to be found only when the figures were written, at the end)."""
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    args = [str(afile) if a == "FILE" else a for a in args]
+    message = message.replace("FILE", str(afile))
+    proc = subprocess.run([sys.executable, "-m", "minivae", "study", "estimators", *args],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stdout == ""
+    assert afile.read_text() == "keep me"
 
 
 def test_measured_variance_falls_as_one_over_S():

@@ -14,9 +14,9 @@ def layer_sizes(text: str) -> list[int]:
     return sizes
 
 
-def number(low=None, strict=False, kind=float):
-    """argparse type: a finite number (int or float) >= low (> low if strict); argparse puts
-    the flag's name in front of the message ("argument --lr: ...")."""
+def number(low=None, strict=False, kind=float, high=None):
+    """argparse type: a finite number (int or float) >= low (> low if strict) and <= high;
+    argparse puts the flag's name in front of the message ("argument --lr: ...")."""
     import math
 
     def parse(text):
@@ -29,6 +29,32 @@ def number(low=None, strict=False, kind=float):
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if low is not None and (v < low or (strict and v == low)):
             raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low:g}, got {text}")
+        if high is not None and v > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high:g}, got {text}")
         return v
 
     return parse
+
+
+def writable_dir(out, flag="--out") -> list:
+    """Refuse a directory flag that names a file or a place that cannot be written, before any
+    work. -> the directories made for it (train.make_run_dir), for
+    ``train.remove_made_dirs`` to remove again if the work fails before writing there."""
+    from pathlib import Path
+
+    from ..cli import UserError
+    from ..train import make_run_dir, remove_made_dirs
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {out} is a file, not a directory")
+    made = []
+    try:
+        made = make_run_dir(out)
+        probe = out / ".minivae-write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        remove_made_dirs(made)
+        raise UserError(f"{flag} {out}: cannot write there ({e.strerror or e})") from None
+    return made

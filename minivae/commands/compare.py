@@ -30,7 +30,7 @@ import numpy as np
 from ..layers import ACTIVATIONS
 from ..losses import LIKELIHOODS
 from ..models import MODELS
-from . import layer_sizes
+from . import layer_sizes, number
 
 HELP = "compare loss and gradients with the same model in PyTorch (or JAX), per tensor"
 
@@ -63,7 +63,7 @@ def add_arguments(p):
     p.add_argument("--batch", type=_positive_int, default=128, help="batch size (default 128)")
     p.add_argument("--backend", default="numpy", choices=["numpy", "strict", "cupy"],
                    help="minivae's array backend (default numpy)")
-    p.add_argument("--seed", type=int, default=0, help="seed for weights, batch and eps")
+    p.add_argument("--seed", type=number(0, kind=int), default=0, help="seed for weights, batch and eps")
 
 
 def build(args):

@@ -14,7 +14,8 @@ HELP = "decode samples from the prior of a trained VAE into a PNG grid"
 
 def add_arguments(p):
     p.add_argument("checkpoint", metavar="CKPT", help="run directory or checkpoint.npz")
-    p.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
+    p.add_argument("-n", type=number(1, kind=int, high=10_000), default=64,
+                   help="number of samples (default 64, at most 10000)")
     p.add_argument("--out", metavar="PNG", help="output file (default: samples.png in the run)")
     p.add_argument("--seed", type=number(0, kind=int), default=0)
     p.add_argument("--device", default="numpy", choices=list(BACKENDS))
@@ -28,8 +29,6 @@ def run(args) -> int:
     from ..plots import samples
     from ..train import load_model
 
-    if not 1 <= args.n <= 10_000:
-        raise UserError(f"-n must be between 1 and 10000, got {args.n}")
     model, meta = load_model(args.checkpoint, backend=args.device)
     if not model.has_prior:
         raise UserError("sampling needs a VAE; this checkpoint holds an autoencoder")

@@ -24,6 +24,7 @@ their unbiasedness is proven against a closed-form linear-Gaussian VAE
 from __future__ import annotations
 
 from ..backend import strict_json
+from . import number, writable_dir
 
 import json
 import os
@@ -39,13 +40,15 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default=os.path.join("runs", "study"),
                    help="directory for the figure (default: runs/study)")
     p.add_argument("--no-figure", action="store_true", help="skip the figures")
-    p.add_argument("--batch", type=int, default=32, help="test images in the fixed batch (32)")
-    p.add_argument("--samples", type=int, default=4,
+    p.add_argument("--batch", type=number(1, kind=int, high=1000), default=32,
+                   help="test images in the fixed batch (32; at most mnist10k's 1000)")
+    p.add_argument("--samples", type=number(2, kind=int), default=4,
                    help="samples S per image for the table (4; the baseline needs >= 2)")
-    p.add_argument("--replicates", type=int, default=50,
-                   help="independent estimates per measured variance (50)")
-    p.add_argument("--steps", type=int, default=300, help="Adam steps of the short training (300)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--replicates", type=number(2, kind=int), default=50,
+                   help="independent estimates per measured variance (50, >= 2)")
+    p.add_argument("--steps", type=number(0, kind=int), default=300,
+                   help="Adam steps of the short training (300)")
+    p.add_argument("--seed", type=number(0, kind=int), default=0)
     p.add_argument("--backend", default="numpy", help="numpy | cupy | strict | auto (numpy)")
     p.add_argument("--quick", action="store_true",
                    help="tiny settings, for a smoke test (numbers are rough)")
@@ -69,13 +72,9 @@ def _run(args, comm) -> int:
     from ..cli import UserError
     from ..data import load_dataset
 
-    if args.samples < 2:
-        raise UserError("--samples must be >= 2 (the leave-one-out baseline needs two)")
-    if args.replicates < 2 or args.batch < 1 or args.steps < 0:
-        raise UserError("--replicates must be >= 2, --batch >= 1 and --steps >= 0")
-    if args.batch > 1000:
-        raise UserError(f"--batch {args.batch} is more than the 1000 test images of mnist10k "
-                        f"the study draws its fixed batch from")
+    root = comm.rank == 0                         # rank 0 alone prints and writes
+    if root and not args.no_figure:               # before the work: refuse an --out it
+        writable_dir(args.out)                    # could not write the figures into
     t0 = time.perf_counter()
     sweep = (1, 2, 4, 8, 16)
     if args.quick:                    # the header and the JSON report the values used
@@ -85,7 +84,6 @@ def _run(args, comm) -> int:
     ds = load_dataset("mnist10k")
     model = VAE(backend=args.backend, seed=args.seed)
     x = model.backend.asarray(ds.x_test[: args.batch], dtype=model.dtype)
-    root = comm.rank == 0                         # rank 0 alone prints and writes
     log = (lambda *a: None) if args.json or not root else (lambda *a: print(*a, flush=True))
 
     log(f"default VAE {model.d_in}-400-{model.latent}, {model.n_params():,} parameters; "

@@ -29,7 +29,7 @@ from ..layers import ACTIVATIONS, INITS
 from ..losses import LIKELIHOODS
 from ..models import MODELS
 from ..optim import OPTIMIZERS
-from . import layer_sizes, number
+from . import layer_sizes, number, writable_dir
 
 HELP = "train a VAE on MNIST-like data; metrics, checkpoint and figures go to --out"
 
@@ -146,27 +146,6 @@ def add_arguments(p):
     g.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
 
 
-def _writable_dir(out: Path) -> list:
-    """Refuse an --out that is a file or cannot be written, before any training. -> the
-    directories made for it (train.make_run_dir), which a run that fails before writing
-    removes again (train.run_lock)."""
-    from ..cli import UserError
-    from ..train import make_run_dir, remove_made_dirs
-
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a directory")
-    made = []
-    try:
-        made = make_run_dir(out)
-        probe = out / ".minivae-write-test"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        remove_made_dirs(made)
-        raise UserError(f"--out {out}: cannot write there ({e.strerror or e})") from None
-    return made
-
-
 def run(args) -> int:
     from ..cli import UserError
     from ..engine.mpi import MPIUnavailable, run_on_all_ranks, world
@@ -239,7 +218,7 @@ def _run(args, comm) -> int:
         """Rank 0 alone looks at --out and holds its lock; the others get what it found."""
         if args.resume and not (out / "checkpoint.npz").is_file():
             raise UserError(f"--resume: no checkpoint.npz in {out}")
-        made[:] = _writable_dir(out)
+        made[:] = writable_dir(out)
         lock.enter_context(run_lock(out, made=made))
         if not args.resume and (out / "checkpoint.npz").exists():
             raise UserError(f"{out} already holds a run: add --resume to continue it, or "

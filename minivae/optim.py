@@ -42,6 +42,19 @@ def sum_into_first(gs):
     return g
 
 
+def check_finite_grad(params) -> None:
+    """Raise FloatingPointError naming the tensors whose gradient holds a NaN or an infinity
+    (one min and one max over the flat gradient when all is well: NaN propagates through
+    both, and an infinity is one of them)."""
+    xp, g = params.backend.xp, params.grad
+    if not g.shape[0] or (bool(xp.isfinite(xp.min(g))) and bool(xp.isfinite(xp.max(g)))):
+        return
+    bad = [n for n in params.layout.names
+           if not bool(xp.all(xp.isfinite(g[params.layout.slice(n)])))]
+    raise FloatingPointError(f"the gradient of {', '.join(bad)} holds NaN or Inf: no step "
+                             f"taken, the parameters and the optimizer's state are unchanged")
+
+
 class Optimizer(ABC):
     """Base: binds to ``params`` (a model's Params: ``data`` (n,), ``grad`` (n,)).
 
@@ -68,7 +81,12 @@ class Optimizer(ABC):
         return self.xp.zeros(self.params.data.shape, dtype=self.params.dtype)
 
     def step(self) -> None:
-        """Apply one update using ``params.grad``; leaves ``params.grad`` unchanged."""
+        """Apply one update using ``params.grad``; leaves ``params.grad`` unchanged.
+
+        Raises FloatingPointError, changing nothing (parameters, optimizer state, step count),
+        when the gradient holds a NaN or an infinity: the update would write it into the
+        parameters (and into Adam's moments, for good). The message names the tensors."""
+        check_finite_grad(self.params)
         self.start_step()
         self.update(0, self.params.data.shape[0], (self.params.grad,))
 

@@ -50,7 +50,7 @@ from .backend import get_backend, jsonable, strict_json
 from .fileio import atomic_write
 from .data import BINARIZE, binarize, load_dataset
 from .evaluate import elbo
-from .engine import threads, train_step
+from .engine import NonFiniteLoss, threads, train_step
 from .engine.data_parallel import DataParallel, ReplicasDiffer, check_same, share_bytes
 from .models import MODELS, build_model, layout_of
 from .optim import make_optimizer
@@ -617,10 +617,13 @@ class Trainer:
                 model.beta = self.beta_at(self.step)
             if hasattr(model, "tau"):                  # a Gumbel-softmax temperature to anneal
                 model.tau = self.tau_at(self.step)
-            if self._dp is None:
-                r = train_step(model, self.opt, xb, check=False)
-            else:                                      # this rank's rows, one all-reduce
-                r = self._dp.train_step(self.opt, xb, check=False)
+            try:
+                if self._dp is None:
+                    r = train_step(model, self.opt, xb, check=False)
+                else:                                  # this rank's rows, one all-reduce
+                    r = self._dp.train_step(self.opt, xb, check=False)
+            except NonFiniteLoss:                      # refused, nothing updated (every
+                self._check_finite([math.nan], step=self.step + 1)   # rank alike): Diverged
             b = j - self.pos
             acc_recon = acc_recon + r.recon * b
             acc_kl = acc_kl + r.kl * b
@@ -679,7 +682,10 @@ class Trainer:
                     # when not a TTY
                     dynamic_ncols=True, mininterval=0.1)
 
-    def _check_finite(self, values, where="training loss"):
+    def _check_finite(self, values, where="training loss", step=None):
+        """Raise :class:`Diverged` (its advice included) unless every value is finite; the
+        message names ``step`` (default: the steps taken)."""
+        step = self.step if step is None else step
         if not all(math.isfinite(float(v)) for v in values):
             have = (f"the last good checkpoint is {self.out / CHECKPOINT} "
                     f"(epoch {self.epoch})" if (self.out / CHECKPOINT).exists()
@@ -693,7 +699,7 @@ class Trainer:
                     f"{', '.join(map(str, kept))})" if kept else "")
             tau = (f"; or raise the Gumbel-softmax temperature (--tau, --tau-min; now "
                    f"{self.model.tau:g})" if hasattr(self.model, "tau") else "")
-            raise Diverged(f"{where} became NaN/Inf near step {self.step} of epoch "
+            raise Diverged(f"{where} became NaN/Inf near step {step} of epoch "
                            f"{self.epoch + 1}; stopped without saving the bad state: {have}. "
                            f"What to do: {how}{back}; or add a KL warm-up (--warmup){tau}")
 

@@ -569,3 +569,58 @@ def test_the_reported_means_are_np_mean_of_the_rows_to_the_bit(rng, dtype, B):
     for got, rows in ((r.loss, loss_b), (r.recon, recon), (r.kl, kl)):
         want = np.mean(rows)
         assert type(got) is type(want) and got.tobytes() == want.tobytes()
+
+
+# -- a NaN/Inf step is refused, and nothing changes ------------------------------------------------
+def _state(model, opt):
+    return [model.params.data.copy(), opt.t] + [getattr(opt, n).copy() for n in opt.state_names]
+
+
+def _same_state(a, b):
+    assert a[1] == b[1]
+    for u, v in zip(a[:1] + a[2:], b[:1] + b[2:]):
+        np.testing.assert_array_equal(u, v)
+
+
+@pytest.mark.parametrize("make", [lambda P: minivae.SGD(P, lr=0.1, momentum=0.9),
+                                  lambda P: minivae.Adam(P), lambda P: minivae.Adagrad(P)])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_opt_step_refuses_a_nan_or_inf_gradient_and_names_the_tensor(make, bad):
+    m = minivae.VAE(784, 16, 2, seed=0, dtype="float64")
+    x = np.random.default_rng(0).random((8, 784))
+    opt = make(m.params)
+    m.loss_and_grads(x)
+    opt.step()                                        # a real step first: state to keep
+    m.loss_and_grads(x)
+    sl = m.params.layout.slice(m.params.layout.names[2])
+    m.params.grad[sl.start + 3] = bad
+    before = _state(m, opt)
+    with pytest.raises(FloatingPointError, match=rf"the gradient of {m.params.layout.names[2]} "
+                                                 r"holds NaN or Inf: no step taken"):
+        opt.step()
+    _same_state(before, _state(m, opt))
+    dp = DataParallel(m, threads=2)
+    with pytest.raises(FloatingPointError, match="holds NaN or Inf"):
+        dp.optimizer_step(opt)
+    _same_state(before, _state(m, opt))
+
+
+@pytest.mark.parametrize("threads, batch", [(1, 64), (2, 64), (2, 2 * parallel.MIN_ROWS)])
+def test_a_step_whose_loss_is_nan_updates_nothing(threads, batch):
+    """train_step with a NaN in one row of the last row block (check=False lets it in): the
+    loss is NaN, the step raises NonFiniteLoss, and the parameters, Adam's moments and its
+    step count are as before; at 2 x MIN_ROWS rows on 2 threads this is the row split, where
+    the blocks decide together at their barrier before any update."""
+    m = minivae.VAE(784, 32, 4, seed=0)
+    opt = minivae.Adam(m.params)
+    x = (np.random.default_rng(1).random((batch, 784)) > 0.5).astype(np.float32)
+    dp = DataParallel(m, threads=threads)
+    dp.train_step(opt, x)
+    before = _state(m, opt)
+    x[-1, 5] = np.nan
+    with pytest.raises(minivae.NonFiniteLoss, match="the update was not applied"):
+        dp.train_step(opt, x, check=False)
+    _same_state(before, _state(m, opt))
+    x[-1, 5] = 1.0
+    r = dp.train_step(opt, x)                         # and the next good step goes on as usual
+    assert np.isfinite(float(r.loss)) and opt.t == before[1] + 1

@@ -31,6 +31,7 @@ read for all.
 """
 from __future__ import annotations
 
+import math
 import threading
 from abc import ABC, abstractmethod
 from numbers import Integral
@@ -41,7 +42,7 @@ from functools import partial
 import numpy as np
 
 from ..models import LossResult
-from ..optim import Optimizer, sum_into_first
+from ..optim import Optimizer, check_finite_grad, sum_into_first
 from . import blas, kernels
 from . import threads as _threads
 from .registry import pick, threaded
@@ -143,13 +144,18 @@ class DataParallel:
             raise ValueError("the optimizer was built for another model's parameters")
 
     def train_step(self, opt, x, eps=None, check=True) -> LossResult:
-        """loss_and_grads, then one optimizer step, in one parallel section."""
+        """loss_and_grads, then one optimizer step, in one parallel section. Raises
+        :class:`NonFiniteLoss` (a FloatingPointError), without updating anything, when the
+        step's loss is NaN or Inf (NumPy backend; see there)."""
         self._check_opt(opt)
         return self._step(x, eps, check, opt=opt)
 
     def optimizer_step(self, opt) -> None:
-        """``opt.step()`` on the gradient in ``model.params.grad``: :func:`optimizer_step`."""
+        """``opt.step()`` on the gradient in ``model.params.grad``: :func:`optimizer_step`.
+        Like ``opt.step()``, raises FloatingPointError, changing nothing, for a gradient that
+        holds NaN or Inf."""
         self._check_opt(opt)
+        check_finite_grad(opt.params)
         optimizer_step(opt)
 
     # -- the step -------------------------------------------------------------------------------
@@ -164,7 +170,8 @@ class DataParallel:
             x, eps = x[lo:hi], (None if eps is None else eps[lo:hi])
         k = self._k(hi - lo)
         fuse = opt is not None and self.comm.size == 1
-        terms = self._blocks(x, eps, B, k, opt if fuse else None) if k > 1 else None
+        blocks = self._blocks(x, eps, B, k, opt if fuse else None) if k > 1 else None
+        terms, stepped = blocks if blocks is not None else (None, False)
         blas_k = parts = 1
         if terms is None:
             # Too few rows to split (or the team is busy: a nested call): the pass runs here,
@@ -181,11 +188,6 @@ class DataParallel:
             fuse = False
         if self.comm.size > 1:
             self.comm.allreduce_sum(m.params.grad)
-        if opt is not None and not fuse:
-            # after a pass on BLAS threads the update runs from this thread, its compiled
-            # kernel split over the team that ran the products' jobs (blas.team_backend)
-            with kernels.parts(parts):
-                optimizer_step(opt, split=blas_k == 1)
         loss_b, recon, kl = terms
         if self.comm.size == 1 and type(loss_b) is np.ndarray:
             # np.mean's own steps (add.reduce, then / count) without its Python wrapper: the
@@ -194,10 +196,19 @@ class DataParallel:
             loss, mrecon, mkl = add(loss_b) / B, add(recon) / B, add(kl) / B
         elif self.comm.size == 1:
             loss, mrecon, mkl = xp.mean(loss_b), xp.mean(recon), xp.mean(kl)
-        else:                               # means over the global batch
-            sums = xp.stack([xp.sum(loss_b), xp.sum(recon), xp.sum(kl)])
-            self.comm.allreduce_sum(sums)
+        else:                               # means over the global batch (before the update:
+            sums = xp.stack([xp.sum(loss_b), xp.sum(recon), xp.sum(kl)])   # every rank then
+            self.comm.allreduce_sum(sums)                                  # decides alike)
             loss, mrecon, mkl = sums[0] / B, sums[1] / B, sums[2] / B
+        if opt is not None and not fuse:
+            if _not_finite(loss):
+                raise NonFiniteLoss(_refused(loss))
+            # after a pass on BLAS threads the update runs from this thread, its compiled
+            # kernel split over the team that ran the products' jobs (blas.team_backend)
+            with kernels.parts(parts):
+                optimizer_step(opt, split=blas_k == 1)
+        elif fuse and not stepped:          # the row blocks' barrier found a NaN/Inf loss
+            raise NonFiniteLoss(_refused(loss))
         return LossResult(loss=loss, recon=mrecon, kl=mkl, elbo=-(recon + kl), grads=m.params.grad)
 
     def _blocks(self, x, eps, B, k, opt):
@@ -212,19 +223,29 @@ class DataParallel:
         grads = [P.grad for P in shards]
         rows, slices = _threads.bounds(x.shape[0], k), _threads.bounds(grads[0].shape[0], k)
         update = None if opt is None else pick(type(opt).update, m.backend)
-        all_done = threading.Barrier(k, action=None if opt is None else opt.start_step)
+        finite = [True] * k           # each block's summed loss is finite
+        stepped = [False]
+
+        def start_step():             # run once, by the last block to reach the barrier
+            if all(finite):           # a NaN/Inf loss: no update anywhere (see _step)
+                opt.start_step()
+                stepped[0] = True
+
+        all_done = threading.Barrier(k, action=None if opt is None else start_step)
         fb = self._forward_backward
 
         def job(j):
             (lo, hi), (a, b) = rows[j], slices[j]
             try:
                 out = fb(m, shards[j], x[lo:hi], None if eps is None else eps[lo:hi], B)
+                if opt is not None:
+                    finite[j] = not _not_finite(np.add.reduce(out[0]))
             except BaseException:
                 all_done.abort()      # the others stop waiting; the team re-raises this error
                 raise
             all_done.wait()           # every block's gradient is complete
             gs = tuple(g[a:b] for g in grads)
-            if update is None:
+            if not stepped[0]:
                 sum_into_first(gs)
             else:                     # the update sums them itself, in the same pass
                 update(opt, a, b, gs)
@@ -233,7 +254,30 @@ class DataParallel:
         parts = _threads.team(k).run([partial(job, j) for j in range(k)], concurrent=True)
         if parts is None:
             return None
-        return tuple(m.xp.concat([p[j] for p in parts]) for j in range(3))
+        return tuple(m.xp.concat([p[j] for p in parts]) for j in range(3)), stepped[0]
+
+
+class NonFiniteLoss(FloatingPointError):
+    """A training step's loss was NaN or Inf: the step was refused, and the parameters, the
+    optimizer's state and its step count are as they were (the gradient in params.grad is
+    the refused step's). Raised by :meth:`DataParallel.train_step` and
+    :func:`minivae.train_step` on the NumPy backend, where checking one float costs nothing;
+    on CuPy the check would stop the device's pipeline every step, so it is not made there
+    (the Trainer checks the loss it reads back every ``log_every`` steps)."""
+
+
+def _not_finite(value) -> bool:
+    """A host number (NumPy scalar or 0-d array, float) that is NaN or Inf; False for a device
+    array, whose value is not read here."""
+    if isinstance(value, (float, np.generic)) or type(value) is np.ndarray:
+        return not math.isfinite(float(value))
+    return False
+
+
+def _refused(loss) -> str:
+    return (f"the training loss is {float(loss)} at this step: the update was not applied "
+            f"(parameters and optimizer state unchanged); lower the learning rate, or look for "
+            f"extreme inputs")
 
 
 def optimizer_step(opt, split: bool = True) -> None:
@@ -261,6 +305,8 @@ def train_step(model, opt, x, eps=None, check=True) -> LossResult:
     to round-off (``tests/test_parallel.py``), through the model's :class:`DataParallel`
     (made on first use and kept with the model): on NumPy the forward/backward, the gradient
     sum and the optimizer update run in one parallel section. The trainer uses this.
+    On NumPy a step whose loss is NaN or Inf raises :class:`NonFiniteLoss` (a
+    FloatingPointError) and updates nothing, as ``opt.step()`` refuses a NaN/Inf gradient.
     """
     if not (hasattr(model, "forward_backward") and hasattr(model, "params")):
         raise TypeError(f"train_step(model, opt, x): the first argument must be a minivae VAE "

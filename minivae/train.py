@@ -78,9 +78,13 @@ class CheckpointError(ValueError):
 class ResumeConflict(ValueError):
     """A resumed run was asked to change what defines it (``field``: the TrainConfig name)."""
 
-    def __init__(self, field, run_value, asked):
+    def __init__(self, field, run_value, asked, effective=None):
         self.field, self.run_value, self.asked = field, run_value, asked
-        super().__init__(f"{field} is {run_value!r} in this run and cannot change on resume "
+        #: what run_value means where it was left unset (init None: the default init's name)
+        self.effective = effective
+        shown = (f"{effective!r} (the default)" if run_value is None and effective is not None
+                 else repr(run_value))
+        super().__init__(f"{field} is {shown} in this run and cannot change on resume "
                          f"(asked: {asked!r})")
 
 
@@ -829,7 +833,7 @@ class Trainer:
                 raise TypeError(f"resume() got an unknown setting {k!r}")
             if k in TrainConfig.FIXED and _effective(k, v, saved) != _effective(k, saved.get(k),
                                                                             saved):
-                raise ResumeConflict(k, saved.get(k), v)
+                raise ResumeConflict(k, saved.get(k), v, _effective(k, saved.get(k), saved))
         overrides = {k: v for k, v in overrides.items() if k not in TrainConfig.FIXED}
         try:
             TrainConfig.from_json({**saved, "out": str(run_dir)})

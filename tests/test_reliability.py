@@ -370,7 +370,7 @@ def test_resume_details_a_new_user_found(run1, capsys):
     assert code == 0 and "changed: --lr 0.001 -> 0.002" in text
     assert load_checkpoint(run1)[1]["train_config"]["lr"] == 0.002      # saved, not just said
     code, text = train(capsys, run1, "--resume", "--init", "glorot")
-    assert code == 2 and "--init glorot differs from this run's (not set)" in text
+    assert code == 2 and "--init glorot differs from this run's torch (the default)" in text
     code, text = train(capsys, "", "--epochs", "1")
     assert code == 2 and "--out must name a run directory" in text
 

@@ -242,7 +242,7 @@ def _run(args, comm) -> int:
             except ResumeConflict as e:
                 raise _everywhere(UserError(
                     f"{FLAG[e.field]} {_show(e.asked)} differs from this run's "
-                    f"{_show(e.run_value)}; what defines a run cannot change on --resume: drop "
+                    f"{_show(e.run_value, e.effective)}; what defines a run cannot change on --resume: drop "
                     f"the flag, or start a new run with another --out")) from None
             _categorical_only(given, t.cfg.latent_type)
             if t.cfg.epochs < t.epoch:
@@ -313,9 +313,9 @@ def _ranks(comm) -> str:
     return f", data-parallel on {comm.size} MPI ranks" if comm.size > 1 else ""
 
 
-def _show(v):
+def _show(v, effective=None):
     if v is None:
-        return "(not set)"
+        return "(not set)" if effective is None else f"{_show(effective)} (the default)"
     if isinstance(v, list):
         return ",".join(map(str, v))
     return str(v)

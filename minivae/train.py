@@ -234,11 +234,13 @@ class TrainConfig:
                              f"{', '.join(OPTIMIZERS)}")
         self.optimizer = self.optimizer.lower()   # 'SGD' and 'sgd' are one run
         m = self.momentum
-        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m < 1:
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or m != m:
             raise ValueError(f"momentum must be a number in [0, 1), got {m!r}")
-        if m and self.optimizer != "sgd":
+        if m and self.optimizer != "sgd":     # first: whatever its value, it has no place here
             raise ValueError(f"momentum applies to the sgd optimizer only (this run uses "
                              f"{self.optimizer})")
+        if not 0 <= m < 1:
+            raise ValueError(f"momentum must be a number in [0, 1), got {m!r}")
         if self.tau_anneal > 0 and self.tau_min > self.tau:
             raise ValueError(f"tau_min ({self.tau_min:g}) is above tau ({self.tau:g}): annealing "
                              f"lowers the temperature")

@@ -332,7 +332,7 @@ def test_a_discrete_vae_trains_from_the_cli_and_evaluates(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--tau", "0.5"], "--tau only apply to categorical latents"),
+    (["--tau", "0.5"], "--tau only applies to categorical latents"),
     (["--categories", "4", "--straight-through"],
      "--categories, --straight-through only apply to categorical latents"),
     (["--latent-type", "categorical", "--tau", "0.001"], "--tau: must be >= 0.01"),
@@ -367,7 +367,7 @@ def test_resuming_a_gaussian_run_with_a_temperature_is_refused(tmp_path, capsys)
                  "--no-progress", "--no-figures"]) == 0
     capsys.readouterr()
     assert main(["train", "--resume", "--out", str(out), "--epochs", "2", "--tau", "0.3"]) == 2
-    assert "--tau only apply to categorical latents" in capsys.readouterr().err
+    assert "--tau only applies to categorical latents" in capsys.readouterr().err
 
 
 def test_the_discrete_vae_defaults_to_he_init_for_relu_nets():

@@ -315,3 +315,13 @@ def test_matrix_kernels_split_over_the_team_are_the_one_thread_pass_to_the_last_
                 call(got)
             for key in want:
                 np.testing.assert_array_equal(got[key], want[key], err_msg=f"{name}, {parts} parts, {key}")
+
+
+@pytest.mark.parametrize("name", ["MINIVAE_BLAS_TEAM", "MINIVAE_KERNELS", "MINIVAE_NUM_THREADS",
+                                  "MINIVAE_TEAM_SPIN_US"])
+def test_an_empty_setting_means_unset_for_every_variable(name):
+    """NAME= (empty) is the default for each of minivae's variables alike (MINIVAE_BLAS_TEAM=
+    alone used to be an error)."""
+    out = subprocess.run([sys.executable, "-m", "minivae", "info"], capture_output=True,
+                         text=True, env={**os.environ, name: ""}, timeout=120)
+    assert out.returncode == 0 and out.stderr == "", out.stderr

@@ -6,7 +6,7 @@ VAE with ReLU and a Bernoulli likelihood on grey levels, Adam 1e-3, batch 128, 1
   minivae train                               # bundled mnist10k, runs/vae/
   minivae train --epochs 1 --out runs/t       # a quick look
   minivae train --latent 2 --out runs/z2      # adds manifold.png
-  minivae train --latent-type categorical --latent 20 --categories 10 --tau 1 \
+  minivae train --latent-type categorical --latent 20 --categories 10 --tau 1 \\
       --tau-anneal 10 --out runs/cat          # a discrete VAE (Gumbel-softmax)
   minivae train --data fashion-mnist --data-dir /usr/share/datasets/fashion-mnist
   minivae train --resume --out runs/t --epochs 20    # continue a run (Ctrl-C saves first)
@@ -175,7 +175,8 @@ def _categorical_only(given, latent_type):
     stray = [f for f in CATEGORICAL_ONLY if f in given]
     if stray and latent_type != "categorical":
         raise _everywhere(UserError(
-            f"{', '.join(FLAG[FIELDS[f]] for f in stray)} only apply to categorical latents: "
+            f"{', '.join(FLAG[FIELDS[f]] for f in stray)} only "
+            f"{'applies' if len(stray) == 1 else 'apply'} to categorical latents: "
             f"add --latent-type categorical (this run's latents are {latent_type})"))
 
 

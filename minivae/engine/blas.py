@@ -143,7 +143,8 @@ def team_backend() -> bool:
 def team_wanted() -> bool:
     """$MINIVAE_BLAS_TEAM: 1/true/yes/on (the default) or 0/false/no/off; ValueError for
     anything else, so that a typo cannot silently pick the other way."""
-    value = os.environ.get("MINIVAE_BLAS_TEAM", "1").strip().lower()
+    value = os.environ.get("MINIVAE_BLAS_TEAM", "").strip().lower() or "1"   # empty: unset,
+                                                   # as for the other MINIVAE_ variables
     if value in ("1", "true", "yes", "on"):
         return True
     if value in ("0", "false", "no", "off"):

@@ -303,7 +303,7 @@ def load_checkpoint(path, data: bytes | None = None) -> tuple[dict, dict]:
     if data is None and path.is_dir():
         path = path / CHECKPOINT
     if data is None and not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
+        raise CheckpointError(_missing(path))
     try:
         with np.load(path if data is None else io.BytesIO(data), allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
@@ -807,7 +807,7 @@ class Trainer:
                 raise CheckpointError(f"{run_dir} keeps no checkpoint of epoch {from_epoch} "
                                       f"(kept epochs: {have})")
             if not src.is_file():
-                raise CheckpointError(f"no checkpoint at {src}")
+                raise CheckpointError(_missing(src))
             try:
                 data = src.read_bytes()
             except OSError as e:
@@ -928,6 +928,13 @@ EPOCH_CHECKPOINT = "checkpoint-epoch{:04d}.npz"
 
 def _norm(v):
     return list(v) if isinstance(v, tuple) else v
+
+
+def _missing(path: Path) -> str:
+    """Why there is no checkpoint file at ``path``, in a few words."""
+    if path.is_dir():
+        return f"no checkpoint at {path}: it is a directory, not a checkpoint file"
+    return f"no checkpoint at {path}"
 
 
 def _effective(field, value, saved):

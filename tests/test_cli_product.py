@@ -135,6 +135,13 @@ def test_argparse_errors_are_one_line_too(args, message):
     assert err.count("\n") == 1 and message in err and "--help')" in err, err
 
 
+def test_a_checkpoint_that_is_a_directory_is_named_as_one(tmp_path):
+    (tmp_path / "run" / "checkpoint.npz").mkdir(parents=True)
+    rc, _, err = minivae("evaluate", tmp_path / "run")
+    assert rc == 2 and err.strip().endswith("checkpoint.npz: it is a directory, not a "
+                                            "checkpoint file")
+
+
 def test_corrupt_checkpoint_and_existing_run_are_refused(run_dir, tmp_path):
     bad = tmp_path / "checkpoint.npz"
     bad.write_bytes((run_dir / "checkpoint.npz").read_bytes()[:5000])

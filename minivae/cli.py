@@ -109,7 +109,8 @@ def main(argv=None) -> int:
         sys.stderr.close()
         return 0
     except (UserError, BackendUnavailable, RunLocked, FileNotFoundError, ValueError, TypeError,
-            OSError, MemoryError) as e:
+            OSError, MemoryError, FloatingPointError) as e:   # FloatingPointError: a refused
+        # NaN/Inf step (minivae.NonFiniteLoss) outside the trainer, which reports its own
         print(f"minivae {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

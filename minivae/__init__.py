@@ -13,12 +13,12 @@ from .backend import Backend, BackendUnavailable, get_backend  # noqa: E402
 from .models import VAE, Autoencoder, DiscreteVAE, LossResult, build_model  # noqa: E402
 from .optim import SGD, Adagrad, Adam, make_optimizer  # noqa: E402
 from .params import Layout, Params  # noqa: E402
-from .engine import (DataParallel, NonFiniteLoss, get_num_threads, set_num_threads,  # noqa: E402
+from .engine import (DataParallel, NonFiniteStep, get_num_threads, set_num_threads,  # noqa: E402
                      train_step)
 from . import gradcheck  # noqa: E402  (minivae.gradcheck.check_gradients, check_layer, ...)
 
 __all__ = [
     "Backend", "BackendUnavailable", "get_backend", "VAE", "Autoencoder", "DiscreteVAE", "LossResult",
     "build_model", "SGD", "Adam", "Adagrad", "make_optimizer", "Layout", "Params",
-    "get_num_threads", "set_num_threads", "train_step", "NonFiniteLoss", "DataParallel", "gradcheck",
+    "get_num_threads", "set_num_threads", "train_step", "NonFiniteStep", "DataParallel", "gradcheck",
 ]

@@ -110,7 +110,7 @@ def main(argv=None) -> int:
         return 0
     except (UserError, BackendUnavailable, RunLocked, FileNotFoundError, ValueError, TypeError,
             OSError, MemoryError, FloatingPointError) as e:   # FloatingPointError: a refused
-        # NaN/Inf step (minivae.NonFiniteLoss) outside the trainer, which reports its own
+        # NaN/Inf step (minivae.NonFiniteStep) outside the trainer, which reports its own
         print(f"minivae {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -50,7 +50,7 @@ from .backend import get_backend, jsonable, strict_json
 from .fileio import atomic_write
 from .data import BINARIZE, binarize, load_dataset
 from .evaluate import elbo
-from .engine import NonFiniteLoss, threads, train_step
+from .engine import NonFiniteStep, threads, train_step
 from .engine.data_parallel import DataParallel, ReplicasDiffer, check_same, share_bytes
 from .models import MODELS, build_model, layout_of
 from .optim import make_optimizer
@@ -628,7 +628,7 @@ class Trainer:
                     r = train_step(model, self.opt, xb, check=False)
                 else:                                  # this rank's rows, one all-reduce
                     r = self._dp.train_step(self.opt, xb, check=False)
-            except NonFiniteLoss:                      # refused, nothing updated (every
+            except NonFiniteStep:                      # refused, nothing updated (every
                 self._check_finite([math.nan], step=self.step + 1)   # rank alike): Diverged
             b = j - self.pos
             acc_recon = acc_recon + r.recon * b
@@ -688,10 +688,28 @@ class Trainer:
                     # when not a TTY
                     dynamic_ncols=True, mininterval=0.1)
 
-    def _check_finite(self, values, where="training loss", step=None):
+    def _check_state(self):
+        """Raise :class:`Diverged` (nothing saved) if the parameters or the optimizer's buffers
+        hold NaN or Inf: a finite gradient whose update overflowed (Adam's v = g^2 is Inf for
+        |g| > ~1.8e19 in float32; SGD's p - lr g for a huge lr), which the step's own checks
+        (its loss and gradient) cannot see. A checkpoint of such a state is one that
+        load_checkpoint would refuse."""
+        xp = self.backend.xp
+        state = {"the parameters": self.model.params.data,
+                 **{f"the optimizer's {n}": getattr(self.opt, n) for n in self.opt.state_names}}
+        bad = [name for name, a in state.items() if not bool(xp.all(xp.isfinite(a)))]
+        if bad:
+            # (called after the epoch's count moved on: the step belongs to the epoch before)
+            epoch = self.epoch if self.perm is None else self.epoch + 1
+            self._check_finite([math.nan], where=" and ".join(bad) + " (an update overflowed)",
+                               epoch=epoch)
+
+    def _check_finite(self, values, where="training loss", step=None, epoch=None):
         """Raise :class:`Diverged` (its advice included) unless every value is finite; the
-        message names ``step`` (default: the steps taken)."""
+        message names ``step`` (default: the steps taken) of ``epoch`` (default: the one
+        under way)."""
         step = self.step if step is None else step
+        epoch = self.epoch + 1 if epoch is None else epoch
         if not all(math.isfinite(float(v)) for v in values):
             have = (f"the last good checkpoint is {self.out / CHECKPOINT} "
                     f"(epoch {self.epoch})" if (self.out / CHECKPOINT).exists()
@@ -706,7 +724,7 @@ class Trainer:
             tau = (f"; or raise the Gumbel-softmax temperature (--tau, --tau-min; now "
                    f"{self.model.tau:g})" if hasattr(self.model, "tau") else "")
             raise Diverged(f"{where} became NaN/Inf near step {step} of epoch "
-                           f"{self.epoch + 1}; stopped without saving the bad state: {have}. "
+                           f"{epoch}; stopped without saving the bad state: {have}. "
                            f"What to do: {how}{back}; or add a KL warm-up (--warmup){tau}")
 
     @contextlib.contextmanager
@@ -751,6 +769,7 @@ class Trainer:
     def save(self) -> Path:
         """Atomically write the whole training state to ``out/checkpoint.npz`` (on rank 0
         alone under MPI; the other ranks hold the same state and write nothing)."""
+        self._check_state()           # every rank: they hold the same state, and stop alike
         if not self.root:
             return self.out / CHECKPOINT
         be = self.backend

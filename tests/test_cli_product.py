@@ -171,6 +171,18 @@ def test_a_new_run_that_diverges_says_so_on_stderr_and_leaves_no_directory(tmp_p
     assert not (tmp_path / "new").exists()
 
 
+def test_a_run_whose_optimizer_state_overflows_is_stopped_not_saved(tmp_path):
+    """An Autoencoder at lr 1e6: its gradients stay finite but Adam's v = g^2 overflows to Inf
+    (a state the step's loss and gradient checks cannot see). Before, the run said 'done',
+    exit 0, and saved a checkpoint that evaluate and --resume then refused; now it stops with
+    the divergence advice and saves nothing."""
+    out = tmp_path / "ae"
+    rc, _, err = minivae("train", "--model", "autoencoder", "--lr", "1e6", "--epochs", "1",
+                         "--out", out, "--no-progress", "--no-figures")
+    assert rc == 1 and "the optimizer's v (an update overflowed) became NaN/Inf" in err, err
+    assert not out.exists()
+
+
 def test_a_train_that_fails_before_writing_leaves_no_new_directory(tmp_path, capsys):
     """Missing data: one line, exit 2, and the --out it made for its lock is gone again; an
     --out that existed before stays, with what was in it."""

@@ -735,3 +735,25 @@ def test_a_mistyped_kernels_switch_is_one_line_before_any_work(tmp_path, value, 
         f"minivae train: error: MINIVAE_KERNELS must be 1 (use the compiled kernels) or 0 (the "
         f"NumPy twins; also true/false, yes/no, on/off), got {value!r}"]
     assert not (tmp_path / "run").exists()
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_all_finite_finds_every_nan_and_inf_wherever_it_is(dtype):
+    """kernels.all_finite against np.isfinite(a).all(): NaN, +Inf, -Inf at the first, the
+    last and middle positions (both sides of every part's edge), the largest finite numbers
+    and subnormals (finite), on 1-4 parts and on lengths around the part size."""
+    from minivae.engine import kernels
+
+    rng = np.random.default_rng(0)
+    info = np.finfo(dtype)
+    for n in (1, 15, 16, 17, 1 << 15, (1 << 16) + 5, 200_003):
+        a = rng.standard_normal(n).astype(dtype)
+        for parts in (1, 2, 3, 4):
+            assert kernels.all_finite(a, parts)
+            for where in {0, n - 1, n // 2, n // 3, min(n - 1, 16), min(n - 1, (1 << 15))}:
+                for bad in (np.nan, np.inf, -np.inf, info.max, -info.max, info.tiny / 4):
+                    b = a.copy()
+                    b[where] = bad
+                    assert kernels.all_finite(b, parts) == bool(np.isfinite(b).all()), \
+                        (n, parts, where, bad)

@@ -608,7 +608,7 @@ def test_opt_step_refuses_a_nan_or_inf_gradient_and_names_the_tensor(make, bad):
 @pytest.mark.parametrize("threads, batch", [(1, 64), (2, 64), (2, 2 * parallel.MIN_ROWS)])
 def test_a_step_whose_loss_is_nan_updates_nothing(threads, batch):
     """train_step with a NaN in one row of the last row block (check=False lets it in): the
-    loss is NaN, the step raises NonFiniteLoss, and the parameters, Adam's moments and its
+    loss is NaN, the step raises NonFiniteStep, and the parameters, Adam's moments and its
     step count are as before; at 2 x MIN_ROWS rows on 2 threads this is the row split, where
     the blocks decide together at their barrier before any update."""
     m = minivae.VAE(784, 32, 4, seed=0)
@@ -618,9 +618,61 @@ def test_a_step_whose_loss_is_nan_updates_nothing(threads, batch):
     dp.train_step(opt, x)
     before = _state(m, opt)
     x[-1, 5] = np.nan
-    with pytest.raises(minivae.NonFiniteLoss, match="the update was not applied"):
+    with pytest.raises(minivae.NonFiniteStep, match="the update was not applied"):
         dp.train_step(opt, x, check=False)
     _same_state(before, _state(m, opt))
     x[-1, 5] = 1.0
     r = dp.train_step(opt, x)                         # and the next good step goes on as usual
     assert np.isfinite(float(r.loss)) and opt.t == before[1] + 1
+
+
+def _nan_gradient_model(model_cls=VAE):
+    """A Gaussian model whose loss is finite (about 3e5 nats) but whose gradient is NaN: a
+    decoder bias of 1e37 behind zero weights (found by the second new-user attack)."""
+    m = model_cls(784, (64,), 8, likelihood="gaussian", x_sigma=0.01, seed=0)
+    g0, g2 = m.params.group("dec.0"), m.params.group("dec.2")
+    g0["b"][:], g0["W"][:], g2["W"][:], g2["b"][:] = 1e37, 0.0, 0.0, 0.5
+    return m
+
+
+@pytest.mark.parametrize("model_cls", [VAE, Autoencoder])
+@pytest.mark.parametrize("threads, batch", [(1, 64), (2, 64), (2, 4 * parallel.MIN_ROWS)])
+def test_a_step_whose_gradient_is_nan_under_a_finite_loss_updates_nothing(model_cls, threads,
+                                                                          batch):
+    m = _nan_gradient_model(model_cls)
+    opt = minivae.Adam(m.params)
+    before = _state(m, opt)
+    x = np.random.default_rng(0).random((batch, 784), dtype=np.float32)
+    with pytest.raises(minivae.NonFiniteStep, match=r"the gradient holds NaN or Inf at this "
+                                                     r"step \(the loss is finite\)"):
+        DataParallel(m, threads=threads).train_step(opt, x)
+    _same_state(before, _state(m, opt))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_batch_loss_that_overflows_only_in_total_is_refused(threads):
+    """Each row block's loss sum is finite but the batch's is Inf (decoder bias 5e16, squared
+    in the Gaussian NLL): the row split's barrier checks the batch's sum, as _step computes
+    it, not each block's."""
+    m = VAE(784, (64,), 8, likelihood="gaussian", seed=0)
+    m.params.group("dec.2")["W"][:] = 0.0
+    m.params.group("dec.2")["b"][:] = 5e16
+    opt = minivae.Adam(m.params)
+    before = _state(m, opt)
+    x = np.random.default_rng(0).random((2 * parallel.MIN_ROWS, 784), dtype=np.float32)
+    with pytest.raises(minivae.NonFiniteStep, match="the training loss is inf"):
+        DataParallel(m, threads=threads).train_step(opt, x)
+    _same_state(before, _state(m, opt))
+
+
+def test_the_strict_backend_refuses_a_nan_step_too():
+    pytest.importorskip("array_api_strict")
+    m = VAE(784, (16,), 2, seed=0, backend="strict")
+    opt = minivae.Adam(m.params)
+    host = np.random.default_rng(0).random((8, 784), dtype=np.float32)
+    host[3, 5] = np.nan
+    before = np.asarray(m.params.data).copy()
+    with pytest.raises(minivae.NonFiniteStep):
+        minivae.train_step(m, opt, m.backend.asarray(host), check=False)
+    np.testing.assert_array_equal(np.asarray(m.params.data), before)
+    assert opt.t == 0

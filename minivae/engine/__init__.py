@@ -21,11 +21,11 @@ imports the engine; the engine imports the reference, and every twin has a test 
 its reference (tests/test_engine.py).
 """
 from . import cupy_twins, numpy_twins, optim  # noqa: F401  (registers the twins)
-from .data_parallel import (Communicator, DataParallel, NonFiniteLoss, SingleProcess,
+from .data_parallel import (Communicator, DataParallel, NonFiniteStep, SingleProcess,
                             optimizer_step, train_step)
 from .registry import REGISTRY, has_twins, pick
 from .threads import get_num_threads, set_num_threads
 
 __all__ = ["DataParallel", "Communicator", "SingleProcess", "train_step", "optimizer_step",
-           "NonFiniteLoss", "REGISTRY", "pick",
+           "NonFiniteStep", "REGISTRY", "pick",
            "has_twins", "get_num_threads", "set_num_threads"]

@@ -918,6 +918,72 @@ static PyObject *run_optimizer(AdamJob *job, PyObject *gs_obj, PyObject **bufs,
     Py_RETURN_NONE;
 }
 
+/* all_finite(a[, threads]) -> whether every number of the contiguous float32/float64 array a
+ * is finite: its exponent bits are not all ones (an integer test, which vectorizes where a
+ * float reduction would not without -ffast-math). The training step's check of the gradient
+ * before the optimizer writes anything (minivae/engine/data_parallel.py). */
+#include <stdint.h>
+#ifndef MAX_TEAM
+#define MAX_TEAM 0          /* no team on this platform: one part */
+#endif
+typedef struct {
+    const void *a;
+    Py_ssize_t n;
+    int f32;
+    int bad[MAX_TEAM + 1];
+} FiniteJob;
+
+VECTOR_CLONES static int nonfinite_f32(const uint32_t *restrict u, Py_ssize_t n)
+{
+    uint32_t bad = 0;
+    for (Py_ssize_t i = 0; i < n; i++) bad |= ~u[i] & 0x7f800000u ? 0u : 1u;
+    return bad != 0;
+}
+
+VECTOR_CLONES static int nonfinite_f64(const uint64_t *restrict u, Py_ssize_t n)
+{
+    uint64_t bad = 0;
+    for (Py_ssize_t i = 0; i < n; i++) bad |= ~u[i] & 0x7ff0000000000000ull ? 0u : 1u;
+    return bad != 0;
+}
+
+static void finite_part(void *arg, int part, int parts)
+{
+    FiniteJob *j = arg;
+    Py_ssize_t lo, hi;
+    part_range(j->n, part, parts, &lo, &hi);
+    if (hi <= lo) return;
+    j->bad[part] = j->f32 ? nonfinite_f32((const uint32_t *)j->a + lo, hi - lo)
+                          : nonfinite_f64((const uint64_t *)j->a + lo, hi - lo);
+}
+
+static PyObject *all_finite(PyObject *self, PyObject *args)
+{
+    PyObject *obj;
+    int threads = 1;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O|i:all_finite", &obj, &threads)) return NULL;
+    Views vs = {.held = 0, .first_name = "the array"};
+    FiniteJob job;
+    if ((job.a = acquire(&vs, obj, "the array", 0)) == NULL) {
+        release_all(&vs);
+        return NULL;
+    }
+    job.f32 = vs.views[0].itemsize == 4;
+    job.n = vs.views[0].len / vs.views[0].itemsize;
+    if (threads > MAX_TEAM + 1) threads = MAX_TEAM + 1;
+    if (job.n < (Py_ssize_t)threads * MIN_PART) threads = (int)(job.n / MIN_PART);
+    if (threads < 1) threads = 1;
+    for (int i = 0; i < threads; i++) job.bad[i] = 0;
+    Py_BEGIN_ALLOW_THREADS
+    team_run(finite_part, &job, threads);
+    Py_END_ALLOW_THREADS
+    release_all(&vs);
+    int bad = 0;
+    for (int i = 0; i < threads; i++) bad |= job.bad[i];
+    return PyBool_FromLong(!bad);
+}
+
 static PyObject *adam(PyObject *self, PyObject *args)
 {
     static const char *names[] = {"p", "m", "v"};
@@ -1334,6 +1400,8 @@ static PyMethodDef methods[] = {
      "openblas_set_threads_callback_function, whose address is setter; -> False without a team."},
     {"team_info", team_info, METH_VARARGS,
      "team_info([spin_us]) -> {'workers': started, 'spin_us': awake time after a job}."},
+    {"all_finite", all_finite, METH_VARARGS,
+     "all_finite(a[, threads]) -> whether every number of the contiguous float array a is finite."},
     {"adam", adam, METH_VARARGS,
      "adam(gs, p, m, v, b1, c1, b2, c2, step, eps, decay[, threads]): gs[0] <- sum(gs); then\n"
      "m <- b1 m + c1 g;  v <- b2 v + c2 g^2;  p <- decay p - step m / (sqrt(v) + eps),\n"

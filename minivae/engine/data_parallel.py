@@ -131,6 +131,21 @@ class DataParallel:
         threads allow with at least ``MIN_ROWS`` rows each (engine/threads.py)."""
         return max(1, min(self._threads(), rows // _threads.MIN_ROWS))
 
+    def _refusal(self, loss, grads, parts) -> str | None:
+        """Why this step must not be applied (its loss or a gradient holds NaN or Inf), or None.
+        Not checked on CuPy: reading the loss would stop the device's pipeline every step."""
+        if self.model.backend.name == "cupy":
+            return None
+        if not math.isfinite(float(loss)):
+            return (f"the training loss is {float(loss)} at this step: the update was not "
+                    f"applied (parameters and optimizer state unchanged); lower the learning "
+                    f"rate, or look for extreme inputs")
+        if not all(_finite_array(g, parts, self.model.xp) for g in grads):
+            return ("the gradient holds NaN or Inf at this step (the loss is finite): the "
+                    "update was not applied (parameters and optimizer state unchanged); lower "
+                    "the learning rate, or look for extreme inputs or parameters")
+        return None
+
     # -- public steps ---------------------------------------------------------------------------
     def loss_and_grads(self, x, eps=None, check=True) -> LossResult:
         """model.loss_and_grads(x, eps, check), split over the threads (and ranks)."""
@@ -145,7 +160,7 @@ class DataParallel:
 
     def train_step(self, opt, x, eps=None, check=True) -> LossResult:
         """loss_and_grads, then one optimizer step, in one parallel section. Raises
-        :class:`NonFiniteLoss` (a FloatingPointError), without updating anything, when the
+        :class:`NonFiniteStep` (a FloatingPointError), without updating anything, when the
         step's loss is NaN or Inf (NumPy backend; see there)."""
         self._check_opt(opt)
         return self._step(x, eps, check, opt=opt)
@@ -171,7 +186,7 @@ class DataParallel:
         k = self._k(hi - lo)
         fuse = opt is not None and self.comm.size == 1
         blocks = self._blocks(x, eps, B, k, opt if fuse else None) if k > 1 else None
-        terms, stepped = blocks if blocks is not None else (None, False)
+        terms, stepped, grads_of_blocks = blocks if blocks is not None else (None, False, ())
         blas_k = parts = 1
         if terms is None:
             # Too few rows to split (or the team is busy: a nested call): the pass runs here,
@@ -201,14 +216,16 @@ class DataParallel:
             self.comm.allreduce_sum(sums)                                  # decides alike)
             loss, mrecon, mkl = sums[0] / B, sums[1] / B, sums[2] / B
         if opt is not None and not fuse:
-            if _not_finite(loss):
-                raise NonFiniteLoss(_refused(loss))
+            why = self._refusal(loss, (m.params.grad,), parts)
+            if why:
+                raise NonFiniteStep(why)
             # after a pass on BLAS threads the update runs from this thread, its compiled
             # kernel split over the team that ran the products' jobs (blas.team_backend)
             with kernels.parts(parts):
                 optimizer_step(opt, split=blas_k == 1)
-        elif fuse and not stepped:          # the row blocks' barrier found a NaN/Inf loss
-            raise NonFiniteLoss(_refused(loss))
+        elif fuse and not stepped:          # the row blocks' barrier refused the step
+            raise NonFiniteStep(self._refusal(loss, grads_of_blocks, 1)
+                                or "a row block's gradient holds NaN or Inf")
         return LossResult(loss=loss, recon=mrecon, kl=mkl, elbo=-(recon + kl), grads=m.params.grad)
 
     def _blocks(self, x, eps, B, k, opt):
@@ -223,11 +240,14 @@ class DataParallel:
         grads = [P.grad for P in shards]
         rows, slices = _threads.bounds(x.shape[0], k), _threads.bounds(grads[0].shape[0], k)
         update = None if opt is None else pick(type(opt).update, m.backend)
-        finite = [True] * k           # each block's summed loss is finite
+        finite = [True] * k           # each block's gradient buffer is finite
+        losses = [None] * k           # each block's per-row losses
         stepped = [False]
 
         def start_step():             # run once, by the last block to reach the barrier
-            if all(finite):           # a NaN/Inf loss: no update anywhere (see _step)
+            # the batch's loss as _step will compute it (the same sum over the same rows), and
+            # every block's gradient: a NaN/Inf in either, and no block updates (see _step)
+            if all(finite) and not _not_finite(np.add.reduce(np.concatenate(losses)) / B):
                 opt.start_step()
                 stepped[0] = True
 
@@ -239,7 +259,8 @@ class DataParallel:
             try:
                 out = fb(m, shards[j], x[lo:hi], None if eps is None else eps[lo:hi], B)
                 if opt is not None:
-                    finite[j] = not _not_finite(np.add.reduce(out[0]))
+                    losses[j] = out[0]
+                    finite[j] = _finite_array(grads[j], 1)
             except BaseException:
                 all_done.abort()      # the others stop waiting; the team re-raises this error
                 raise
@@ -254,16 +275,19 @@ class DataParallel:
         parts = _threads.team(k).run([partial(job, j) for j in range(k)], concurrent=True)
         if parts is None:
             return None
-        return tuple(m.xp.concat([p[j] for p in parts]) for j in range(3)), stepped[0]
+        return tuple(m.xp.concat([p[j] for p in parts]) for j in range(3)), stepped[0], grads
 
 
-class NonFiniteLoss(FloatingPointError):
-    """A training step's loss was NaN or Inf: the step was refused, and the parameters, the
-    optimizer's state and its step count are as they were (the gradient in params.grad is
-    the refused step's). Raised by :meth:`DataParallel.train_step` and
-    :func:`minivae.train_step` on the NumPy backend, where checking one float costs nothing;
-    on CuPy the check would stop the device's pipeline every step, so it is not made there
-    (the Trainer checks the loss it reads back every ``log_every`` steps)."""
+class NonFiniteStep(FloatingPointError):
+    """A training step's loss or gradient held NaN or Inf: the step was refused, and the
+    parameters, the optimizer's state and its step count are as they were (params.grad holds
+    the refused step's gradient). Raised by :meth:`DataParallel.train_step` and
+    :func:`minivae.train_step` on NumPy (the loss is one float; the gradient check is one
+    compiled pass over it, ~1% of the default model's step) and the strict backend; on CuPy
+    the check would stop the device's pipeline every step, so it is not made there (the
+    Trainer checks the loss it reads back every ``log_every`` steps). A finite gradient
+    whose update overflows (|g| near 1e19 in float32 squares to Inf in Adam's v) is not
+    caught here: the Trainer refuses to save such a state (Diverged)."""
 
 
 def _not_finite(value) -> bool:
@@ -274,10 +298,13 @@ def _not_finite(value) -> bool:
     return False
 
 
-def _refused(loss) -> str:
-    return (f"the training loss is {float(loss)} at this step: the update was not applied "
-            f"(parameters and optimizer state unchanged); lower the learning rate, or look for "
-            f"extreme inputs")
+def _finite_array(a, parts: int, xp=np) -> bool:
+    """Every number of the flat array a is finite: one compiled pass on ``parts`` threads of
+    the team where the kernels were built (NumPy, contiguous), else a min and a max (NaN
+    propagates through both, and an infinity is one of them)."""
+    if type(a) is np.ndarray and kernels.enabled() and a.flags.c_contiguous and a.ndim == 1:
+        return kernels.all_finite(a, parts)
+    return not a.shape[0] or (bool(xp.isfinite(xp.min(a))) and bool(xp.isfinite(xp.max(a))))
 
 
 def optimizer_step(opt, split: bool = True) -> None:
@@ -305,7 +332,7 @@ def train_step(model, opt, x, eps=None, check=True) -> LossResult:
     to round-off (``tests/test_parallel.py``), through the model's :class:`DataParallel`
     (made on first use and kept with the model): on NumPy the forward/backward, the gradient
     sum and the optimizer update run in one parallel section. The trainer uses this.
-    On NumPy a step whose loss is NaN or Inf raises :class:`NonFiniteLoss` (a
+    On NumPy a step whose loss is NaN or Inf raises :class:`NonFiniteStep` (a
     FloatingPointError) and updates nothing, as ``opt.step()`` refuses a NaN/Inf gradient.
     """
     if not (hasattr(model, "forward_backward") and hasattr(model, "params")):

@@ -262,6 +262,13 @@ def relu_grad_bias(src, out, g, db, rows: int, cols: int) -> None:
     _c.relu_grad_bias(src, out, g, db, rows, cols, current_parts())
 
 
+def all_finite(a, parts: int | None = None) -> bool:
+    """Whether every number of the contiguous 1-D float32/float64 array a is finite: one pass
+    over its bits (exponent all ones: NaN or Inf), on ``parts`` threads of the team (default:
+    :func:`current_parts`)."""
+    return _c.all_finite(a, current_parts() if parts is None else parts)
+
+
 def flat(*arrays):
     """The arrays as flat views for a kernel, or None when one is not C-contiguous or they
     differ in dtype (the caller then runs the NumPy twin)."""

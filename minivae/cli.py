@@ -7,8 +7,11 @@ heavy things (matplotlib, torch) inside ``run`` so that ``minivae --help`` stays
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
+import threading
 
 # name -> module; the order is the order in --help
 COMMANDS = {
@@ -24,6 +27,16 @@ COMMANDS = {
 
 class UserError(Exception):
     """A problem with what the user asked for: printed as one line, exit status 2."""
+
+
+class Terminated(BaseException):
+    """SIGTERM (``timeout``, a scheduler) reached a command that has no handler of its own
+    (all but ``train``): raised where Python runs next, so that the ``finally`` and
+    ``except`` blocks on the way up (a half-written file's clean-up) run; exit status 143."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,6 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _sigterm_raises(wanted: bool):
+    """Inside the block, SIGTERM raises :class:`Terminated` (in the main thread, where Python
+    lets a handler be set); the previous handler is restored after. ``train`` keeps its own
+    (the Trainer saves, then exits 143)."""
+    if not wanted or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -103,7 +131,7 @@ def main(argv=None) -> int:
         kernels.check_env()
         blas.team_wanted()
         threads.get_num_threads()
-        with one_blas_thread():
+        with one_blas_thread(), _sigterm_raises(args.command != "train"):
             return int(args._run(args) or 0)
     except BrokenPipeError:  # output piped into `head` and closed early: not an error
         sys.stderr.close()
@@ -116,6 +144,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"minivae {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"minivae {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

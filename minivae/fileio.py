@@ -17,6 +17,9 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+NAME_MAX = 255      # bytes in one file name, on the file systems minivae writes to
+
+
 def temp_path(path) -> Path:
     """The temp file :func:`atomic_write` fills for ``path`` in this thread: beside it, named
     for the host, process and thread (``samples.png.<host>.<pid>.<thread>.tmp``), so that two
@@ -24,8 +27,12 @@ def temp_path(path) -> Path:
     filesystem) each fill their own and the last rename wins with a whole file. With one
     shared temp name they wrote into each other's file: a mixed, sometimes undecodable PNG."""
     path = Path(path)
-    host = socket.gethostname().replace(os.sep, "_") or "host"
-    return path.with_name(f"{path.name}.{host}.{os.getpid()}.{threading.get_ident()}.tmp")
+    host = (socket.gethostname().replace(os.sep, "_") or "host")[:32]
+    suffix = f".{host}.{os.getpid()}.{threading.get_ident()}.tmp"
+    name = path.name
+    while len(os.fsencode(name + suffix)) > NAME_MAX:   # a long valid name: shorten the temp's
+        name = name[:-1]
+    return path.with_name(name + suffix)
 
 
 def atomic_write(path, write, what="file") -> None:
@@ -42,10 +49,12 @@ def atomic_write(path, write, what="file") -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)   # never leave half a file lying about
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)   # never leave half a file lying about
         kept = f"the previous {what} {path} is intact" if path.exists() else f"no {what} written"
         raise OSError(e.errno, f"could not write {path} ({e.strerror or e}); {kept}") from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)

@@ -688,7 +688,7 @@ class Trainer:
                     # when not a TTY
                     dynamic_ncols=True, mininterval=0.1)
 
-    def _check_state(self):
+    def _check_state_finite(self):
         """Raise :class:`Diverged` (nothing saved) if the parameters or the optimizer's buffers
         hold NaN or Inf: a finite gradient whose update overflowed (Adam's v = g^2 is Inf for
         |g| > ~1.8e19 in float32; SGD's p - lr g for a huge lr), which the step's own checks
@@ -769,7 +769,7 @@ class Trainer:
     def save(self) -> Path:
         """Atomically write the whole training state to ``out/checkpoint.npz`` (on rank 0
         alone under MPI; the other ranks hold the same state and write nothing)."""
-        self._check_state()           # every rank: they hold the same state, and stop alike
+        self._check_state_finite()    # every rank: they hold the same state, and stop alike
         if not self.root:
             return self.out / CHECKPOINT
         be = self.backend
@@ -897,8 +897,9 @@ class Trainer:
         defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
                     if f.name in _NEWER_FIELDS}        # what an older checkpoint ran with
         was = {k: saved.get(k, defaults.get(k)) for k in overrides}
-        t.changed = {k: (was[k], v) for k, v in overrides.items()
-                     if k != "out" and _norm(v) != _norm(was[k])}
+        t.changed = {k: (was[k], v) for k, v in overrides.items()   # progress and figures
+                     if k not in ("out", "progress", "figures")      # are this invocation's
+                     and _norm(v) != _norm(was[k])}                   # display, not the run
         t.rolled_back = from_epoch is not None and from_epoch < latest
         return t
 

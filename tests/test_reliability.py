@@ -331,6 +331,14 @@ def test_sample_into_a_full_disk_keeps_the_previous_png(run1, capsys):
     assert png.read_bytes() == before and not tmp.exists() and not tmp.is_symlink()
 
 
+def test_a_long_valid_file_name_is_written(tmp_path):
+    """A 250-character name is valid; the temp file beside it must be too (its suffix made
+    the temp's name too long: 'File name too long', naming the temp)."""
+    path = tmp_path / ("a" * 246 + ".png")
+    atomic_write(path, lambda f: f.write(b"png"))
+    assert path.read_bytes() == b"png" and sorted(tmp_path.iterdir()) == [path]
+
+
 def test_two_writers_of_one_path_at_once_leave_one_whole_file(tmp_path):
     """Two threads write the same path at the same moment, each its own bytes, 20 times: every
     write succeeds and the file is always one writer's bytes, whole (with one shared temp

@@ -74,7 +74,7 @@ def run(args) -> int:
     if not res["finite"]:
         print(f"note: the loss of {args.checkpoint} is not finite (NaN or Inf): its weights "
               f"overflow on this data", file=sys.stderr)
-    print(f"{args.checkpoint}: {type(model).__name__}, epoch {meta['epoch']}, {res['n']} test examples of {ds.name}")
+    print(f"{args.checkpoint}: {type(model).__name__}, epoch {meta['epoch']}, {res['n']} test example{'s' if res['n'] != 1 else ''} of {ds.name}")
     if model.has_prior:
         print(f"  loss = -ELBO   {res['loss']:9.2f} nats/example "
               f"(recon {res['recon']:.2f} + KL {res['kl']:.2f})")

@@ -43,5 +43,5 @@ def run(args) -> int:
         raise UserError(f"cannot draw {model.d_in}-pixel examples as square images")
     cols = min(args.n, max(1, int(math.ceil(math.sqrt(args.n)))))
     samples(model, out, (side, side), n=args.n, cols=cols, seed=args.seed)
-    print(f"wrote {args.n} samples to {out}")
+    print(f"wrote {args.n} sample{'s' if args.n != 1 else ''} to {out}")
     return 0

@@ -42,8 +42,9 @@ def add_arguments(p) -> None:
     p.add_argument("--no-figure", action="store_true", help="skip the figures")
     p.add_argument("--batch", type=number(1, kind=int, high=1000), default=32,
                    help="test images in the fixed batch (32; at most mnist10k's 1000)")
-    p.add_argument("--samples", type=number(2, kind=int), default=4,
-                   help="samples S per image for the table (4; the baseline needs >= 2)")
+    p.add_argument("--samples", type=number(2, kind=int, high=1000), default=4,
+                   help="samples S per image for the table (4; the baseline needs >= 2; at "
+                        "most 1000)")
     p.add_argument("--replicates", type=number(2, kind=int), default=50,
                    help="independent estimates per measured variance (50, >= 2)")
     p.add_argument("--steps", type=number(0, kind=int), default=300,

@@ -133,8 +133,10 @@ class DataParallel:
 
     def _refusal(self, loss, grads, parts) -> str | None:
         """Why this step must not be applied (its loss or a gradient holds NaN or Inf), or None.
-        Not checked on CuPy: reading the loss would stop the device's pipeline every step."""
-        if self.model.backend.name == "cupy":
+        Checked on NumPy only: on CuPy reading the loss would stop the device's pipeline
+        every step, and the strict backend stands in for a device (tests/test_train.py holds
+        the training loop to no read-back between log intervals there)."""
+        if not self.engine:           # not the NumPy engine: a device, or stands in for one
             return None
         if not math.isfinite(float(loss)):
             return (f"the training loss is {float(loss)} at this step: the update was not "
@@ -283,9 +285,10 @@ class NonFiniteStep(FloatingPointError):
     parameters, the optimizer's state and its step count are as they were (params.grad holds
     the refused step's gradient). Raised by :meth:`DataParallel.train_step` and
     :func:`minivae.train_step` on NumPy (the loss is one float; the gradient check is one
-    compiled pass over it, ~1% of the default model's step) and the strict backend; on CuPy
-    the check would stop the device's pipeline every step, so it is not made there (the
-    Trainer checks the loss it reads back every ``log_every`` steps). A finite gradient
+    compiled pass over it, ~1% of the default model's step); on CuPy the check would stop the
+    device's pipeline every step, so it is not made there, nor on the strict backend, which
+    stands in for a device (the Trainer checks the loss it reads back every ``log_every``
+    steps). A finite gradient
     whose update overflows (|g| near 1e19 in float32 squares to Inf in Adam's v) is not
     caught here: the Trainer refuses to save such a state (Diverged)."""
 

@@ -285,6 +285,14 @@ def test_a_bad_flag_under_mpiexec_is_one_line_from_rank_0(tmp_path, data):
     assert err0.count("\n") == 1 and "argument --batch/--batch-size" in err0, err0
     assert _text(base, "err", 1) == ""
     assert not (base / "d0" / "run").exists()
+    # study's --out, checked by rank 0 before the work and shared: once too
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    p, _ = mpirun(base, 2, ["study", "estimators", "--quick", "--out", str(afile)], timeout=60)
+    assert p.returncode == 2
+    err0 = _text(base, "err", 0)
+    assert err0.count("\n") == 1 and "is a file, not a directory" in err0, err0
+    assert _text(base, "err", 1) == ""
     # one the configuration refuses after parsing (momentum is SGD's): once too
     p, _ = mpirun(base, 2, ["train", "--momentum", "0.5", "--out", "run"], timeout=60)
     assert p.returncode == 2

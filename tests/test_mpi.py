@@ -277,29 +277,23 @@ def test_two_runs_are_refused_one_lock(tmp_path, data):
 @needs_mpi
 def test_a_bad_flag_under_mpiexec_is_one_line_from_rank_0(tmp_path, data):
     """Every rank parses the same command line: rank 0 alone prints the error, every rank
-    exits 2 (before this, N ranks printed N copies of the line)."""
+    exits 2 (before this, N ranks printed N copies of the line). So too for study's --out
+    (checked by rank 0 before the work, the verdict shared) and a configuration the flags make
+    invalid (momentum is SGD's)."""
     base = _dirs(tmp_path, data, 2)
-    p, _ = mpirun(base, 2, ["train", "--batch", "x", "--out", "run"], timeout=60)
-    assert p.returncode == 2
-    err0 = _text(base, "err", 0)
-    assert err0.count("\n") == 1 and "argument --batch/--batch-size" in err0, err0
-    assert _text(base, "err", 1) == ""
-    assert not (base / "d0" / "run").exists()
-    # study's --out, checked by rank 0 before the work and shared: once too
     afile = tmp_path / "afile"
     afile.write_text("x")
-    p, _ = mpirun(base, 2, ["study", "estimators", "--quick", "--out", str(afile)], timeout=60)
-    assert p.returncode == 2
-    err0 = _text(base, "err", 0)
-    assert err0.count("\n") == 1 and "is a file, not a directory" in err0, err0
-    assert _text(base, "err", 1) == ""
-    # one the configuration refuses after parsing (momentum is SGD's): once too
-    p, _ = mpirun(base, 2, ["train", "--momentum", "0.5", "--out", "run"], timeout=60)
-    assert p.returncode == 2
-    err0 = _text(base, "err", 0)
-    assert err0.count("\n") == 1 and "momentum applies to the sgd optimizer only" in err0, err0
-    assert _text(base, "err", 1) == ""
-    assert not (base / "d0" / "run").exists()
+    for argv, message in [
+            (["train", "--batch", "x", "--out", "run"], "argument --batch/--batch-size"),
+            (["study", "estimators", "--quick", "--out", str(afile)], "is a file, not a directory"),
+            (["train", "--momentum", "0.5", "--out", "run"],
+             "momentum applies to the sgd optimizer only")]:
+        p, _ = mpirun(base, 2, argv, timeout=60)
+        assert p.returncode == 2
+        err0 = _text(base, "err", 0)
+        assert err0.count("\n") == 1 and message in err0, err0
+        assert _text(base, "err", 1) == ""
+        assert not (base / "d0" / "run").exists()
 
 
 @needs_mpi

@@ -509,6 +509,7 @@ class Trainer:
         self.sums = np.zeros(3, dtype=np.dtype(cfg.dtype))
         self._stop = None       # the signal's name once one asked training to stop
         self.changed: dict = {}  # resume: settings changed from the saved run
+        self._saved_epoch = None  # completed epochs in the last checkpoint written or resumed
         self.rolled_back = False
         # more than one rank: the step through the communicator (rank 0's weights broadcast);
         # one process keeps minivae.train_step, the wrapper cached with the model
@@ -702,17 +703,18 @@ class Trainer:
             # (called after the epoch's count moved on: the step belongs to the epoch before)
             epoch = self.epoch if self.perm is None else self.epoch + 1
             self._check_finite([math.nan], where=" and ".join(bad) + " (an update overflowed)",
-                               epoch=epoch)
+                               epoch=epoch, by=True)
 
-    def _check_finite(self, values, where="training loss", step=None, epoch=None):
+    def _check_finite(self, values, where="training loss", step=None, epoch=None, by=False):
         """Raise :class:`Diverged` (its advice included) unless every value is finite; the
         message names ``step`` (default: the steps taken) of ``epoch`` (default: the one
-        under way)."""
+        under way): "near" it, or "by" it for a state found bad only at the checkpoint."""
         step = self.step if step is None else step
         epoch = self.epoch + 1 if epoch is None else epoch
         if not all(math.isfinite(float(v)) for v in values):
+            saved = self._saved_epoch if self._saved_epoch is not None else epoch - 1
             have = (f"the last good checkpoint is {self.out / CHECKPOINT} "
-                    f"(epoch {self.epoch})" if (self.out / CHECKPOINT).exists()
+                    f"(epoch {saved})" if (self.out / CHECKPOINT).exists()
                     else "no checkpoint was written yet")
             kept = sorted(self.epoch_checkpoints())
             how = (f"continue from it with a smaller learning rate: minivae train --resume "
@@ -723,9 +725,10 @@ class Trainer:
                     f"{', '.join(map(str, kept))})" if kept else "")
             tau = (f"; or raise the Gumbel-softmax temperature (--tau, --tau-min; now "
                    f"{self.model.tau:g})" if hasattr(self.model, "tau") else "")
-            raise Diverged(f"{where} became NaN/Inf near step {step} of epoch "
-                           f"{epoch}; stopped without saving the bad state: {have}. "
-                           f"What to do: {how}{back}; or add a KL warm-up (--warmup){tau}")
+            warm = "; or add a KL warm-up (--warmup)" if self.model.has_prior else ""
+            raise Diverged(f"{where} became NaN/Inf {'by' if by else 'near'} step {step} of "
+                           f"epoch {epoch}; stopped without saving the bad state: {have}. "
+                           f"What to do: {how}{back}{warm}{tau}")
 
     @contextlib.contextmanager
     def _catch_signals(self):
@@ -790,6 +793,7 @@ class Trainer:
                 "history": self.history}
         path = self.out / CHECKPOINT
         save_checkpoint(path, arrays, meta)
+        self._saved_epoch = self.epoch
         return path
 
     @classmethod
@@ -901,6 +905,7 @@ class Trainer:
                      if k not in ("out", "progress", "figures")      # are this invocation's
                      and _norm(v) != _norm(was[k])}                   # display, not the run
         t.rolled_back = from_epoch is not None and from_epoch < latest
+        t._saved_epoch = int(meta["epoch"])
         return t
 
     def write_metrics(self) -> None:

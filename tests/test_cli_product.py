@@ -179,8 +179,20 @@ def test_a_run_whose_optimizer_state_overflows_is_stopped_not_saved(tmp_path):
     out = tmp_path / "ae"
     rc, _, err = minivae("train", "--model", "autoencoder", "--lr", "1e6", "--epochs", "1",
                          "--out", out, "--no-progress", "--no-figures")
-    assert rc == 1 and "the optimizer's v (an update overflowed) became NaN/Inf" in err, err
+    assert rc == 1 and "the optimizer's v (an update overflowed) became NaN/Inf by step" in err
+    assert "--warmup" not in err                  # an Autoencoder has no KL to warm up
     assert not out.exists()
+    # resumed from a good epoch 1, then overflowing in epoch 2: the message names epoch 1's
+    # checkpoint, and that checkpoint is untouched and still loads
+    rc, _, err = minivae("train", "--model", "autoencoder", "--epochs", "1", "--out", out,
+                         "--no-progress", "--no-figures")
+    assert rc == 0
+    before = (out / "checkpoint.npz").read_bytes()
+    rc, _, err = minivae("train", "--resume", "--out", out, "--epochs", "2", "--lr", "1e6",
+                         "--no-progress", "--no-figures")
+    assert rc == 1 and "the last good checkpoint is" in err and "(epoch 1)" in err, err
+    assert (out / "checkpoint.npz").read_bytes() == before
+    assert minivae("evaluate", out, "--k", "0")[0] == 0
 
 
 def test_a_train_that_fails_before_writing_leaves_no_new_directory(tmp_path, capsys):

@@ -663,3 +663,21 @@ def test_a_batch_loss_that_overflows_only_in_total_is_refused(threads):
     with pytest.raises(minivae.NonFiniteStep, match="the training loss is inf"):
         DataParallel(m, threads=threads).train_step(opt, x)
     _same_state(before, _state(m, opt))
+
+
+@pytest.mark.parametrize("threads", [2, 4])
+def test_a_gradient_that_overflows_only_when_the_row_blocks_are_summed_is_refused(threads):
+    """Each row block's gradient is finite, their sum is not (found by the third attack): an
+    Autoencoder with all parameters 0 but a tiny decoder bias behind huge weights, on zero
+    images. The row split sums the blocks' gradients, checks the sum, and only then decides."""
+    m = Autoencoder(784, (400,), 20, seed=0)
+    m.params.data[:] = 0.0
+    m.params.group("dec.0")["b"][:] = 0.01 / 6e35
+    m.params.group("dec.2")["W"][:] = 6e35
+    opt = minivae.Adam(m.params)
+    before = _state(m, opt)
+    x = np.zeros((4 * parallel.MIN_ROWS, 784), dtype=np.float32)
+    dp = DataParallel(m, threads=threads)
+    with pytest.raises(minivae.NonFiniteStep, match=r"the gradient holds NaN or Inf"):
+        dp.train_step(opt, x)
+    _same_state(before, _state(m, opt))

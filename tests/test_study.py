@@ -90,6 +90,7 @@ def test_study_rejects_one_sample_for_the_table():
     (["--steps", "-1"], "argument --steps: must be >= 0, got -1"),
     (["--batch", "x"], "argument --batch: expected a whole number, got 'x'"),
     (["--quick", "--out", "FILE"], "--out FILE is a file, not a directory"),
+    (["--quick", "--out", ""], "--out must name a directory, got ''"),
 ])
 def test_study_refuses_bad_flags_before_any_work(tmp_path, args, message):
     """Each flag named in one line, before the minutes of measuring (an --out that is a file

@@ -45,6 +45,8 @@ def writable_dir(out, flag="--out") -> list:
     from ..cli import UserError
     from ..train import make_run_dir, remove_made_dirs
 
+    if not str(out).strip():
+        raise UserError(f"{flag} must name a directory, got ''")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{flag} {out} is a file, not a directory")

@@ -233,8 +233,10 @@ class DataParallel:
     def _blocks(self, x, eps, B, k, opt):
         """The model pass on k row blocks in k threads; then, once all k are done (a barrier),
         each thread sums the k gradient buffers over its slice of the flat buffer into
-        params.grad and, given an optimizer, applies the update to that slice. -> the per-row
-        (loss, recon, kl), or None when the team is busy."""
+        params.grad; given an optimizer, each checks its slice, and once all have (a second
+        barrier, which decides on the batch's loss and the summed gradient), applies the update
+        to its slice. -> ((loss, recon, kl) per row, whether the update was applied, the
+        summed gradient's buffer), or None when the team is busy."""
         m = self.model
         if len(self._replicas) < k - 1 or any(r.data is not m.params.data for r in self._replicas):
             self._replicas = [m.params.with_own_grad() for _ in range(k - 1)]
@@ -242,42 +244,46 @@ class DataParallel:
         grads = [P.grad for P in shards]
         rows, slices = _threads.bounds(x.shape[0], k), _threads.bounds(grads[0].shape[0], k)
         update = None if opt is None else pick(type(opt).update, m.backend)
-        finite = [True] * k           # each block's gradient buffer is finite
         losses = [None] * k           # each block's per-row losses
+        finite = [True] * k           # each thread's slice of the summed gradient is finite
         stepped = [False]
 
-        def start_step():             # run once, by the last block to reach the barrier
+        def decide():                 # run once, by the last thread to reach the 2nd barrier
             # the batch's loss as _step will compute it (the same sum over the same rows), and
-            # every block's gradient: a NaN/Inf in either, and no block updates (see _step)
+            # the summed gradient (a sum can overflow where no block did): a NaN/Inf in
+            # either, and no thread updates (see _step)
             if all(finite) and not _not_finite(np.add.reduce(np.concatenate(losses)) / B):
                 opt.start_step()
                 stepped[0] = True
 
-        all_done = threading.Barrier(k, action=None if opt is None else start_step)
+        all_done = threading.Barrier(k)
+        decided = threading.Barrier(k, action=None if opt is None else decide)
         fb = self._forward_backward
 
         def job(j):
             (lo, hi), (a, b) = rows[j], slices[j]
             try:
                 out = fb(m, shards[j], x[lo:hi], None if eps is None else eps[lo:hi], B)
-                if opt is not None:
-                    losses[j] = out[0]
-                    finite[j] = _finite_array(grads[j], 1)
+                losses[j] = out[0]
+                all_done.wait()       # every block's gradient is complete
+                gs = tuple(g[a:b] for g in grads)
+                sum_into_first(gs)    # this slice of params.grad: the batch's gradient
+                if opt is None:
+                    return out
+                finite[j] = _finite_array(gs[0], 1)
+                decided.wait()        # every slice is summed and checked
             except BaseException:
                 all_done.abort()      # the others stop waiting; the team re-raises this error
+                decided.abort()
                 raise
-            all_done.wait()           # every block's gradient is complete
-            gs = tuple(g[a:b] for g in grads)
-            if not stepped[0]:
-                sum_into_first(gs)
-            else:                     # the update sums them itself, in the same pass
-                update(opt, a, b, gs)
+            if stepped[0]:
+                update(opt, a, b, (gs[0],))
             return out
 
         parts = _threads.team(k).run([partial(job, j) for j in range(k)], concurrent=True)
         if parts is None:
             return None
-        return tuple(m.xp.concat([p[j] for p in parts]) for j in range(3)), stepped[0], grads
+        return tuple(m.xp.concat([p[j] for p in parts]) for j in range(3)), stepped[0], grads[:1]
 
 
 class NonFiniteStep(FloatingPointError):

@@ -757,3 +757,35 @@ def test_all_finite_finds_every_nan_and_inf_wherever_it_is(dtype):
                     b[where] = bad
                     assert kernels.all_finite(b, parts) == bool(np.isfinite(b).all()), \
                         (n, parts, where, bad)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_finite_code_flags_numbers_a_sum_of_2_to_the_headroom_could_overflow(dtype):
+    """finite_code: 0 for NaN/Inf anywhere; 2 for a finite number with |x| >= 2^(emax + 1 -
+    headroom) (a sum of 2^headroom arrays could then overflow); 1 otherwise."""
+    from minivae.engine import kernels
+
+    top = np.finfo(dtype).maxexp                       # 128 or 1024: 2^top overflows
+    a = np.ones(100_003, dtype=dtype)
+    for parts in (1, 2, 3):
+        assert kernels.finite_code(a, parts, 0) == 1
+        b = a.copy()
+        b[77_777] = np.finfo(dtype).max
+        assert kernels.finite_code(b, parts, 0) == 1       # headroom 0: finite is enough
+        for h in (1, 2, 6):
+            edge = np.ldexp(dtype(1), top - h)              # 2^(top - h)
+            for v, want in ((edge, 2), (-edge, 2), (np.nextafter(edge, dtype(0)), 1)):
+                b = a.copy()
+                b[77_777] = v
+                assert kernels.finite_code(b, parts, h) == want, (h, parts, v)
+            b[-1] = np.inf
+            assert kernels.finite_code(b, parts, h) == 0
+    # the guarantee: 2^h numbers just below 2^(top - h), added, stay finite
+    for h in (1, 2, 6):
+        v = np.nextafter(np.ldexp(dtype(1), top - h), dtype(0))
+        assert kernels.finite_code(np.full(4, v), 1, h) == 1
+        total = dtype(0)
+        for _ in range(2 ** h):
+            total = dtype(total + v)
+        assert np.isfinite(total)

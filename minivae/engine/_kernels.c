@@ -918,10 +918,12 @@ static PyObject *run_optimizer(AdamJob *job, PyObject *gs_obj, PyObject **bufs,
     Py_RETURN_NONE;
 }
 
-/* all_finite(a[, threads]) -> whether every number of the contiguous float32/float64 array a
- * is finite: its exponent bits are not all ones (an integer test, which vectorizes where a
- * float reduction would not without -ffast-math). The training step's check of the gradient
- * before the optimizer writes anything (minivae/engine/data_parallel.py). */
+/* finite_code(a[, threads[, headroom]]) -> 0 if a number of the contiguous float32/float64
+ * array a is NaN or Inf (its exponent bits all ones); else 2 if one is within 2^headroom of
+ * overflowing (|x| >= 2^(emax + 1 - headroom)), so that a sum of 2^headroom such arrays could
+ * overflow; else 1. Integer tests on the bits, which vectorize where a float reduction would
+ * not without -ffast-math. The training step's check of the gradient before the optimizer
+ * writes anything (minivae/engine/data_parallel.py). */
 #include <stdint.h>
 #ifndef MAX_TEAM
 #define MAX_TEAM 0          /* no team on this platform: one part */
@@ -929,10 +931,37 @@ static PyObject *run_optimizer(AdamJob *job, PyObject *gs_obj, PyObject **bufs,
 typedef struct {
     const void *a;
     Py_ssize_t n;
-    int f32;
-    int bad[MAX_TEAM + 1];
+    int f32, headroom;
+    int bad[MAX_TEAM + 1], big[MAX_TEAM + 1];
 } FiniteJob;
 
+VECTOR_CLONES static void scan_f32(const uint32_t *restrict u, Py_ssize_t n, uint32_t thr,
+                                   int *bad_out, int *big_out)
+{
+    uint32_t bad = 0, big = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t e = (u[i] >> 23) & 0xffu;
+        bad |= e == 0xffu;
+        big |= e >= thr;
+    }
+    *bad_out = bad != 0;
+    *big_out = big != 0;
+}
+
+VECTOR_CLONES static void scan_f64(const uint64_t *restrict u, Py_ssize_t n, uint64_t thr,
+                                   int *bad_out, int *big_out)
+{
+    uint64_t bad = 0, big = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t e = (u[i] >> 52) & 0x7ffu;
+        bad |= e == 0x7ffu;
+        big |= e >= thr;
+    }
+    *bad_out = bad != 0;
+    *big_out = big != 0;
+}
+
+/* headroom 0: only NaN/Inf to find, one reduction (2.5x faster than scan_* measured) */
 VECTOR_CLONES static int nonfinite_f32(const uint32_t *restrict u, Py_ssize_t n)
 {
     uint32_t bad = 0;
@@ -953,16 +982,29 @@ static void finite_part(void *arg, int part, int parts)
     Py_ssize_t lo, hi;
     part_range(j->n, part, parts, &lo, &hi);
     if (hi <= lo) return;
-    j->bad[part] = j->f32 ? nonfinite_f32((const uint32_t *)j->a + lo, hi - lo)
-                          : nonfinite_f64((const uint64_t *)j->a + lo, hi - lo);
+    if (j->headroom == 0) {
+        j->bad[part] = j->f32 ? nonfinite_f32((const uint32_t *)j->a + lo, hi - lo)
+                              : nonfinite_f64((const uint64_t *)j->a + lo, hi - lo);
+        return;
+    }
+    /* biased exponent of 2^(emax + 1 - headroom): emax + 1 + bias - headroom = 255 or 2047
+     * minus headroom; with headroom 0 only the non-finite reach it */
+    if (j->f32)
+        scan_f32((const uint32_t *)j->a + lo, hi - lo, 255u - (uint32_t)j->headroom,
+                 &j->bad[part], &j->big[part]);
+    else
+        scan_f64((const uint64_t *)j->a + lo, hi - lo, 2047u - (uint64_t)j->headroom,
+                 &j->bad[part], &j->big[part]);
 }
 
-static PyObject *all_finite(PyObject *self, PyObject *args)
+static PyObject *finite_code(PyObject *self, PyObject *args)
 {
     PyObject *obj;
-    int threads = 1;
+    int threads = 1, headroom = 0;
     (void)self;
-    if (!PyArg_ParseTuple(args, "O|i:all_finite", &obj, &threads)) return NULL;
+    if (!PyArg_ParseTuple(args, "O|ii:finite_code", &obj, &threads, &headroom)) return NULL;
+    if (headroom < 0 || headroom > 64)
+        return PyErr_Format(PyExc_ValueError, "headroom must be 0 to 64, got %d", headroom);
     Views vs = {.held = 0, .first_name = "the array"};
     FiniteJob job;
     if ((job.a = acquire(&vs, obj, "the array", 0)) == NULL) {
@@ -971,17 +1013,21 @@ static PyObject *all_finite(PyObject *self, PyObject *args)
     }
     job.f32 = vs.views[0].itemsize == 4;
     job.n = vs.views[0].len / vs.views[0].itemsize;
+    job.headroom = headroom;
     if (threads > MAX_TEAM + 1) threads = MAX_TEAM + 1;
     if (job.n < (Py_ssize_t)threads * MIN_PART) threads = (int)(job.n / MIN_PART);
     if (threads < 1) threads = 1;
-    for (int i = 0; i < threads; i++) job.bad[i] = 0;
+    for (int i = 0; i < threads; i++) job.bad[i] = job.big[i] = 0;
     Py_BEGIN_ALLOW_THREADS
     team_run(finite_part, &job, threads);
     Py_END_ALLOW_THREADS
     release_all(&vs);
-    int bad = 0;
-    for (int i = 0; i < threads; i++) bad |= job.bad[i];
-    return PyBool_FromLong(!bad);
+    int bad = 0, big = 0;
+    for (int i = 0; i < threads; i++) {
+        bad |= job.bad[i];
+        big |= job.big[i];
+    }
+    return PyLong_FromLong(bad ? 0 : big ? 2 : 1);
 }
 
 static PyObject *adam(PyObject *self, PyObject *args)
@@ -1400,8 +1446,9 @@ static PyMethodDef methods[] = {
      "openblas_set_threads_callback_function, whose address is setter; -> False without a team."},
     {"team_info", team_info, METH_VARARGS,
      "team_info([spin_us]) -> {'workers': started, 'spin_us': awake time after a job}."},
-    {"all_finite", all_finite, METH_VARARGS,
-     "all_finite(a[, threads]) -> whether every number of the contiguous float array a is finite."},
+    {"finite_code", finite_code, METH_VARARGS,
+     "finite_code(a[, threads[, headroom]]) -> 0: a holds NaN or Inf; 2: finite, but a number\n"
+     "is within 2^headroom of overflowing; 1: neither."},
     {"adam", adam, METH_VARARGS,
      "adam(gs, p, m, v, b1, c1, b2, c2, step, eps, decay[, threads]): gs[0] <- sum(gs); then\n"
      "m <- b1 m + c1 g;  v <- b2 v + c2 g^2;  p <- decay p - step m / (sqrt(v) + eps),\n"

@@ -15,8 +15,10 @@ What one step does, for a batch x of B rows (the model's maths is its ``forward_
    the flat buffer; across processes the communicator sums the result (one all-reduce of one
    flat buffer per step: why minivae keeps its parameters in one buffer).
 4. **optimizer update**: through the optimizer's public ``start_step()`` (once) and
-   ``update(lo, hi, grads)`` (per slice). In one process, steps 3 and 4 are fused: each thread
-   sums its slice and updates it in the same pass, right after a barrier.
+   ``update(lo, hi, grads)`` (per slice), unless the batch's loss or the summed gradient
+   holds NaN or Inf (:class:`NonFiniteStep`: nothing is updated). In one process, steps 3
+   and 4 are fused: after a barrier (which judges the loss and each block's gradient) each
+   thread sums its slice and updates it in the same pass.
 
 Only the order of the floating-point additions over the batch changes; the random stream does
 not (eps is drawn for the whole batch, then split). ``tests/test_parallel.py`` holds the
@@ -233,9 +235,11 @@ class DataParallel:
     def _blocks(self, x, eps, B, k, opt):
         """The model pass on k row blocks in k threads; then, once all k are done (a barrier),
         each thread sums the k gradient buffers over its slice of the flat buffer into
-        params.grad; given an optimizer, each checks its slice, and once all have (a second
-        barrier, which decides on the batch's loss and the summed gradient), applies the update
-        to its slice. -> ((loss, recon, kl) per row, whether the update was applied, the
+        params.grad and, given an optimizer, applies the update to that slice (the update
+        sums the buffers itself, in the same pass). The first barrier decides on the batch's
+        loss and each block's gradient; where a block holds numbers so large that the sum
+        could overflow, each thread sums and checks its slice first, and a second barrier
+        decides on the sum. -> ((loss, recon, kl) per row, whether the update was applied, the
         summed gradient's buffer), or None when the team is busy."""
         m = self.model
         if len(self._replicas) < k - 1 or any(r.data is not m.params.data for r in self._replicas):
@@ -244,20 +248,32 @@ class DataParallel:
         grads = [P.grad for P in shards]
         rows, slices = _threads.bounds(x.shape[0], k), _threads.bounds(grads[0].shape[0], k)
         update = None if opt is None else pick(type(opt).update, m.backend)
+        headroom = max(1, (k - 1).bit_length())   # 2^headroom >= k: a sum of k can't overflow
         losses = [None] * k           # each block's per-row losses
-        finite = [True] * k           # each thread's slice of the summed gradient is finite
-        stepped = [False]
+        codes = [1] * k               # each block's gradient: 0 NaN/Inf, 2 near overflow, 1 ok
+        finite = [True] * k           # careful mode: each thread's slice of the sum is finite
+        mode, stepped = ["refuse"], [False]
 
-        def decide():                 # run once, by the last thread to reach the 2nd barrier
-            # the batch's loss as _step will compute it (the same sum over the same rows), and
-            # the summed gradient (a sum can overflow where no block did): a NaN/Inf in
-            # either, and no thread updates (see _step)
-            if all(finite) and not _not_finite(np.add.reduce(np.concatenate(losses)) / B):
+        def decide_blocks():          # once, by the last block to reach the first barrier
+            # the batch's loss as _step will compute it (the same sum over the same rows):
+            # NaN/Inf there or in a block's gradient, and no thread updates (see _step);
+            # numbers so large that the blocks' sum could overflow: sum first, then decide
+            if 0 in codes or _not_finite(np.add.reduce(np.concatenate(losses)) / B):
+                mode[0] = "refuse"
+            elif 2 in codes:
+                mode[0] = "careful"
+            else:
+                mode[0] = "update"    # the update sums the blocks itself, in the same pass
                 opt.start_step()
                 stepped[0] = True
 
-        all_done = threading.Barrier(k)
-        decided = threading.Barrier(k, action=None if opt is None else decide)
+        def decide_sum():             # careful mode, once all slices of the sum are checked
+            if all(finite):
+                opt.start_step()
+                stepped[0] = True
+
+        all_done = threading.Barrier(k, action=None if opt is None else decide_blocks)
+        decided = threading.Barrier(k, action=None if opt is None else decide_sum)
         fb = self._forward_backward
 
         def job(j):
@@ -265,13 +281,18 @@ class DataParallel:
             try:
                 out = fb(m, shards[j], x[lo:hi], None if eps is None else eps[lo:hi], B)
                 losses[j] = out[0]
-                all_done.wait()       # every block's gradient is complete
+                if opt is not None:
+                    codes[j] = _finite_code(grads[j], headroom)
+                all_done.wait()       # every block's gradient is complete (and judged)
                 gs = tuple(g[a:b] for g in grads)
+                if mode[0] == "update":
+                    update(opt, a, b, gs)
+                    return out
                 sum_into_first(gs)    # this slice of params.grad: the batch's gradient
-                if opt is None:
+                if opt is None or mode[0] == "refuse":
                     return out
                 finite[j] = _finite_array(gs[0], 1)
-                decided.wait()        # every slice is summed and checked
+                decided.wait()        # every slice of the sum is checked
             except BaseException:
                 all_done.abort()      # the others stop waiting; the team re-raises this error
                 decided.abort()
@@ -305,6 +326,19 @@ def _not_finite(value) -> bool:
     if isinstance(value, (float, np.generic)) or type(value) is np.ndarray:
         return not math.isfinite(float(value))
     return False
+
+
+def _finite_code(a, headroom: int) -> int:
+    """kernels.finite_code of one thread's flat gradient buffer: 0 NaN/Inf, 2 a number within
+    2^headroom of overflowing, 1 neither (NumPy's min and max where the kernels are not built)."""
+    if kernels.enabled() and a.flags.c_contiguous and a.ndim == 1:
+        return kernels.finite_code(a, 1, headroom)
+    if not a.shape[0]:
+        return 1
+    lo, hi = np.min(a), np.max(a)
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return 0
+    return 2 if max(-float(lo), float(hi)) >= 2.0 ** (np.finfo(a.dtype).maxexp - headroom) else 1
 
 
 def _finite_array(a, parts: int, xp=np) -> bool:

@@ -262,11 +262,17 @@ def relu_grad_bias(src, out, g, db, rows: int, cols: int) -> None:
     _c.relu_grad_bias(src, out, g, db, rows, cols, current_parts())
 
 
+def finite_code(a, parts: int | None = None, headroom: int = 0) -> int:
+    """0 if the contiguous 1-D float32/float64 array a holds NaN or Inf; 2 if it is finite
+    but holds a number within 2^headroom of overflowing (a sum of 2^headroom such arrays
+    could overflow); else 1. One pass over the bits, on ``parts`` threads of the team
+    (default: :func:`current_parts`)."""
+    return _c.finite_code(a, current_parts() if parts is None else parts, headroom)
+
+
 def all_finite(a, parts: int | None = None) -> bool:
-    """Whether every number of the contiguous 1-D float32/float64 array a is finite: one pass
-    over its bits (exponent all ones: NaN or Inf), on ``parts`` threads of the team (default:
-    :func:`current_parts`)."""
-    return _c.all_finite(a, current_parts() if parts is None else parts)
+    """Whether every number of the contiguous 1-D float32/float64 array a is finite."""
+    return finite_code(a, parts) != 0
 
 
 def flat(*arrays):

@@ -856,9 +856,10 @@ class Trainer:
         for k, v in overrides.items():
             if k not in known:
                 raise TypeError(f"resume() got an unknown setting {k!r}")
-            if k in TrainConfig.FIXED and _effective(k, v, saved) != _effective(k, saved.get(k),
-                                                                            saved):
-                raise ResumeConflict(k, saved.get(k), v, _effective(k, saved.get(k), saved))
+            if k in TrainConfig.FIXED:
+                ran = _effective(k, saved.get(k), saved)
+                if _effective(k, v, saved) != ran:
+                    raise ResumeConflict(k, saved.get(k), v, ran)
         overrides = {k: v for k, v in overrides.items() if k not in TrainConfig.FIXED}
         try:
             TrainConfig.from_json({**saved, "out": str(run_dir)})

@@ -76,7 +76,12 @@ def _run(args, comm) -> int:
     root = comm.rank == 0                         # rank 0 alone prints and writes
     if not args.no_figure:                        # before the work: refuse an --out rank 0
         from ..engine.data_parallel import share_bytes   # could not write the figures into
-        share_bytes(comm, lambda: (writable_dir(args.out), b"")[1], errors=(UserError,))
+
+        def check_out() -> bytes:                 # rank 0 checks; every rank gets its verdict
+            writable_dir(args.out)
+            return b""
+
+        share_bytes(comm, check_out, errors=(UserError,))
     t0 = time.perf_counter()
     sweep = (1, 2, 4, 8, 16)
     if args.quick:                    # the header and the JSON report the values used

@@ -262,7 +262,7 @@ def _run(args, comm) -> int:
             a = {**DEFAULTS, **given}
             _categorical_only(given, a["latent_type"])
             try:
-                cfg = _config(TrainConfig, a, out, args)
+                cfg = _config(a, out, args)
             except (ValueError, TypeError) as e:   # from the command line alone: every rank
                 raise _everywhere(UserError(str(e))) from None   # finds it, rank 0 says it
             t = Trainer(cfg, comm=comm)
@@ -295,8 +295,10 @@ def _run(args, comm) -> int:
     return 0
 
 
-def _config(TrainConfig, a, out, args):
+def _config(a, out, args):
     """The TrainConfig of a new run from the flags (a: the defaults updated with the given)."""
+    from ..train import TrainConfig
+
     return TrainConfig(
         data=a["data"], data_dir=a["data_dir"], model=a["model"], hidden=a["hidden"],
         latent=a["latent"], activation=a["activation"], likelihood=a["likelihood"],

@@ -977,7 +977,7 @@ static void finite_part(void *arg, int part, int parts)
         return;
     }
     /* biased exponent of 2^(emax + 1 - headroom): emax + 1 + bias - headroom = 255 or 2047
-     * minus headroom; with headroom 0 only the non-finite reach it */
+     * minus headroom */
     if (j->f32)
         scan_f32((const uint32_t *)j->a + lo, hi - lo, 255u - (uint32_t)j->headroom,
                  &j->bad[part], &j->big[part]);

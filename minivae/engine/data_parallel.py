@@ -133,7 +133,7 @@ class DataParallel:
         threads allow with at least ``MIN_ROWS`` rows each (engine/threads.py)."""
         return max(1, min(self._threads(), rows // _threads.MIN_ROWS))
 
-    def _refusal(self, loss, grads, parts) -> str | None:
+    def _refusal(self, loss, parts) -> str | None:
         """Why this step must not be applied (its loss or a gradient holds NaN or Inf), or None.
         Checked on NumPy only: on CuPy reading the loss would stop the device's pipeline
         every step, and the strict backend stands in for a device (tests/test_train.py holds
@@ -144,7 +144,7 @@ class DataParallel:
             return (f"the training loss is {float(loss)} at this step: the update was not "
                     f"applied (parameters and optimizer state unchanged); lower the learning "
                     f"rate, or look for extreme inputs")
-        if not all(_finite_array(g, parts, self.model.xp) for g in grads):
+        if _finite_code(self.model.params.grad, parts=parts) == 0:
             return ("the gradient holds NaN or Inf at this step (the loss is finite): the "
                     "update was not applied (parameters and optimizer state unchanged); lower "
                     "the learning rate, or look for extreme inputs or parameters")
@@ -165,7 +165,7 @@ class DataParallel:
     def train_step(self, opt, x, eps=None, check=True) -> LossResult:
         """loss_and_grads, then one optimizer step, in one parallel section. Raises
         :class:`NonFiniteStep` (a FloatingPointError), without updating anything, when the
-        step's loss is NaN or Inf (NumPy backend; see there)."""
+        step's loss or gradient holds NaN or Inf (NumPy backend; see there)."""
         self._check_opt(opt)
         return self._step(x, eps, check, opt=opt)
 
@@ -190,7 +190,7 @@ class DataParallel:
         k = self._k(hi - lo)
         fuse = opt is not None and self.comm.size == 1
         blocks = self._blocks(x, eps, B, k, opt if fuse else None) if k > 1 else None
-        terms, stepped, grads_of_blocks = blocks if blocks is not None else (None, False, ())
+        terms, stepped = blocks if blocks is not None else (None, False)
         blas_k = parts = 1
         if terms is None:
             # Too few rows to split (or the team is busy: a nested call): the pass runs here,
@@ -220,7 +220,7 @@ class DataParallel:
             self.comm.allreduce_sum(sums)                                  # decides alike)
             loss, mrecon, mkl = sums[0] / B, sums[1] / B, sums[2] / B
         if opt is not None and not fuse:
-            why = self._refusal(loss, (m.params.grad,), parts)
+            why = self._refusal(loss, parts)
             if why:
                 raise NonFiniteStep(why)
             # after a pass on BLAS threads the update runs from this thread, its compiled
@@ -228,7 +228,7 @@ class DataParallel:
             with kernels.parts(parts):
                 optimizer_step(opt, split=blas_k == 1)
         elif fuse and not stepped:          # the row blocks' barrier refused the step
-            raise NonFiniteStep(self._refusal(loss, grads_of_blocks, 1)
+            raise NonFiniteStep(self._refusal(loss, 1)      # params.grad holds the sum
                                 or "a row block's gradient holds NaN or Inf")
         return LossResult(loss=loss, recon=mrecon, kl=mkl, elbo=-(recon + kl), grads=m.params.grad)
 
@@ -239,8 +239,8 @@ class DataParallel:
         sums the buffers itself, in the same pass). The first barrier decides on the batch's
         loss and each block's gradient; where a block holds numbers so large that the sum
         could overflow, each thread sums and checks its slice first, and a second barrier
-        decides on the sum. -> ((loss, recon, kl) per row, whether the update was applied, the
-        summed gradient's buffer), or None when the team is busy."""
+        decides on the sum. -> ((loss, recon, kl) per row, whether the update was applied; the
+        summed gradient is in params.grad either way), or None when the team is busy."""
         m = self.model
         if len(self._replicas) < k - 1 or any(r.data is not m.params.data for r in self._replicas):
             self._replicas = [m.params.with_own_grad() for _ in range(k - 1)]
@@ -258,7 +258,7 @@ class DataParallel:
             # the batch's loss as _step will compute it (the same sum over the same rows):
             # NaN/Inf there or in a block's gradient, and no thread updates (see _step);
             # numbers so large that the blocks' sum could overflow: sum first, then decide
-            if 0 in codes or _not_finite(np.add.reduce(np.concatenate(losses)) / B):
+            if 0 in codes or not math.isfinite(np.add.reduce(np.concatenate(losses)) / B):
                 mode[0] = "refuse"
             elif 2 in codes:
                 mode[0] = "careful"
@@ -291,7 +291,7 @@ class DataParallel:
                 sum_into_first(gs)    # this slice of params.grad: the batch's gradient
                 if opt is None or mode[0] == "refuse":
                     return out
-                finite[j] = _finite_array(gs[0], 1)
+                finite[j] = _finite_code(gs[0]) != 0
                 decided.wait()        # every slice of the sum is checked
             except BaseException:
                 all_done.abort()      # the others stop waiting; the team re-raises this error
@@ -304,7 +304,7 @@ class DataParallel:
         parts = _threads.team(k).run([partial(job, j) for j in range(k)], concurrent=True)
         if parts is None:
             return None
-        return tuple(m.xp.concat([p[j] for p in parts]) for j in range(3)), stepped[0], grads[:1]
+        return tuple(m.xp.concat([p[j] for p in parts]) for j in range(3)), stepped[0]
 
 
 class NonFiniteStep(FloatingPointError):
@@ -312,42 +312,29 @@ class NonFiniteStep(FloatingPointError):
     parameters, the optimizer's state and its step count are as they were (params.grad holds
     the refused step's gradient). Raised by :meth:`DataParallel.train_step` and
     :func:`minivae.train_step` on NumPy (the loss is one float; the gradient check is one
-    compiled pass over it, ~1% of the default model's step); on CuPy the check would stop the
-    device's pipeline every step, so it is not made there, nor on the strict backend, which
-    stands in for a device (the Trainer checks the loss it reads back every ``log_every``
-    steps). A finite gradient
-    whose update overflows (|g| near 1e19 in float32 squares to Inf in Adam's v) is not
-    caught here: the Trainer refuses to save such a state (Diverged)."""
+    compiled pass over it, about 2% of the default model's step at batch 128); on CuPy the
+    check would stop the device's pipeline every step, so it is not made there, nor on the
+    strict backend, which stands in for a device (the Trainer checks the loss it reads back
+    every ``log_every`` steps). A finite gradient whose update overflows (|g| near 1e19 in
+    float32 squares to Inf in Adam's v) is not caught here: the Trainer refuses to save such
+    a state (Diverged)."""
 
 
-def _not_finite(value) -> bool:
-    """A host number (NumPy scalar or 0-d array, float) that is NaN or Inf; False for a device
-    array, whose value is not read here."""
-    if isinstance(value, (float, np.generic)) or type(value) is np.ndarray:
-        return not math.isfinite(float(value))
-    return False
-
-
-def _finite_code(a, headroom: int) -> int:
-    """kernels.finite_code of one thread's flat gradient buffer: 0 NaN/Inf, 2 a number within
-    2^headroom of overflowing, 1 neither (NumPy's min and max where the kernels are not built)."""
+def _finite_code(a, headroom: int = 0, parts: int = 1) -> int:
+    """kernels.finite_code of a flat NumPy gradient buffer: 0 NaN/Inf, 2 a number within
+    2^headroom of overflowing, 1 neither; one compiled pass on ``parts`` threads of the team,
+    or NumPy's min and max where the kernels are not built (NaN propagates through both, and
+    an infinity is one of them)."""
     if kernels.enabled() and a.flags.c_contiguous and a.ndim == 1:
-        return kernels.finite_code(a, 1, headroom)
+        return kernels.finite_code(a, parts, headroom)
     if not a.shape[0]:
         return 1
     lo, hi = np.min(a), np.max(a)
     if not (np.isfinite(lo) and np.isfinite(hi)):
         return 0
+    if not headroom:                  # finite is all that is asked (and 2.0 ** 1024 overflows)
+        return 1
     return 2 if max(-float(lo), float(hi)) >= 2.0 ** (np.finfo(a.dtype).maxexp - headroom) else 1
-
-
-def _finite_array(a, parts: int, xp=np) -> bool:
-    """Every number of the flat array a is finite: one compiled pass on ``parts`` threads of
-    the team where the kernels were built (NumPy, contiguous), else a min and a max (NaN
-    propagates through both, and an infinity is one of them)."""
-    if type(a) is np.ndarray and kernels.enabled() and a.flags.c_contiguous and a.ndim == 1:
-        return kernels.all_finite(a, parts)
-    return not a.shape[0] or (bool(xp.isfinite(xp.min(a))) and bool(xp.isfinite(xp.max(a))))
 
 
 def optimizer_step(opt, split: bool = True) -> None:
@@ -375,7 +362,7 @@ def train_step(model, opt, x, eps=None, check=True) -> LossResult:
     to round-off (``tests/test_parallel.py``), through the model's :class:`DataParallel`
     (made on first use and kept with the model): on NumPy the forward/backward, the gradient
     sum and the optimizer update run in one parallel section. The trainer uses this.
-    On NumPy a step whose loss is NaN or Inf raises :class:`NonFiniteStep` (a
+    On NumPy a step whose loss or gradient holds NaN or Inf raises :class:`NonFiniteStep` (a
     FloatingPointError) and updates nothing, as ``opt.step()`` refuses a NaN/Inf gradient.
     """
     if not (hasattr(model, "forward_backward") and hasattr(model, "params")):

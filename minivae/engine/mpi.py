@@ -45,16 +45,22 @@ class MPIUnavailable(RuntimeError):
     """Launched under an MPI launcher with more than one rank, but mpi4py cannot be imported."""
 
 
+def _env_int(names) -> int | None:
+    """The first of the environment variables ``names`` that holds a whole number, or None."""
+    for var in names:
+        v = os.environ.get(var, "").strip()
+        if v.isdigit():
+            return int(v)
+    return None
+
+
 def launched_size() -> int | None:
     """The world size an MPI launcher announced in the environment: an int, 0 when a launcher
     is seen but does not say the size (PMIx alone), None when there is no launcher."""
-    for var in SIZE_VARS:
-        v = os.environ.get(var, "")
-        if v.strip().isdigit():
-            return int(v)
-    if any(v in os.environ for v in RANK_VARS):
-        return 0
-    return None
+    size = _env_int(SIZE_VARS)
+    if size is not None:
+        return size
+    return 0 if any(v in os.environ for v in RANK_VARS) else None
 
 
 #: variables that give the number of ranks on this node (Open MPI, MPICH/Hydra, Slurm)
@@ -64,10 +70,9 @@ LOCAL_SIZE_VARS = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASK
 def launched_local_size() -> int | None:
     """How many ranks of this launch share this machine, from the launcher's environment;
     the whole world size when the launcher does not say; None when there is no launcher."""
-    for var in LOCAL_SIZE_VARS:
-        v = os.environ.get(var, "")
-        if v.strip().isdigit() and int(v) > 0:
-            return int(v)
+    local = _env_int(LOCAL_SIZE_VARS)
+    if local:
+        return local
     size = launched_size()
     return None if size is None else max(size, 1)
 
@@ -75,11 +80,7 @@ def launched_local_size() -> int | None:
 def launched_rank() -> int | None:
     """This process's rank as an MPI launcher announced it in the environment (before MPI is
     initialised), or None when there is no launcher or it does not say."""
-    for var in RANK_VARS:
-        v = os.environ.get(var, "")
-        if v.strip().isdigit():
-            return int(v)
-    return None
+    return _env_int(RANK_VARS)
 
 
 _world: Communicator | None = None

@@ -102,9 +102,8 @@ def main(argv=None) -> int:
     if extra:         # named by the command's parser: 'minivae train: error: unrecognized ...'
         parser.commands.get(args.command, parser).error(
             f"unrecognized arguments: {' '.join(extra)}")
-    if not getattr(args, "_run", None):
-        parser.print_help()
-        return 2
+    if not getattr(args, "_run", None):     # a bare `minivae`: one line, as any other misuse
+        parser.error(f"a command is required: {', '.join(COMMANDS)}")
     from .engine.mpi import launched_rank, launched_size
 
     ranks = launched_size()

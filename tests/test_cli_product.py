@@ -126,6 +126,10 @@ def test_bad_flags_and_paths_give_one_line_errors(args, message):
     (["sample", "run", "-n", "x"], "argument -n: expected a whole number, got 'x'"),
     (["sample", "run", "-n", "20000"], "argument -n: must be <= 10000, got 20000"),
     (["compare", "--seed", "-1"], "argument --seed: must be >= 0, got -1"),
+    ([], "minivae: error: a command is required: train, evaluate, sample, info, gradcheck, "
+         "compare, study"),
+    (["train", "--threads", "100000"], "argument --threads: must be <= 1024, got 100000"),
+    (["train", "--threads", "0"], "argument --threads: must be >= 1, got 0"),
 ])
 def test_argparse_errors_are_one_line_too(args, message):
     """A flag argparse itself refuses (a bad value, an unknown flag or command, a missing

@@ -229,19 +229,20 @@ def test_a_batch_too_small_to_split_runs_here_with_the_blas_on_the_threads(rng, 
 
 
 def test_thread_count_is_validated(monkeypatch):
-    with pytest.raises(ValueError, match="whole number >= 1"):
-        minivae.set_num_threads(0)
-    with pytest.raises(ValueError, match="whole number >= 1"):
-        minivae.set_num_threads(1.5)
+    for bad in (0, 1.5, -1, "2", True, 1025, 100_000):
+        with pytest.raises(ValueError, match="whole number from 1 to 1024"):
+            minivae.set_num_threads(bad)
     monkeypatch.setenv("MINIVAE_NUM_THREADS", "two")
     if blas.pinnable():
         with pytest.raises(ValueError, match="MINIVAE_NUM_THREADS must be a whole number"):
             minivae.get_num_threads()
     if blas.pinnable():
-        for bad in ("0", "-2"):
+        for bad in ("0", "-2", "1025"):
             monkeypatch.setenv("MINIVAE_NUM_THREADS", bad)
-            with pytest.raises(ValueError, match="MINIVAE_NUM_THREADS must be >= 1"):
+            with pytest.raises(ValueError, match="MINIVAE_NUM_THREADS must be from 1 to 1024"):
                 minivae.get_num_threads()
+    minivae.set_num_threads(1024)                  # the bound itself is allowed
+    minivae.set_num_threads(None)
     monkeypatch.setenv("MINIVAE_NUM_THREADS", "3")
     assert minivae.get_num_threads() == (3 if blas.pinnable() else 1)
     minivae.set_num_threads(2)                     # the call wins over the environment

@@ -114,3 +114,20 @@ def test_save_all_still_writes_every_figure_that_applies(tmp_path, data, model):
     import matplotlib.pyplot as plt
 
     assert plt.get_fignums() == [], "a figure was left open"
+
+
+def test_a_large_sample_mosaic_is_not_enlarged_past_its_cap(tmp_path):
+    """64 samples keep their 2.5 figure pixels a mosaic pixel (the figures in examples/ are
+    unchanged); 2500 samples (a 1451-pixel mosaic) are drawn at no more than MAX_MOSAIC_PX
+    and never below one figure pixel a mosaic pixel (10000 samples took 27 s at 2.5)."""
+    from PIL import Image
+
+    model = VAE(seed=0)
+    small, large = tmp_path / "s64.png", tmp_path / "s2500.png"
+    plots.samples(model, small, n=64, cols=8)
+    plots.samples(model, large, n=2500, cols=50)
+    assert Image.open(small).size == (602, 632)          # 233-pixel mosaic: 233 * 2.5 + margins
+    w, h = Image.open(large).size
+    mosaic = 50 * 29 + 1
+    assert mosaic <= w <= plots.MAX_MOSAIC_PX + 50, (w, h)
+    assert plots.MAX_MOSAIC_PX / mosaic < 2.5          # so the cap, not the 2.5, applied

@@ -198,7 +198,8 @@ def test_the_environment_variable_keeps_openblas_own_threads():
      "number of microseconds from 0 to 10000000, got '99999999999999999999'"),
     ("MINIVAE_BLAS_TEAM", "maybe", "MINIVAE_BLAS_TEAM must be 1 or 0 (true/false, yes/no, "
      "on/off), got 'maybe'"),
-    ("MINIVAE_NUM_THREADS", "0", "MINIVAE_NUM_THREADS must be >= 1, got '0'"),
+    ("MINIVAE_NUM_THREADS", "0", "MINIVAE_NUM_THREADS must be from 1 to 1024, got '0'"),
+    ("MINIVAE_NUM_THREADS", "100000", "MINIVAE_NUM_THREADS must be from 1 to 1024, got '100000'"),
 ])
 def test_bad_thread_settings_are_one_line_before_any_work(tmp_path, name, value, message):
     env = {**os.environ, name: value}

@@ -25,6 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..backend import NAMES as BACKENDS
+from ..engine.threads import MAX_THREADS
 from ..layers import ACTIVATIONS, INITS
 from ..losses import LIKELIHOODS
 from ..models import MODELS
@@ -122,7 +123,7 @@ def add_arguments(p):
                    help="array backend: numpy (CPU, default), cupy (NVIDIA GPU), auto "
                         "(cupy if a GPU works, else numpy), strict (array-API test backend)")
     g.add_argument("--dtype", choices=["float32", "float64"], help="default float32")
-    g.add_argument("--threads", type=pos_int, metavar="N",
+    g.add_argument("--threads", type=number(1, kind=int, high=MAX_THREADS), metavar="N",
                    help="CPU threads for the NumPy step (default: $MINIVAE_NUM_THREADS, else "
                         "min(cores, 4)); the batch is split over them from 256 rows a "
                         "thread, below that the BLAS splits each matrix product")

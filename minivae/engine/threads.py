@@ -51,6 +51,7 @@ import threading
 from . import blas
 
 MAX_DEFAULT_THREADS = 4
+MAX_THREADS = 1024   # more is a typo: only the cores (and the batch's rows) are ever used
 MIN_ROWS = 256         # batch rows per thread for a row split. With fewer, the pass runs on the
                        # calling thread and the BLAS threads its matrix products instead: a row
                        # split then costs more than it saves (each thread writes a whole weight
@@ -82,8 +83,8 @@ def get_num_threads() -> int:
             n = int(env)
         except ValueError:
             raise ValueError(f"MINIVAE_NUM_THREADS must be a whole number, got {env!r}") from None
-        if n < 1:
-            raise ValueError(f"MINIVAE_NUM_THREADS must be >= 1, got {env!r}")
+        if not 1 <= n <= MAX_THREADS:
+            raise ValueError(f"MINIVAE_NUM_THREADS must be from 1 to {MAX_THREADS}, got {env!r}")
         return n
     return default_threads()
 
@@ -102,10 +103,13 @@ def default_threads() -> int:
 
 
 def set_num_threads(n: int | None) -> None:
-    """Set the thread count (``None``: back to the default)."""
+    """Set the thread count (``None``: back to the default). ValueError unless a whole number
+    from 1 to MAX_THREADS (1024)."""
     global _threads
-    if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
-        raise ValueError(f"number of threads must be a whole number >= 1, got {n!r}")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral)
+                          or not 1 <= n <= MAX_THREADS):
+        raise ValueError(f"number of threads must be a whole number from 1 to {MAX_THREADS}, "
+                         f"got {n!r}")
     _threads = None if n is None else int(n)
 
 

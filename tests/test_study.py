@@ -163,3 +163,14 @@ def test_backprop_through_sampling_example_passes_its_finite_difference_check(tm
     assert {"logits", "z", "mu", "logvar", "enc.0.W"} <= names
     assert "dL/dmu      = dL/dz        + mu" in out
     assert_png(tmp_path / "backprop_through_sampling.png")
+
+
+def test_a_value_given_with_quick_wins_over_quick(tmp_path):
+    """--quick sets --batch 8, --replicates 5, --steps 20 unless given: an explicit value is
+    used and reported (it was silently cut down to --quick's)."""
+    proc = subprocess.run([sys.executable, "-m", "minivae", "study", "estimators", "--quick",
+                           "--json", "--no-figure", "--replicates", "6", "--steps", "0"],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    setup = json.loads(proc.stdout)["setup"]
+    assert (setup["batch"], setup["replicates"], setup["train_steps"]) == (8, 6, 0)

@@ -34,25 +34,30 @@ HELP = ("measure the gradient estimators: pathwise, score function (+ baselines)
         "REINFORCE vs Gumbel-softmax for discrete latents")
 
 
+DEFAULTS = {"batch": 32, "replicates": 50, "steps": 300}
+QUICK = {"batch": 8, "replicates": 5, "steps": 20}
+
+
 def add_arguments(p) -> None:
     p.add_argument("what", choices=["estimators"], help="what to study")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--out", default=os.path.join("runs", "study"),
                    help="directory for the figure (default: runs/study)")
     p.add_argument("--no-figure", action="store_true", help="skip the figures")
-    p.add_argument("--batch", type=number(1, kind=int, high=1000), default=32,
-                   help="test images in the fixed batch (32; at most mnist10k's 1000)")
+    p.add_argument("--batch", type=number(1, kind=int, high=1000),
+                   help="test images in the fixed batch (32, --quick 8; at most mnist10k's 1000)")
     p.add_argument("--samples", type=number(2, kind=int, high=1000), default=4,
                    help="samples S per image for the table (4; the baseline needs >= 2; at "
                         "most 1000)")
-    p.add_argument("--replicates", type=number(2, kind=int), default=50,
-                   help="independent estimates per measured variance (50, >= 2)")
-    p.add_argument("--steps", type=number(0, kind=int), default=300,
-                   help="Adam steps of the short training (300)")
+    p.add_argument("--replicates", type=number(2, kind=int),
+                   help="independent estimates per measured variance (50, --quick 5; >= 2)")
+    p.add_argument("--steps", type=number(0, kind=int),
+                   help="Adam steps of the short training (300, --quick 20)")
     p.add_argument("--seed", type=number(0, kind=int), default=0)
     p.add_argument("--backend", default="numpy", help="numpy | cupy | strict | auto (numpy)")
     p.add_argument("--quick", action="store_true",
-                   help="tiny settings, for a smoke test (numbers are rough)")
+                   help="tiny settings, for a smoke test (numbers are rough): --batch 8, "
+                        "--replicates 5, --steps 20 and a shorter sweep, unless given")
 
 
 def run(args) -> int:
@@ -84,9 +89,12 @@ def _run(args, comm) -> int:
         share_bytes(comm, check_out, errors=(UserError,))
     t0 = time.perf_counter()
     sweep = (1, 2, 4, 8, 16)
-    if args.quick:                    # the header and the JSON report the values used
-        args.batch, args.replicates, args.steps = min(args.batch, 8), min(args.replicates, 5), \
-            min(args.steps, 20)
+    # the defaults, or --quick's; a value given on the command line wins over both (the
+    # header and the JSON report the values used)
+    for name, value in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.quick:
         sweep = (1, 2, 4)
     ds = load_dataset("mnist10k")
     model = VAE(backend=args.backend, seed=args.seed)

@@ -24,6 +24,8 @@ import math
 import numbers
 from abc import ABC, abstractmethod
 
+import numpy as np   # host-side checks of a loaded state (state_dict's buffers are host arrays)
+
 
 def _finite(value, name, low=None, low_ok=True):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
@@ -64,6 +66,7 @@ class Optimizer(ABC):
     """
 
     state_names: tuple[str, ...] = ()
+    nonnegative_state: tuple[str, ...] = ()     # buffers that can never hold a number < 0
 
     def __init__(self, params, lr: float, weight_decay: float = 0.0):
         if not (hasattr(params, "data") and hasattr(params, "grad") and hasattr(params, "layout")):
@@ -112,16 +115,52 @@ class Optimizer(ABC):
                 "buffers": {n: b.to_host(getattr(self, n)).copy() for n in self.state_names}}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned. Everything is checked before anything is
+        written, so a refused state changes nothing: ValueError naming the problem for another
+        optimizer's state, a missing key or buffer, a step count that is not a whole number
+        >= 0, a buffer of the wrong shape, a non-real dtype, NaN/Inf, numbers the parameters'
+        dtype cannot hold, or a negative second moment (Adam's v, Adagrad's s: sqrt of it is
+        NaN, and every parameter after one step)."""
+        if not isinstance(state, dict) or not {"name", "t", "buffers"} <= set(state):
+            raise ValueError(f"an optimizer state must be a dict with 'name', 't' and 'buffers' "
+                             f"(what state_dict() returns), got "
+                             f"{sorted(state) if isinstance(state, dict) else type(state).__name__}")
         if state["name"] != type(self).__name__:
             raise ValueError(f"checkpoint holds {state['name']} state, not {type(self).__name__}")
-        b = self.params.backend
+        t = state["t"]
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0:
+            raise ValueError(f"optimizer step count t must be a whole number >= 0, got {t!r}")
+        buffers = state["buffers"]
+        if not isinstance(buffers, dict):
+            raise ValueError(f"optimizer buffers must be a dict of arrays, got "
+                             f"{type(buffers).__name__}")
+        b, shape = self.params.backend, tuple(self.params.data.shape)
+        dtype = np.float64 if "64" in str(self.params.dtype) else np.float32   # any backend's
+        host = {}
         for n in self.state_names:
-            buf = state["buffers"][n]
-            if tuple(buf.shape) != tuple(self.params.data.shape):
-                raise ValueError(f"optimizer buffer {n!r} has shape {buf.shape}, expected "
-                                 f"{tuple(self.params.data.shape)}")
+            if n not in buffers:
+                raise ValueError(f"optimizer buffer {n!r} is missing")
+            buf = buffers[n]
+            buf = buf if isinstance(buf, np.ndarray) else np.asarray(b.to_host(buf)) \
+                if hasattr(buf, "__cuda_array_interface__") else np.asarray(buf)
+            if tuple(buf.shape) != shape:
+                raise ValueError(f"optimizer buffer {n!r} has shape {buf.shape}, expected {shape}")
+            if buf.dtype.kind not in "fiu":
+                raise ValueError(f"optimizer buffer {n!r} must hold real numbers, got dtype "
+                                 f"{buf.dtype}")
+            with np.errstate(over="ignore", invalid="ignore"):
+                cast = buf.astype(dtype)
+            if not np.all(np.isfinite(cast)):
+                raise ValueError(f"optimizer buffer {n!r} holds numbers too large for "
+                                 f"{np.dtype(dtype).name}" if np.all(np.isfinite(buf)) else
+                                 f"optimizer buffer {n!r} holds NaN or Inf")
+            if n in self.nonnegative_state and np.any(cast < 0):
+                raise ValueError(f"optimizer buffer {n!r} holds negative numbers; it is a sum of "
+                                 f"squared gradients, never below 0")
+            host[n] = cast
+        for n, buf in host.items():
             getattr(self, n)[...] = b.asarray(buf, dtype=self.params.dtype)
-        self.t = int(state["t"])
+        self.t = int(t)
 
     def hyper(self) -> dict:
         return {"lr": self.lr, "weight_decay": self.weight_decay}
@@ -172,6 +211,7 @@ class Adam(Optimizer):
         self.decoupled = decoupled
         self.m, self.v = self._zeros(), self._zeros()
         self.state_names = ("m", "v")
+        self.nonnegative_state = ("v",)
 
     def hyper(self):
         return {**super().hyper(), "betas": [self.b1, self.b2], "eps": self.eps,
@@ -211,6 +251,7 @@ class Adagrad(Optimizer):
         if init:
             self.s += init
         self.state_names = ("s",)
+        self.nonnegative_state = ("s",)
 
     def hyper(self):
         return {**super().hyper(), "eps": self.eps}

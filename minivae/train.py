@@ -353,6 +353,9 @@ def _check_state(arrays: dict, meta: dict, path) -> None:
         b = arrays.get(f"opt.{n}")
         if b is None or b.shape != p.shape or b.dtype != p.dtype or not np.all(np.isfinite(b)):
             bad(f"optimizer buffer {n!r} is missing, of the wrong shape or type, or not finite")
+        if n in ("v", "s") and np.any(b < 0):     # Adam's, Adagrad's sum of squared gradients
+            bad(f"optimizer buffer {n!r} holds negative numbers; it is a sum of squared "
+                f"gradients, never below 0")
     if o["t"] != meta["step"]:
         bad(f"the optimizer has taken {o['t']} steps but the run {meta['step']}")
     if meta["epoch"] > meta["step"] or len(meta["history"]) != meta["epoch"]:

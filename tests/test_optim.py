@@ -112,6 +112,69 @@ def test_state_dict_round_trip_continues_identically(cpu_backend):
         SGD(Q).load_state_dict(state)
 
 
+def _state(opt, **change):
+    s = opt.state_dict()
+    s["buffers"] = {k: v.copy() for k, v in s["buffers"].items()}
+    for k, v in change.items():
+        if k in s["buffers"]:
+            s["buffers"][k] = v
+        else:
+            s[k] = v
+    return s
+
+
+@pytest.mark.parametrize("cls", [Adam, Adagrad, SGD])
+def test_a_refused_optimizer_state_changes_nothing(cls):
+    """load_state_dict checks everything before it writes anything: a valid first buffer and
+    a bad second one left the first overwritten; a missing key gave KeyError, t='x' an int()
+    message, t=-5 was taken; a negative Adam v / Adagrad s was taken and the next step made
+    every parameter NaN."""
+    from minivae.backend import get_backend
+
+    P = make_params(get_backend("numpy"))
+    opt = cls(P, momentum=0.9) if cls is SGD else cls(P)
+    for g in grads_stream(50, 3):
+        P.grad[...] = g
+        opt.step()
+    names, n = opt.state_names, P.data.shape[0]
+    first_good_last_bad = {names[0]: np.full(n, 7.0), names[-1]: np.ones(3)}
+    cases = [
+        (_state(opt, **first_good_last_bad), "has shape"),
+        (_state(opt, t="x"), "t must be a whole number >= 0, got 'x'"),
+        (_state(opt, t=-5), "t must be a whole number >= 0, got -5"),
+        (_state(opt, t=2.0), "t must be a whole number"),
+        ({"name": type(opt).__name__, "t": 1}, "must be a dict with 'name', 't' and 'buffers'"),
+        ({}, "must be a dict with 'name', 't' and 'buffers'"),
+        (None, "got NoneType"),
+        (_state(opt, **{names[-1]: np.full(n, np.nan)}), "holds NaN or Inf"),
+        (_state(opt, **{names[-1]: np.full(n, 1e300)}), None),    # fine in float64
+        (_state(opt, **{names[-1]: np.ones(n, complex)}), "must hold real numbers"),
+        (_state(opt, buffers={}), f"buffer {names[0]!r} is missing"),
+    ]
+    if cls is not SGD:
+        second = "v" if cls is Adam else "s"
+        cases.append((_state(opt, **{second: -np.ones(n)}), "holds negative numbers"))
+    for state, message in cases:
+        before = [getattr(opt, k).copy() for k in names] + [opt.t, P.data.copy()]
+        if message is None:
+            opt.load_state_dict(state)
+            continue
+        with pytest.raises(ValueError, match=message):
+            opt.load_state_dict(state)
+        after = [getattr(opt, k) for k in names] + [opt.t, P.data]
+        for a, b in zip(before, after):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_a_float32_optimizer_refuses_state_it_cannot_hold():
+    from minivae.backend import get_backend
+
+    P = make_params(get_backend("numpy"), dtype="float32")
+    opt = Adam(P)
+    with pytest.raises(ValueError, match="'m' holds numbers too large for float32"):
+        opt.load_state_dict(_state(opt, m=np.full(50, 1e300)))
+
+
 def test_bad_hyperparameters_and_names():
     P = make_params("numpy")
     with pytest.raises(ValueError, match="learning rate must be positive"):

@@ -774,4 +774,21 @@ def build_model(config: dict, backend="numpy", dtype="float32", seed=0):
     cls = MODELS.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ValueError(f"unknown model kind {kind!r}; choose one of {', '.join(MODELS)}")
+    _check_config_fields(cls, cfg)
     return cls(**cfg, backend=backend, dtype=dtype, seed=seed)
+
+
+def _check_config_fields(cls, cfg: dict) -> None:
+    """ValueError for a config field the model class does not take (a damaged checkpoint's
+    'foo', or 'backend'/'dtype'/'seed', which are build_model's own arguments), instead of
+    Python's TypeError about keyword arguments."""
+    import inspect
+
+    own = {"backend", "dtype", "seed"}
+    takes = set(inspect.signature(cls.__init__).parameters) - {"self"} - own
+    unknown = sorted(k for k in cfg if k not in takes)
+    if unknown:
+        given = [k for k in unknown if k in own]
+        raise ValueError(f"the {cls.__name__} config has no field {', '.join(map(repr, unknown))}"
+                         + (" (backend, dtype and seed are build_model's own arguments)"
+                            if given else f"; its fields: {', '.join(sorted(takes))}"))

@@ -31,6 +31,7 @@ import dataclasses
 import io
 import json
 import math
+import numbers
 import os
 import signal
 import sys
@@ -46,13 +47,13 @@ import numpy as np
 
 from . import __version__
 from .backend import NAMES as BACKEND_NAMES
-from .backend import get_backend, jsonable, strict_json
+from .backend import BackendUnavailable, get_backend, jsonable, strict_json
 from .fileio import atomic_write
 from .data import BINARIZE, binarize, load_dataset
 from .evaluate import elbo
 from .engine import NonFiniteStep, threads, train_step
 from .engine.data_parallel import DataParallel, ReplicasDiffer, check_same, share_bytes
-from .models import MODELS, build_model, layout_of
+from .models import MODELS, _check_config_fields, build_model, layout_of
 from .optim import make_optimizer
 from .params import Layout
 
@@ -200,8 +201,17 @@ class TrainConfig:
     keep: int = 3                     # epoch checkpoints kept (checkpoint-epoch0007.npz, ...)
 
     def __post_init__(self):
-        self.hidden = [int(h) for h in (self.hidden if isinstance(self.hidden, (list, tuple))
-                                        else [self.hidden])]
+        hidden = self.hidden if isinstance(self.hidden, (list, tuple)) else [self.hidden]
+        # whole numbers only: int(400.7) was 400, int(True) 1 and int("400") 400, silently
+        if not hidden or any(isinstance(h, bool) or not isinstance(h, numbers.Integral) or h < 1
+                             for h in hidden):
+            raise ValueError(f"hidden must be a list of layer widths, whole numbers >= 1, got "
+                             f"{self.hidden!r}")
+        self.hidden = [int(h) for h in hidden]
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
+        if not isinstance(self.out, (str, os.PathLike)):
+            raise ValueError(f"out must be a directory path, got {self.out!r}")
         if self.binarize not in BINARIZE:
             raise ValueError(f"binarize must be one of {', '.join(BINARIZE)}, got {self.binarize!r}")
         if self.model not in MODELS:
@@ -305,9 +315,15 @@ def load_checkpoint(path, data: bytes | None = None) -> tuple[dict, dict]:
     if data is None and not path.is_file():
         raise CheckpointError(_missing(path))
     try:
-        with np.load(path if data is None else io.BytesIO(data), allow_pickle=False) as z:
+        z = np.load(path if data is None else io.BytesIO(data), allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):     # an .npy array: no header, no state
+            raise CheckpointError(f"{path} is not a minivae checkpoint (a single NumPy array, "
+                                  f"not an .npz archive of arrays and a JSON header)")
+        with z:
             arrays = {k: z[k] for k in z.files}
         meta = json.loads(str(arrays.pop("meta")), parse_constant=_no_constant)
+    except CheckpointError:
+        raise
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError, zlib.error) as e:
         if "not valid JSON" in str(e):
             raise CheckpointError(f"{path}: its header holds {e}") from None
@@ -322,13 +338,24 @@ def load_checkpoint(path, data: bytes | None = None) -> tuple[dict, dict]:
     _check_meta(meta, path)
     layout = Layout.from_json(meta["layout"])
     try:
+        kind = meta["model"].get("kind", "vae")
+        if isinstance(kind, str) and kind in MODELS:      # else layout_of names the kind
+            _check_config_fields(MODELS[kind],
+                                 {k: v for k, v in meta["model"].items() if k != "kind"})
         implied = layout_of(meta["model"])
+        if implied == layout:   # its values too (beta -1, x_sigma 0): the model built once
+            build_model(meta["model"], dtype=meta["dtype"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: its model config is not valid ({e})") from None
     if implied != layout:
-        raise CheckpointError(f"{path}: its model config implies {implied.size:,} parameters in "
-                              f"{len(implied.names)} tensors, but its layout holds {layout.size:,} "
-                              f"in {len(layout.names)}")
+        theirs = [f"{n} {list(s)}" for n, s in implied.to_json()]
+        ours = [f"{n} {list(s)}" for n, s in layout.to_json()]
+        first = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), None)
+        raise CheckpointError(
+            f"{path}: its model config implies {implied.size:,} parameters in "
+            f"{len(implied.names)} tensors, but its layout holds {layout.size:,} in "
+            f"{len(layout.names)}" + (f" (tensor {first}: {theirs[first]} against {ours[first]})"
+                                      if first is not None else ""))
     p = arrays.get("params")
     if p is None or p.shape != (layout.size,):
         raise CheckpointError(f"{path}: parameter array has shape "
@@ -441,12 +468,23 @@ def _check_meta(meta: dict, path) -> None:
         bad("rng", "an object with the model's and the shuffle's generator states")
     if not all(isinstance(row, dict) for row in meta["history"]):
         bad("history", "a list of objects (one per epoch)")
+    for i, row in enumerate(meta["history"]):
+        if row.get("epoch") != i + 1 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in row.values()):
+            bad("history", f"one object of numbers per epoch, numbered from 1 (entry {i} is "
+                           f"{json.dumps(row)[:80]})")
 
 
 def load_model(path, backend="numpy"):
     """A trained model from a checkpoint (file or run directory), on any backend."""
     arrays, meta = load_checkpoint(path)
-    model = build_model(meta["model"], backend=backend, dtype=meta["dtype"])
+    try:
+        model = build_model(meta["model"], backend=backend, dtype=meta["dtype"])
+    except ValueError as e:       # a value the model refuses (beta -1): the file is damaged
+        if isinstance(e, BackendUnavailable):
+            raise
+        named = Path(path) / CHECKPOINT if Path(path).is_dir() else path
+        raise CheckpointError(f"{named}: its model config is not valid ({e})") from None
     model.params.load_state_dict({"layout": meta["layout"], "data": arrays["params"]})
     return model, meta
 
@@ -871,6 +909,17 @@ class Trainer:
         # an override that makes it invalid (say momentum with Adam) is the caller's ValueError
         cfg = TrainConfig.from_json({**saved, "out": str(run_dir), **overrides})
         t = cls(cfg, dataset=dataset, log=log, comm=comm)
+        # the model the training configuration builds must be the saved one (beta and tau
+        # are the trainer's to set at every step: the KL warm-up, the temperature schedule)
+        built = json.loads(strict_json(t.model.config))
+        differ = [k for k, v in meta["model"].items()
+                  if k not in ("beta", "tau") and built.get(k, v) != v]
+        if differ or meta["dtype"] != cfg.dtype:
+            saved_model = meta["model"]
+            what = (f"model config ({', '.join(f'{k} {saved_model[k]!r}' for k in differ)})"
+                    if differ else f"dtype {meta['dtype']}")
+            raise CheckpointError(f"{src}: its {what} does not match its training "
+                                  f"configuration")
         if t.model.params.layout.to_json() != meta["layout"]:
             raise CheckpointError(f"{src}: the checkpoint's parameter layout does not match "
                                   f"the configured model")
@@ -883,7 +932,12 @@ class Trainer:
             raise CheckpointError(f"{src}: optimizer buffer {e} is missing") from None
         except ValueError as e:
             raise CheckpointError(f"{src}: {e}") from None
-        if not t.model.rng.set_state(meta["rng"]["model"]):
+        try:
+            restored = t.model.rng.set_state(meta["rng"]["model"])
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{src}: the saved noise generator state is damaged "
+                                  f"({type(e).__name__}: {e})") from None
+        if not restored:
             t.log(f"note: the {meta['backend']} noise stream of this run cannot be restored on "
                   f"backend {t.backend.name}; training continues with a fresh stream from the seed")
         try:
@@ -926,7 +980,8 @@ class Trainer:
         atomic_write(self.out / "metrics.json", lambda f: f.write(text), "metrics.json")
         if self.history:
             buf = io.StringIO(newline="")
-            w = csv.DictWriter(buf, fieldnames=list(self.history[0]))
+            columns = list(dict.fromkeys(k for row in self.history for k in row))  # all, in order
+            w = csv.DictWriter(buf, fieldnames=columns, restval="")
             w.writeheader()
             w.writerows(self.history)
             data = buf.getvalue().encode()

@@ -418,6 +418,30 @@ EDITS = {
     "epoch absurd": (lambda m: m.update(epoch=10 ** 30), None, None, "do not agree"),
     "optimizer buffer short": (None, lambda a: a.update(**{"opt.m": a["opt.m"][:5]}), None,
                                "optimizer buffer 'm'"),
+    # the fifth attack (the Python API): evaluate took these, or crashed on them
+    "Adam's v negative": (None, lambda a: a.update(**{"opt.v": -np.abs(a["opt.v"]) - 1}), None,
+                          "'v' holds negative numbers"),
+    "model config with a field it has not": (lambda m: m["model"].update(foo=1), None, None,
+                                             "the VAE config has no field 'foo'"),
+    "model config with seed": (lambda m: m["model"].update(seed=3), None, None,
+                               "VAE config has no field 'seed'"),
+    "model config beta -1": (lambda m: m["model"].update(beta=-1), None, None,
+                             "beta must be a finite number >= 0, got -1"),
+    "history row empty": (lambda m: m.update(history=[{}] * len(m["history"])), None, None,
+                          "'history' must be one object of numbers per epoch"),
+    "layout tensor renamed": (lambda m: m["layout"][0].__setitem__(0, "zzz"), None, None,
+                              "tensor 0: enc.0.W"),
+    "train_config dtype float16": (lambda m: m["train_config"].update(dtype="float16"), None,
+                                   None, "dtype must be float32 or float64"),
+}
+
+RESUME_ONLY = {   # the model loads for evaluate; the run cannot continue from it
+    "noise generator state damaged": (
+        lambda m: m["rng"].update(model={"kind": "numpy", "state": {"bit_generator": "PCG64",
+                                                                    "state": "x"}}),
+        "the saved noise generator state is damaged"),
+    "dtype differs from the training config": (
+        lambda m: m.update(dtype="float64"), "its dtype float64 does not match"),
 }
 
 
@@ -430,3 +454,29 @@ def test_hand_edited_checkpoints_a_new_user_made_are_refused_by_evaluate_and_res
         load_checkpoint(path)
     assert main(["evaluate", str(path), "--k", "0"]) == 2
     assert message.split(",")[0][:20] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", list(RESUME_ONLY))
+def test_resume_refuses_a_header_that_cannot_continue_the_run(run1, tmp_path, capsys, case):
+    change_meta, message = RESUME_ONLY[case]
+    to64 = (lambda a: a.update({k: v.astype(np.float64) for k, v in a.items()
+                                if v.dtype == np.float32})) if "dtype" in case else None
+    path = _edit(run1, tmp_path, change_meta, to64)
+    os.replace(path, run1 / "checkpoint.npz")
+    with pytest.raises(CheckpointError, match=message):
+        Trainer.resume(run1, progress=False, figures=False)
+
+
+def test_an_npy_file_is_named_as_not_a_checkpoint(tmp_path):
+    np.save(tmp_path / "a.npy", np.zeros(3))
+    with pytest.raises(CheckpointError, match=r"a\.npy is not a minivae checkpoint \(a single "
+                                              r"NumPy array"):
+        load_checkpoint(tmp_path / "a.npy")
+
+
+def test_history_rows_with_new_columns_still_write_metrics_csv(run1):
+    t = Trainer.resume(run1, progress=False, figures=False)
+    t.history[-1]["new_column"] = 1.5          # a later minivae's extra column after resume
+    t.write_metrics()
+    rows = (run1 / "metrics.csv").read_text().splitlines()
+    assert rows[0].endswith(",new_column") and rows[1].endswith(",") and rows[-1].endswith(",1.5")

@@ -69,6 +69,16 @@ class RNG:
             return self._gen.permutation(n).get()
         return self._gen.permutation(n)
 
+    def snapshot(self):
+        """The generator's state, for :meth:`rewind` (None on CuPy, whose state stays on the
+        device: a refused step there is not rewound)."""
+        return None if self.backend.name == "cupy" else self._gen.bit_generator.state
+
+    def rewind(self, snap) -> None:
+        """Back to a :meth:`snapshot`, as if nothing had been drawn since (None: nothing)."""
+        if snap is not None:
+            self._gen.bit_generator.state = snap
+
     # -- checkpointing -------------------------------------------------------------------
     def get_state(self) -> dict:
         """A JSON-able description of the generator state (for checkpoints)."""

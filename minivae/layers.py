@@ -18,6 +18,7 @@ test; nothing here imports them.
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABC, abstractmethod
 
 from .backend import resolve
@@ -82,7 +83,7 @@ class Dense(Layer):
         super().__init__(backend)
         if init not in INITS:
             raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
-        self.d_in, self.d_out, self.init_scheme = int(d_in), int(d_out), init
+        self.d_in, self.d_out, self.init_scheme = _width(d_in, "d_in"), _width(d_out, "d_out"), init
 
     def __repr__(self):
         return f"Dense({self.d_in}, {self.d_out}, init={self.init_scheme!r})"
@@ -251,6 +252,15 @@ class Sequential:
         return dout, grads
 
 
+def _width(n, name) -> int:
+    """A layer width: a whole number >= 1 (2.7, True and "400" are refused, not truncated)."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"{name} must be a whole number, got {n!r}")
+    if n < 1:
+        raise ValueError(f"{name} must be >= 1, got {n}")
+    return int(n)
+
+
 def mlp(sizes, activation="relu", out_activation=None, prefix="mlp", init=None, backend="numpy"):
     """Dense layers between consecutive ``sizes`` with ``activation`` between them.
 
@@ -261,8 +271,7 @@ def mlp(sizes, activation="relu", out_activation=None, prefix="mlp", init=None, 
     """
     if len(sizes) < 2:
         raise ValueError("mlp needs at least an input and an output size")
-    if any(int(s) < 1 for s in sizes):
-        raise ValueError(f"layer sizes must be positive, got {list(sizes)}")
+    sizes = [_width(n, "each layer size") for n in sizes]
     init = init or default_init(activation)
     layers = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):

@@ -113,6 +113,29 @@ class _Model:
 
     has_prior = False
 
+    def _rng(self, rng):
+        """``rng`` if it is a minivae RNG on this model's backend (``model.backend.rng(seed)``),
+        the model's own when None; TypeError otherwise (a NumPy Generator gave a TypeError
+        deep inside the draw)."""
+        if rng is None:
+            return self.rng
+        from .backend import RNG
+        if not isinstance(rng, RNG) or rng.backend is not self.backend:
+            raise TypeError(f"rng must be a minivae RNG on the model's backend "
+                            f"(model.backend.rng(seed)), got {type(rng).__name__}")
+        return rng
+
+    def _check_fits(self, n: int, width: int, name: str = "n") -> int:
+        """n rows of ``width`` numbers (and as many again for the work beside them) must fit in
+        this machine's memory: ValueError with the size, not NumPy's MemoryError after it
+        tried (sample(10**12) asked for 10.9 TiB)."""
+        need = 2 * n * width * (8 if "64" in str(self.dtype) else 4)
+        have = self.backend.memory_bytes()
+        if have is not None and need > have:
+            raise ValueError(f"{name} = {n:,} needs {need / 2**30:,.1f} GiB for its arrays, "
+                             f"more than the {have / 2**30:,.1f} GiB this machine has")
+        return n
+
     def _setup(self, nets, likelihood, x_sigma, backend, dtype, seed):
         self.backend = resolve(backend)
         self.xp = self.backend.xp
@@ -342,9 +365,8 @@ class VAE(_Model):
     def draw_code(self, n: int, rng=None):
         """n codes from the prior p(z) = N(0, I), (n, L), from ``rng`` (a backend RNG; default
         the model's)."""
-        if rng is None:
-            return self.draw_eps(n)
-        return rng.normal((check_count(n, "n"), self.latent), self.dtype)
+        n = self._check_fits(check_count(n, "n"), self.latent)
+        return self._rng(rng).normal((n, self.latent), self.dtype)
 
     @property
     def prior_text(self) -> str:
@@ -388,7 +410,7 @@ class VAE(_Model):
         ``rng`` (a backend RNG; default the model's). No gradients."""
         if check:
             self.check_input(x)
-        return self._terms(x, (rng or self.rng).normal((x.shape[0], self.latent), self.dtype))
+        return self._terms(x, self._rng(rng).normal((x.shape[0], self.latent), self.dtype))
 
     def elbo(self, x, eps=None):
         """Per-example ELBO (B,) in nats with one sample of z (no gradients).
@@ -397,10 +419,16 @@ class VAE(_Model):
         recon, kl = self._terms(x, self.prepare_eps(eps, x.shape[0], True))
         return -(recon + kl)
 
-    def importance_log_weights(self, x, k, rng):
+    def importance_log_weights(self, x, k, rng, check=True):
         """log w_i = log p(x|z_i) + log p(z_i) - log q(z_i|x) for k draws z_i ~ q(z|x) per
         example (drawn with ``rng``), (k, B): the terms of the IWAE bound (Burda et al. 2016).
-        log q(z|x) at z = mu + sigma * eps is log N(eps; 0, I) - sum(logvar) / 2."""
+        log q(z|x) at z = mu + sigma * eps is log N(eps; 0, I) - sum(logvar) / 2.
+        x: (B, D) as for :meth:`loss` (checked unless ``check=False``); k: a whole number >= 1;
+        rng: a minivae RNG on the model's backend. TypeError/ValueError otherwise."""
+        if check:
+            self.check_input(x)
+            self._check_fits(check_count(k, "k") * x.shape[0], self.d_in, "k * B")
+            rng = self._rng(rng)
         xp, B, L = self.xp, x.shape[0], self.latent
         mu, logvar = self._encode(x)                                    # (B, L)
         eps = rng.normal((k, B, L), self.dtype)
@@ -424,7 +452,8 @@ class VAE(_Model):
     def sample(self, n: int):
         """n new examples: decode z ~ N(0, I) -> (n, D) means of p(x|z).
         Raises TypeError/ValueError unless n is a whole number >= 1."""
-        return self.px.mean(self._decode_out(self.draw_code(check_count(n, "n"))))
+        n = self._check_fits(check_count(n, "n"), max(self.d_in, self.latent))
+        return self.px.mean(self._decode_out(self.draw_code(n)))
 
 
 class Autoencoder(_Model):
@@ -561,6 +590,7 @@ class DiscreteVAE(_Model):
         self.beta, self.tau, self.straight_through = beta, tau, straight_through
         nets = self._nets(d_in, hidden, K * C, K * C, likelihood, activation, init, backend)
         self._setup(nets, likelihood, x_sigma, backend, dtype, seed)
+        self.tau = self.tau              # again, now that the dtype is known (its lower bound)
         self._config = dict(kind="discrete_vae", d_in=d_in, hidden=list(hidden), latent=K,
                             categories=C, tau=self.tau, straight_through=straight_through,
                             activation=activation, likelihood=likelihood, beta=self.beta,
@@ -585,6 +615,15 @@ class DiscreteVAE(_Model):
         if (isinstance(value, bool) or not isinstance(value, numbers.Real)
                 or not math.isfinite(value) or value <= 0):
             raise ValueError(f"tau must be a finite number > 0, got {value!r}")
+        # (l + g) / tau must stay finite: tau >= sqrt(smallest normal number) of the dtype
+        # keeps it so for |l + g| up to 1 / sqrt(tiny) (float32: tau >= 1.1e-19; 1e-40 made
+        # every loss NaN)
+        dtype = getattr(self, "dtype", None)
+        if dtype is not None:
+            low = math.sqrt(2.2250738585072014e-308 if "64" in str(dtype) else 1.1754944e-38)
+            if value < low:
+                raise ValueError(f"tau must be >= {low:.2g} in {'float64' if '64' in str(dtype) else 'float32'} "
+                                 f"(smaller, (l + g) / tau overflows), got {value!r}")
         self._tau = float(value)
 
     def _grid(self, a):
@@ -642,8 +681,8 @@ class DiscreteVAE(_Model):
 
     def draw_code(self, n: int, rng=None):
         """n codes from the uniform prior: one-hot rows, (n, K*C)."""
-        n = check_count(n, "n")
-        u = (rng or self.rng).uniform((n, self.variables, self.categories), self.dtype)
+        n = self._check_fits(check_count(n, "n"), self.latent)
+        u = self._rng(rng).uniform((n, self.variables, self.categories), self.dtype)
         return self._flat(one_hot(self.xp, self.xp.argmax(u, axis=-1), self.categories,
                                   self.dtype))
 
@@ -706,7 +745,7 @@ class DiscreteVAE(_Model):
         example drawn with ``rng`` (default the model's). No gradients."""
         if check:
             self.check_input(x)
-        u = (rng or self.rng).uniform((x.shape[0], self.latent), self.dtype)
+        u = self._rng(rng).uniform((x.shape[0], self.latent), self.dtype)
         return self._terms(x, gumbel(self.xp, u))
 
     def elbo(self, x, eps=None):
@@ -715,9 +754,14 @@ class DiscreteVAE(_Model):
         recon, kl = self._terms(x, self.prepare_eps(eps, x.shape[0], True))
         return -(recon + kl)
 
-    def importance_log_weights(self, x, k, rng):
+    def importance_log_weights(self, x, k, rng, check=True):
         """log p(x|z_i) + log p(z_i) - log q(z_i|x) for k exact samples per example, (k, B)
-        (for the IWAE bound). log p(z) = -K log C; log q(z|x) = sum_K log q_k(c_k)."""
+        (for the IWAE bound). log p(z) = -K log C; log q(z|x) = sum_K log q_k(c_k).
+        Arguments and errors as :meth:`VAE.importance_log_weights`."""
+        if check:
+            self.check_input(x)
+            self._check_fits(check_count(k, "k") * x.shape[0], self.d_in, "k * B")
+            rng = self._rng(rng)
         xp, B = self.xp, x.shape[0]
         logits = self._grid(self._encode(x))
         a = logits - xp.max(logits, axis=-1, keepdims=True)
@@ -741,7 +785,8 @@ class DiscreteVAE(_Model):
 
     def sample(self, n: int):
         """n new examples: decode z from the uniform prior -> (n, D) means of p(x|z)."""
-        return self.px.mean(self._decode_out(self.draw_code(check_count(n, "n"))))
+        n = self._check_fits(check_count(n, "n"), max(self.d_in, self.latent))
+        return self.px.mean(self._decode_out(self.draw_code(n)))
 
 
 #: model name (``model.config["kind"]``, the CLI's --model) -> class

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np   # host-side checks of given values
+
 from .backend import resolve
 
 
@@ -110,12 +112,25 @@ class Params:
         return other
 
     def set_flat(self, values) -> None:
-        """Copy a flat array (host or backend) into ``data``; the views follow."""
-        values = self.backend.asarray(values, dtype=self.dtype)
+        """Copy a flat array (host or backend) of shape (n,) into ``data``; the views follow.
+        ValueError, with nothing written, for another shape, values that are not real numbers
+        (complex, strings), NaN/Inf, or numbers the dtype cannot hold (1e300 in float32)."""
+        xp = self.backend.xp
+        dtype = getattr(values, "dtype", None)
+        if dtype is None:                   # a list or another sequence: NumPy says what it is
+            dtype = np.asarray(values).dtype
+        name = str(dtype)                   # NumPy, CuPy and array-api-strict dtypes alike
+        if "complex" in name or not any(t in name for t in ("float", "int", "bool")):
+            raise ValueError(f"flat parameter array must hold real numbers, got dtype {name}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            values = self.backend.asarray(values, dtype=self.dtype)
         if tuple(values.shape) != (self.layout.size,):
             raise ValueError(
                 f"flat parameter array has shape {tuple(values.shape)}, expected ({self.layout.size},)"
             )
+        if not bool(xp.all(xp.isfinite(values))):
+            raise ValueError("flat parameter array holds NaN or Inf (or numbers too large for "
+                             f"{'float64' if '64' in str(self.dtype) else 'float32'})")
         self.data[...] = values
 
     def state_dict(self) -> dict:
@@ -123,7 +138,16 @@ class Params:
         return {"layout": self.layout.to_json(), "data": self.backend.to_host(self.data).copy()}
 
     def load_state_dict(self, state: dict) -> None:
-        layout = Layout.from_json(state["layout"])
+        """Restore what :meth:`state_dict` returned ({"layout", "data"}); ValueError for another
+        layout, a state that is not such a dict, or data :meth:`set_flat` refuses."""
+        if not isinstance(state, dict) or not {"layout", "data"} <= set(state):
+            raise ValueError(f"a parameter state must be a dict with 'layout' and 'data' (what "
+                             f"state_dict() returns), got "
+                             f"{sorted(state) if isinstance(state, dict) else type(state).__name__}")
+        try:
+            layout = Layout.from_json(state["layout"])
+        except (TypeError, ValueError, KeyError, IndexError) as e:
+            raise ValueError(f"a parameter state's layout is not valid ({e})") from None
         if layout != self.layout:
             raise ValueError("checkpoint parameter layout does not match this model's layout")
         self.set_flat(state["data"])

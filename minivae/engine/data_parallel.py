@@ -142,11 +142,11 @@ class DataParallel:
             return None
         if not math.isfinite(float(loss)):
             return (f"the training loss is {float(loss)} at this step: the update was not "
-                    f"applied (parameters and optimizer state unchanged); lower the learning "
+                    f"applied (parameters, optimizer state and noise stream unchanged); lower the learning "
                     f"rate, or look for extreme inputs")
         if _finite_code(self.model.params.grad, parts=parts) == 0:
             return ("the gradient holds NaN or Inf at this step (the loss is finite): the "
-                    "update was not applied (parameters and optimizer state unchanged); lower "
+                    "update was not applied (parameters, optimizer state and noise stream unchanged); lower "
                     "the learning rate, or look for extreme inputs or parameters")
         return None
 
@@ -183,8 +183,23 @@ class DataParallel:
         if check:
             m.check_input(x)
         B = x.shape[0]
+        # a refused step (NonFiniteStep) leaves the model's noise stream where it was, too:
+        # retrying the call draws the same eps (one state copy, ~1 us)
+        snap = m.rng.snapshot() if eps is None and opt is not None else None
         eps = m.prepare_eps(eps, B, check)
         lo, hi = self.comm.rows(B)
+        if not (isinstance(lo, Integral) and isinstance(hi, Integral) and 0 <= lo <= hi <= B) or (
+                self.comm.size == 1 and (lo, hi) != (0, B)):
+            raise ValueError(f"comm.rows({B}) gave {(lo, hi)!r}: a rank's rows [lo, hi) must lie "
+                             f"within the batch, and one process must take all of them")
+        try:
+            return self._step_rows(x, eps, check, opt, B, lo, hi)
+        except NonFiniteStep:
+            m.rng.rewind(snap)
+            raise
+
+    def _step_rows(self, x, eps, check, opt, B, lo, hi):
+        m, xp = self.model, self.model.xp
         if (lo, hi) != (0, B):
             x, eps = x[lo:hi], (None if eps is None else eps[lo:hi])
         k = self._k(hi - lo)
@@ -309,8 +324,9 @@ class DataParallel:
 
 class NonFiniteStep(FloatingPointError):
     """A training step's loss or gradient held NaN or Inf: the step was refused, and the
-    parameters, the optimizer's state and its step count are as they were (params.grad holds
-    the refused step's gradient). Raised by :meth:`DataParallel.train_step` and
+    parameters, the optimizer's state and its step count are as they were, and so is the
+    model's noise stream where the step drew its eps (NumPy, strict), so that a retry draws
+    the same noise (params.grad holds the refused step's gradient). Raised by :meth:`DataParallel.train_step` and
     :func:`minivae.train_step` on NumPy (the loss is one float; the gradient check is one
     compiled pass over it, about 2% of the default model's step at batch 128); on CuPy the
     check would stop the device's pipeline every step, so it is not made there, nor on the

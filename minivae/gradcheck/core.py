@@ -51,6 +51,9 @@ SETTINGS = {
 # retry: a comparison that is not clean, or only coarsely resolved, is done again from a
 # first step this many times smaller (data far from 0, x = 1e5 + noise, varies on a scale far
 # below |x|), and the better-resolved of the two counts.
+# an element's first step is at least NOISE_STEPS * sigma / (resolve * largest gradient)
+NOISE_STEPS = 64.0
+RMS_CAP = 4.0
 MODES = ("auto", "exact", "directions", "sparse")
 BAD = ("fail", "discontinuity", "unresolved")
 
@@ -209,10 +212,20 @@ class _Tensorcheck:
             probes = [p for p in probes if math.isfinite(p)]
             self.sigma = max(self.sigma, min(probes) if probes else 0.0)
             self.evals += line.evals
+        # The smallest first step for an element: one at which f's noise alone (sigma / h)
+        # leaves the derivative known to a small share of the tensor's largest gradient. A
+        # float32 loss of ~30 nats has noise ~1e-6; a step scaled to a bias of 0.005 (the
+        # torch init) was 2e-5 and left the derivative known only to +-0.5, unresolved.
+        # element() scales an element's steps up to this, but never past the tensor's rms
+        # value (the size of its typical element).
+        self.noise_step = (NOISE_STEPS * self.sigma / (self.resolve * self.gmax)
+                           if self.gmax > 0 else 0.0)
 
     def compare(self, idx, u, element: bool, t0: float | None = None) -> Item:
         """One comparison along u, done again from a smaller first step when the first is
         not clean or only coarsely resolved; the better-resolved result counts."""
+        if t0 is None and not element and len(u):
+            t0 = self._direction_t0(idx, u)
         t0 = t0 or self.t0
         it = self._compare(idx, u, element, t0)
         coarse = 3 * it.err > 100 * self.rtol * max(abs(it.a), abs(it.n), it.size)
@@ -226,6 +239,22 @@ class _Tensorcheck:
             # fall below f's resolution (a float32 f behind float64 tensors) and read 0
             better = abs(again.n - it.n) <= 3 * (it.err + again.err)
         return again if better else it
+
+    def _coarse(self, it) -> bool:
+        """An element whose numeric side is too noisy to judge (it will be "unresolved")."""
+        return it.index is not None and 3 * it.err / abs(it.unit) > max(
+            self.resolve * self.gmax, self.atol)
+
+    def _direction_t0(self, idx, u) -> float:
+        """A direction's first step: t0, or larger where f's noise would leave <g, u> known
+        only coarsely (the direction's counterpart of :attr:`noise_step`), never moving an
+        element by more than RMS_CAP times the tensor's rms value."""
+        size = float(np.linalg.norm(np.asarray(self.g).reshape(-1)[idx] * u))
+        big = float(np.max(np.abs(u)))
+        if size <= 0 or big <= 0 or self.T.rms <= 0:
+            return self.t0
+        want = NOISE_STEPS * self.sigma / (self.resolve * size)
+        return max(self.t0, min(want, RMS_CAP * self.T.rms / big))
 
     def _compare(self, idx, u, element: bool, t0: float) -> Item:
         self.comparisons += 1
@@ -314,7 +343,7 @@ class _Tensorcheck:
         is not clean, it is done again with steps scaled to |x_i| itself, which never cross 0,
         and that result counts, or, if even that cannot resolve it, the element fails as
         unresolved rather than be excused as a kink."""
-        x, s = abs(self.T.x0[i]), self.T.scale[i]
+        x, s = abs(self.T.x0[i]), max(self.T.scale[i], min(self.noise_step / self.t0, RMS_CAP * self.T.rms))
         it = self.compare(np.array([i]), np.array([s]), True)
         if not (0 < x < s) or (it.status == "ok" and it.clean):
             return it
@@ -334,7 +363,10 @@ class _Tensorcheck:
         Returns the items found and whether the search finished within the budget."""
         items, stack = [], [(idx, u)]
         while stack:
-            if sum(it.status in BAD for it in items) >= locate_max:
+            # an element f's noise leaves too coarse to judge counts as found, too: the
+            # search would otherwise visit every element of a tensor whose directions are
+            # resolved and its elements are not (float32; 1001 comparisons, 85 s)
+            if sum(it.status in BAD or self._coarse(it) for it in items) >= locate_max:
                 return items, True
             if self.comparisons >= budget:
                 return items, False
@@ -492,7 +524,8 @@ def _summarise(items, T, tc, mode, allow_disc) -> Check:
     bad = [it for it in items if it.status in ("fail", "discontinuity", "unresolved")]
     kinks = sum(it.status == "kink" for it in items)
     chk = Check("", passed=bool(ok) and not bad, mode=mode, n_checked=len(ok) + len(bad),
-                kinks=kinks, n_failed=len(bad), evaluations=tc.evals)
+                kinks=kinks, n_failed=len(bad),
+                n_unresolved=sum(it.status == "unresolved" for it in bad), evaluations=tc.evals)
     compared = ok + bad
     if compared:
         err = np.array([abs(it.a - it.n) / abs(it.unit) for it in compared])

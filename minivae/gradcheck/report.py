@@ -25,6 +25,9 @@ class Check:
     kinks             elements excluded because x sits on a kink and the analytic value is
                       one of the two one-sided slopes (plus allowed discontinuities)
     n_failed          wrong items found (with bisection: at least this many)
+    n_unresolved      of those, the items failed only because f's noise left the numeric
+                      side too coarse to judge them (no claim that the gradient is wrong:
+                      check in float64, or pass atol)
     evaluations       calls of f spent on this row; seconds: its wall time
     """
 
@@ -44,6 +47,7 @@ class Check:
     note: str = ""
     resolution: float = float("nan")
     n_failed: int = 0
+    n_unresolved: int = 0
     evaluations: int = 0
     seconds: float = 0.0
 

@@ -151,6 +151,7 @@ def check_model(model, x, *, seed=0, name="model", mode="auto", **kwargs) -> Rep
         raise GradcheckError(f"x must be a (B, D) array on the model's backend "
                              f"({model.backend.name}); got {type(x).__name__}: convert it with "
                              f"model.backend.asarray(x)")
+    model.check_input(x)          # before eps is drawn: a refused x leaves the RNG as it was
     eps = model.draw_eps(x.shape[0]) if model.has_prior else None
     model.loss_and_grads(x, eps)
     analytic = {k: model.xp.asarray(v, copy=True) for k, v in model.params.grad_views.items()}

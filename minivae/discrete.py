@@ -217,6 +217,10 @@ def bias_and_variance(model, x, estimator, exact_grad, samples=1, replicates=100
     R = check_count(replicates, "replicates", low=2)
     xp = model.xp
     enc = encoder_slice(model)
+    if tuple(getattr(exact_grad, "shape", ())) != tuple(model.params.grad.shape):
+        raise ValueError(f"exact_grad must be the flat {tuple(model.params.grad.shape)} "
+                         f"gradient (discrete.exact), got shape "
+                         f"{tuple(getattr(exact_grad, 'shape', ())) or type(exact_grad).__name__}")
     truth = np.asarray(model.backend.to_host(exact_grad[enc]), dtype=np.float64)
     gs = np.stack([np.asarray(model.backend.to_host(
         estimate(model, x, estimator, samples=samples, tau=tau)[enc]), dtype=np.float64)

@@ -37,6 +37,12 @@ def _to_backend(model, x, check=True):
     caller already did (the trainer validates its test set once, not every epoch). Floating
     host data of another precision is converted; anything else gets the model's own errors."""
     be = model.backend
+    if check and not be.is_array(x) and not isinstance(x, np.ndarray):
+        try:                      # a list of rows: one array, or one line saying why not
+            x = np.asarray(x)
+        except ValueError as e:
+            raise ValueError(f"x must be a (N, D) array; the rows given do not make one "
+                             f"({str(e).split('.')[0]})") from None
     if check:
         floating = (be.xp.isdtype(x.dtype, "real floating") if be.is_array(x)
                     else np.issubdtype(np.asarray(x).dtype, np.floating))

@@ -18,6 +18,7 @@ many times over instead of speeding it up.
 """
 from __future__ import annotations
 
+import numbers
 import time
 
 from . import estimators as est
@@ -53,6 +54,8 @@ def encoder_variance(model, x, estimator, kl="analytic", samples=1, replicates=1
     gradients of each round are broadcast from their ranks and summed in replicate order on
     every rank: the result is the one-process result bit for bit (``tests/test_mpi.py``).
     """
+    if isinstance(replicates, bool) or not isinstance(replicates, numbers.Integral):
+        raise TypeError(f"replicates must be a whole number, got {replicates!r}")
     if replicates < 2:
         raise ValueError("a variance needs at least 2 replicates")
     xp = model.xp
@@ -95,6 +98,10 @@ def _replicates(model, x, estimator, kl, samples, replicates, enc, comm):
 def train(model, x_train, steps=300, batch=100, lr=1e-3, seed=0) -> list:
     """A short Adam run on host data x_train (N, D) -> the loss every step (host floats,
     read once at the end)."""
+    if not hasattr(x_train, "shape") or len(x_train.shape) != 2:
+        raise TypeError(f"x_train must be a (N, D) host array, got {type(x_train).__name__}")
+    if x_train.shape[0] < batch:
+        raise ValueError(f"x_train has {x_train.shape[0]} rows, fewer than the batch of {batch}")
     opt = Adam(model.params, lr=lr)
     rng = model.backend.rng(seed)
     losses = []

@@ -153,3 +153,18 @@ def test_float32_correct_gradients_of_a_small_vae_pass_at_the_default_init():
     x = np.random.default_rng(0).random((4, 40)).astype(np.float32)
     m = VAE(40, (30,), 5, seed=3, dtype="float32")
     assert check_model(m, x).passed
+
+
+def test_the_study_toolkit_names_bad_arguments():
+    from minivae import discrete, evaluate, study
+
+    m = VAE(12, (8,), 3)
+    with pytest.raises(ValueError, match="the rows given do not make one"):
+        evaluate.elbo(m, [[0.5] * 12, [0.5] * 11])               # NumPy's inhomogeneous-shape
+    with pytest.raises(TypeError, match="x_train must be a .N, D. host array, got list"):
+        study.train(m, X12.tolist(), steps=1, batch=2)           # AttributeError before
+    with pytest.raises(TypeError, match="replicates must be a whole number, got 2.5"):
+        study.encoder_variance(m, X12, "pathwise", replicates=2.5)
+    d = DiscreteVAE(d_in=12, hidden=(8,), latent=2, categories=3, dtype="float64")
+    with pytest.raises(ValueError, match="exact_grad must be the flat"):
+        discrete.bias_and_variance(d, X12.astype(np.float64), "reinforce", np.ones(5))

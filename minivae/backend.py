@@ -121,6 +121,34 @@ def strict_json(obj, **kw) -> str:
     return json.dumps(clean(obj), allow_nan=False, **kw)
 
 
+def real_values(backend, values, dtype, what: str, nonnegative: bool = False):
+    """``values`` (a host or backend array, or a sequence of numbers) as a backend array of
+    ``dtype``, checked: ValueError naming ``what`` for values that are not real numbers
+    (complex, strings, objects), NaN/Inf, numbers ``dtype`` cannot hold (1e300 in float32),
+    and, with ``nonnegative``, numbers below 0. The reference modules (params, optim) check
+    what they load through this, so that they import no NumPy themselves."""
+    kind = getattr(values, "dtype", None)
+    if kind is None:                     # a list or another sequence: NumPy says what it is
+        kind = np.asarray(values).dtype
+    name = str(kind)                     # NumPy, CuPy and array-api-strict dtypes alike
+    if "complex" in name or not any(t in name for t in ("float", "int", "bool")):
+        raise ValueError(f"{what} must hold real numbers, got dtype {name}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = backend.asarray(values, dtype=dtype)
+    xp = backend.xp
+    if not bool(xp.all(xp.isfinite(out))):
+        finite = bool(xp.all(xp.isfinite(backend.asarray(values))))
+        raise ValueError(f"{what} holds numbers too large for {_dtype_name(dtype)}" if finite
+                         else f"{what} holds NaN or Inf")
+    if nonnegative and bool(xp.any(out < 0)):
+        raise ValueError(f"{what} holds negative numbers")
+    return out
+
+
+def _dtype_name(dtype) -> str:
+    return "float64" if "64" in str(dtype) else "float32"
+
+
 def _np_dtype(dtype):
     """NumPy dtype of a backend dtype (array_api_strict dtypes wrap one in ``_np_dtype``)."""
     return np.dtype(getattr(dtype, "_np_dtype", dtype))

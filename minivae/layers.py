@@ -269,8 +269,9 @@ def mlp(sizes, activation="relu", out_activation=None, prefix="mlp", init=None, 
     linear map. Init: ``init``, else :func:`default_init` (PyTorch's nn.Linear default for
     ReLU-like, Glorot otherwise).
     """
-    if len(sizes) < 2:
-        raise ValueError("mlp needs at least an input and an output size")
+    if not isinstance(sizes, (list, tuple)) or len(sizes) < 2:
+        raise ValueError(f"mlp needs a list of at least an input and an output size, got "
+                         f"{sizes!r}")
     sizes = [_width(n, "each layer size") for n in sizes]
     init = init or default_init(activation)
     layers = []

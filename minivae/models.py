@@ -125,6 +125,10 @@ class _Model:
                             f"(model.backend.rng(seed)), got {type(rng).__name__}")
         return rng
 
+    def _widest(self) -> int:
+        """The widest layer's output: the largest activation a decoded row makes."""
+        return max(shape[-1] for shape in self.params.layout.shapes.values())
+
     def _check_fits(self, n: int, width: int, name: str = "n") -> int:
         """n rows of ``width`` numbers (and as many again for the work beside them) must fit in
         this machine's memory: ValueError with the size, not NumPy's MemoryError after it
@@ -452,7 +456,7 @@ class VAE(_Model):
     def sample(self, n: int):
         """n new examples: decode z ~ N(0, I) -> (n, D) means of p(x|z).
         Raises TypeError/ValueError unless n is a whole number >= 1."""
-        n = self._check_fits(check_count(n, "n"), max(self.d_in, self.latent))
+        n = self._check_fits(check_count(n, "n"), self._widest())
         return self.px.mean(self._decode_out(self.draw_code(n)))
 
 
@@ -785,7 +789,7 @@ class DiscreteVAE(_Model):
 
     def sample(self, n: int):
         """n new examples: decode z from the uniform prior -> (n, D) means of p(x|z)."""
-        n = self._check_fits(check_count(n, "n"), max(self.d_in, self.latent))
+        n = self._check_fits(check_count(n, "n"), self._widest())
         return self.px.mean(self._decode_out(self.draw_code(n)))
 
 

@@ -24,7 +24,7 @@ import math
 import numbers
 from abc import ABC, abstractmethod
 
-import numpy as np   # host-side checks of a loaded state (state_dict's buffers are host arrays)
+from .backend import real_values
 
 
 def _finite(value, name, low=None, low_ok=True):
@@ -125,7 +125,7 @@ class Optimizer(ABC):
             raise ValueError(f"an optimizer state must be a dict with 'name', 't' and 'buffers' "
                              f"(what state_dict() returns), got "
                              f"{sorted(state) if isinstance(state, dict) else type(state).__name__}")
-        if state["name"] != type(self).__name__:
+        if not isinstance(state["name"], str) or state["name"] != type(self).__name__:
             raise ValueError(f"checkpoint holds {state['name']} state, not {type(self).__name__}")
         t = state["t"]
         if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0:
@@ -135,31 +135,24 @@ class Optimizer(ABC):
             raise ValueError(f"optimizer buffers must be a dict of arrays, got "
                              f"{type(buffers).__name__}")
         b, shape = self.params.backend, tuple(self.params.data.shape)
-        dtype = np.float64 if "64" in str(self.params.dtype) else np.float32   # any backend's
         host = {}
         for n in self.state_names:
             if n not in buffers:
                 raise ValueError(f"optimizer buffer {n!r} is missing")
             buf = buffers[n]
-            buf = buf if isinstance(buf, np.ndarray) else np.asarray(b.to_host(buf)) \
-                if hasattr(buf, "__cuda_array_interface__") else np.asarray(buf)
-            if tuple(buf.shape) != shape:
-                raise ValueError(f"optimizer buffer {n!r} has shape {buf.shape}, expected {shape}")
-            if buf.dtype.kind not in "fiu":
-                raise ValueError(f"optimizer buffer {n!r} must hold real numbers, got dtype "
-                                 f"{buf.dtype}")
-            with np.errstate(over="ignore", invalid="ignore"):
-                cast = buf.astype(dtype)
-            if not np.all(np.isfinite(cast)):
-                raise ValueError(f"optimizer buffer {n!r} holds numbers too large for "
-                                 f"{np.dtype(dtype).name}" if np.all(np.isfinite(buf)) else
-                                 f"optimizer buffer {n!r} holds NaN or Inf")
-            if n in self.nonnegative_state and np.any(cast < 0):
-                raise ValueError(f"optimizer buffer {n!r} holds negative numbers; it is a sum of "
-                                 f"squared gradients, never below 0")
-            host[n] = cast
+            if tuple(getattr(buf, "shape", ())) != shape:
+                raise ValueError(f"optimizer buffer {n!r} has shape "
+                                 f"{tuple(getattr(buf, 'shape', ()))}, expected {shape}")
+            try:
+                host[n] = real_values(b, buf, self.params.dtype, f"optimizer buffer {n!r}",
+                                      nonnegative=n in self.nonnegative_state)
+            except ValueError as e:
+                if "negative" in str(e):     # a sum of squared gradients is never below 0
+                    raise ValueError(f"{e}; it is a sum of squared gradients, never below "
+                                     f"0") from None
+                raise
         for n, buf in host.items():
-            getattr(self, n)[...] = b.asarray(buf, dtype=self.params.dtype)
+            getattr(self, n)[...] = buf
         self.t = int(t)
 
     def hyper(self) -> dict:

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import math
 
-import numpy as np   # host-side checks of given values
-
-from .backend import resolve
+from .backend import real_values, resolve
 
 
 class Layout:
@@ -115,22 +113,11 @@ class Params:
         """Copy a flat array (host or backend) of shape (n,) into ``data``; the views follow.
         ValueError, with nothing written, for another shape, values that are not real numbers
         (complex, strings), NaN/Inf, or numbers the dtype cannot hold (1e300 in float32)."""
-        xp = self.backend.xp
-        dtype = getattr(values, "dtype", None)
-        if dtype is None:                   # a list or another sequence: NumPy says what it is
-            dtype = np.asarray(values).dtype
-        name = str(dtype)                   # NumPy, CuPy and array-api-strict dtypes alike
-        if "complex" in name or not any(t in name for t in ("float", "int", "bool")):
-            raise ValueError(f"flat parameter array must hold real numbers, got dtype {name}")
-        with np.errstate(over="ignore", invalid="ignore"):
-            values = self.backend.asarray(values, dtype=self.dtype)
+        values = real_values(self.backend, values, self.dtype, "flat parameter array")
         if tuple(values.shape) != (self.layout.size,):
             raise ValueError(
                 f"flat parameter array has shape {tuple(values.shape)}, expected ({self.layout.size},)"
             )
-        if not bool(xp.all(xp.isfinite(values))):
-            raise ValueError("flat parameter array holds NaN or Inf (or numbers too large for "
-                             f"{'float64' if '64' in str(self.dtype) else 'float32'})")
         self.data[...] = values
 
     def state_dict(self) -> dict:

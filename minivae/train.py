@@ -208,6 +208,9 @@ class TrainConfig:
             raise ValueError(f"hidden must be a list of layer widths, whole numbers >= 1, got "
                              f"{self.hidden!r}")
         self.hidden = [int(h) for h in hidden]
+        if not isinstance(self.dtype, str) and str(getattr(self.dtype, "name", "")) in (
+                "float32", "float64"):
+            self.dtype = self.dtype.name      # np.dtype("float64"): its name (JSON-able)
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
         if not isinstance(self.out, (str, os.PathLike)):
@@ -336,7 +339,11 @@ def load_checkpoint(path, data: bytes | None = None) -> tuple[dict, dict]:
         got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise CheckpointError(f"{path} is not a minivae checkpoint (format {got!r})")
     _check_meta(meta, path)
-    layout = Layout.from_json(meta["layout"])
+    try:
+        layout = Layout.from_json(meta["layout"])
+    except ValueError as e:                   # a name twice
+        raise CheckpointError(f"{path}: checkpoint header field 'layout' is not valid ({e})") \
+            from None
     try:
         kind = meta["model"].get("kind", "vae")
         if isinstance(kind, str) and kind in MODELS:      # else layout_of names the kind
@@ -428,6 +435,17 @@ def _finite_value(v) -> bool:
     return False
 
 
+def _pcg64_state(st) -> bool:
+    """A NumPy PCG64 bit generator's state, as ``bit_generator.state`` gives it: whole numbers
+    of 128 bits and below (a float, a negative or a 200-bit number is damage)."""
+    def u(v, bits):
+        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2 ** bits
+    inner = st.get("state") if isinstance(st, dict) else None
+    return (isinstance(st, dict) and st.get("bit_generator") == "PCG64"
+            and isinstance(inner, dict) and u(inner.get("state"), 128) and u(inner.get("inc"), 128)
+            and st.get("has_uint32") in (0, 1) and u(st.get("uinteger"), 32))
+
+
 def _check_meta(meta: dict, path) -> None:
     """Raise CheckpointError naming the first key of the header that is missing or mistyped."""
     def bad(key, what):
@@ -466,6 +484,13 @@ def _check_meta(meta: dict, path) -> None:
     rng = meta["rng"]
     if not (isinstance(rng.get("model"), dict) and isinstance(rng.get("shuffle"), dict)):
         bad("rng", "an object with the model's and the shuffle's generator states")
+    model_rng, shuffle = rng["model"], rng["shuffle"]
+    if not ((model_rng.get("kind") == "numpy" and _pcg64_state(model_rng.get("state")))
+            or (model_rng.get("kind") == "cupy"
+                and (model_rng.get("seed") is None or isinstance(model_rng.get("seed"), int)))):
+        bad("rng", "an object whose model state is a NumPy PCG64 state or a CuPy seed")
+    if not _pcg64_state(shuffle):
+        bad("rng", "an object whose shuffle state is a NumPy PCG64 state")
     if not all(isinstance(row, dict) for row in meta["history"]):
         bad("history", "a list of objects (one per epoch)")
     for i, row in enumerate(meta["history"]):
@@ -934,7 +959,7 @@ class Trainer:
             raise CheckpointError(f"{src}: {e}") from None
         try:
             restored = t.model.rng.set_state(meta["rng"]["model"])
-        except (TypeError, ValueError, KeyError, AttributeError) as e:
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
             raise CheckpointError(f"{src}: the saved noise generator state is damaged "
                                   f"({type(e).__name__}: {e})") from None
         if not restored:
@@ -942,7 +967,7 @@ class Trainer:
                   f"backend {t.backend.name}; training continues with a fresh stream from the seed")
         try:
             t.shuffle.bit_generator.state = meta["rng"]["shuffle"]
-        except (TypeError, ValueError, KeyError) as e:
+        except (TypeError, ValueError, KeyError, OverflowError) as e:
             raise CheckpointError(f"{src}: the saved shuffling state is damaged ({e})") from None
         t.epoch, t.step, t.history = int(meta["epoch"]), int(meta["step"]), list(meta["history"])
         if meta["in_epoch"]:

@@ -498,7 +498,7 @@ def test_second_attack_leftovers_are_named():
         minivae.build_model(None)
     with pytest.raises(TypeError, match="comm must be a Communicator"):
         minivae.DataParallel(m, comm=3)
-    with pytest.raises(ValueError, match="whole number >= 1"):
+    with pytest.raises(ValueError, match="whole number from 1 to 1024"):
         minivae.set_num_threads(True)
     minivae.set_num_threads(np.int64(1))
     minivae.set_num_threads(None)

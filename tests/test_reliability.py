@@ -435,11 +435,25 @@ EDITS = {
                                    None, "dtype must be float32 or float64"),
 }
 
-RESUME_ONLY = {   # the model loads for evaluate; the run cannot continue from it
-    "noise generator state damaged": (
+EDITS.update({   # the sixth attack: generator states and layout names
+    "noise generator state a string": (
         lambda m: m["rng"].update(model={"kind": "numpy", "state": {"bit_generator": "PCG64",
-                                                                    "state": "x"}}),
-        "the saved noise generator state is damaged"),
+                                                                    "state": "x"}}), None, None,
+        "'rng' must be an object whose model state is a NumPy PCG64 state"),
+    "noise generator of no kind": (lambda m: m["rng"]["model"].update(kind="bogus"), None, None,
+                                   "'rng' must be an object whose model state"),
+    "noise generator inc of 200 bits": (
+        lambda m: m["rng"]["model"]["state"]["state"].update(inc=2 ** 200), None, None,
+        "'rng' must be an object whose model state"),
+    "shuffle state a float": (lambda m: m["rng"]["shuffle"]["state"].update(state=1.5), None,
+                              None, "'rng' must be an object whose shuffle state"),
+    "shuffle uinteger negative": (lambda m: m["rng"]["shuffle"].update(uinteger=-1), None, None,
+                                  "'rng' must be an object whose shuffle state"),
+    "layout name twice": (lambda m: m["layout"][1].__setitem__(0, m["layout"][0][0]), None, None,
+                          "'layout' is not valid .duplicate"),
+})
+
+RESUME_ONLY = {   # the model loads for evaluate; the run cannot continue from it
     "dtype differs from the training config": (
         lambda m: m.update(dtype="float64"), "its dtype float64 does not match"),
 }

@@ -127,7 +127,6 @@ class Tensor:
         ax = np.abs(self.x0)
         big = float(np.max(ax)) if self.size else 0.0
         rms = big * float(np.sqrt(np.mean((ax / big) ** 2))) if big > 0 else 0.0
-        self.rms = rms
         self.scale = np.maximum(ax, 0.1 * rms if rms > 0 else 1.0)
 
     def write(self, idx, values) -> np.ndarray:

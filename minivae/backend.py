@@ -97,6 +97,30 @@ class RNG:
         return False
 
 
+def pcg64_state_ok(st) -> bool:
+    """Whether ``st`` is a NumPy PCG64 bit generator's state as ``bit_generator.state`` gives
+    it: whole numbers of 128 bits and below (a float, a negative or a 200-bit number is damage,
+    which NumPy would take, or refuse with an OverflowError)."""
+    def u(v, bits):
+        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2 ** bits
+    inner = st.get("state") if isinstance(st, dict) else None
+    return (isinstance(st, dict) and st.get("bit_generator") == "PCG64"
+            and isinstance(inner, dict) and u(inner.get("state"), 128) and u(inner.get("inc"), 128)
+            and st.get("has_uint32") in (0, 1) and u(st.get("uinteger"), 32))
+
+
+def rng_state_ok(state) -> bool:
+    """Whether ``state`` is what :meth:`RNG.get_state` writes: a NumPy PCG64 state, or a CuPy
+    generator's seed (None or a whole number)."""
+    if not isinstance(state, dict):
+        return False
+    if state.get("kind") == "numpy":
+        return pcg64_state_ok(state.get("state"))
+    seed = state.get("seed")
+    return state.get("kind") == "cupy" and (seed is None or (isinstance(seed, int)
+                                                            and not isinstance(seed, bool)))
+
+
 def jsonable(obj):
     """Dicts of NumPy integers and arrays (a bit generator's state) -> plain JSON types."""
     if isinstance(obj, dict):

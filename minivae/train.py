@@ -47,7 +47,8 @@ import numpy as np
 
 from . import __version__
 from .backend import NAMES as BACKEND_NAMES
-from .backend import BackendUnavailable, get_backend, jsonable, strict_json
+from .backend import (BackendUnavailable, get_backend, jsonable, pcg64_state_ok, rng_state_ok,
+                      strict_json)
 from .fileio import atomic_write
 from .data import BINARIZE, binarize, load_dataset
 from .evaluate import elbo
@@ -435,17 +436,6 @@ def _finite_value(v) -> bool:
     return False
 
 
-def _pcg64_state(st) -> bool:
-    """A NumPy PCG64 bit generator's state, as ``bit_generator.state`` gives it: whole numbers
-    of 128 bits and below (a float, a negative or a 200-bit number is damage)."""
-    def u(v, bits):
-        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2 ** bits
-    inner = st.get("state") if isinstance(st, dict) else None
-    return (isinstance(st, dict) and st.get("bit_generator") == "PCG64"
-            and isinstance(inner, dict) and u(inner.get("state"), 128) and u(inner.get("inc"), 128)
-            and st.get("has_uint32") in (0, 1) and u(st.get("uinteger"), 32))
-
-
 def _check_meta(meta: dict, path) -> None:
     """Raise CheckpointError naming the first key of the header that is missing or mistyped."""
     def bad(key, what):
@@ -484,12 +474,9 @@ def _check_meta(meta: dict, path) -> None:
     rng = meta["rng"]
     if not (isinstance(rng.get("model"), dict) and isinstance(rng.get("shuffle"), dict)):
         bad("rng", "an object with the model's and the shuffle's generator states")
-    model_rng, shuffle = rng["model"], rng["shuffle"]
-    if not ((model_rng.get("kind") == "numpy" and _pcg64_state(model_rng.get("state")))
-            or (model_rng.get("kind") == "cupy"
-                and (model_rng.get("seed") is None or isinstance(model_rng.get("seed"), int)))):
+    if not rng_state_ok(rng["model"]):
         bad("rng", "an object whose model state is a NumPy PCG64 state or a CuPy seed")
-    if not _pcg64_state(shuffle):
+    if not pcg64_state_ok(rng["shuffle"]):
         bad("rng", "an object whose shuffle state is a NumPy PCG64 state")
     if not all(isinstance(row, dict) for row in meta["history"]):
         bad("history", "a list of objects (one per epoch)")

@@ -228,8 +228,9 @@ class _Tensorcheck:
         return again if better else it
 
     def _coarse(self, it) -> bool:
-        """An element whose numeric side is too noisy to judge (it will be "unresolved")."""
-        return it.index is not None and 3 * it.err / abs(it.unit) > max(
+        """An element that passed, but whose numeric side is too noisy to judge (it will be
+        "unresolved"). A kink is not one: its error bar is wide because of the kink."""
+        return it.index is not None and it.status == "ok" and 3 * it.err / abs(it.unit) > max(
             self.resolve * self.gmax, self.atol)
 
     def _compare(self, idx, u, element: bool, t0: float) -> Item:
@@ -343,11 +344,15 @@ class _Tensorcheck:
         Returns the items found and whether the search finished within the budget."""
         items, stack = [], [(idx, u)]
         while stack:
-            # an element f's noise leaves too coarse to judge counts as found, too: the
-            # search would otherwise visit every element of a tensor whose directions are
-            # resolved and its elements are not (float32; 1001 comparisons, 85 s)
-            if sum(it.status in BAD or self._coarse(it) for it in items) >= locate_max:
+            bad = sum(it.status in BAD for it in items)
+            if bad >= locate_max:
                 return items, True
+            # elements f's noise leaves too coarse to judge stop the search, too, unfinished
+            # (the direction then fails): it would otherwise visit every element of a tensor
+            # whose directions are resolved and its elements are not (float32; 1001
+            # comparisons, 85 s)
+            if bad + sum(self._coarse(it) for it in items) >= locate_max:
+                return items, False
             if self.comparisons >= budget:
                 return items, False
             I, U = stack.pop()
@@ -399,8 +404,9 @@ def _check_tensor(f, f0, spread, T, g, mode, rtol, atol, rng, n_directions, n_sa
                 elif not finished:
                     it.status = "fail"
                     it.note = (f"a direction disagrees (<g,u> = {it.a:.6e}, finite difference "
-                               f"{it.n:.6e}) and bisection ran out of its {max_comparisons} "
-                               f"comparisons before finding the element")
+                               f"{it.n:.6e}) and bisection stopped before finding the element "
+                               f"(it ran out of its {max_comparisons} comparisons, or met "
+                               f"{locate_max} elements too noisy to judge)")
                     items.append(it)
             if sum(x.status in BAD for x in items) >= locate_max:
                 break

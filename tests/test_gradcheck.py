@@ -778,3 +778,13 @@ def test_a_wrong_element_among_inputs_on_kinks_is_not_passed_when_the_bisection_
         rep = check_gradients(lambda: float(np.sum(G * np.maximum(x, 0.0))), {"x": x}, {"x": g},
                               mode=mode)
         assert not rep.passed, (seed, rep.table())
+
+
+def test_directions_never_count_a_zero_direction_as_evidence():
+    """Once every element is a named kink, later directions were all zeros: a = n = 0, 'ok',
+    and PASSED with n = 5 where exact says 'no evidence' (a new user's attack)."""
+    w, x = np.array([1.0, 2, 3, 4]), np.zeros(4)
+    for mode in ("directions", "exact"):
+        c = check_gradients(lambda: float(np.sum(w * np.maximum(x, 0))), {"x": x},
+                            {"x": np.zeros(4)}, mode=mode).checks[0]
+        assert not c.passed and "no evidence" in c.note and c.n_checked == 0, (mode, c)

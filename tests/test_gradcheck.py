@@ -788,3 +788,12 @@ def test_directions_never_count_a_zero_direction_as_evidence():
         c = check_gradients(lambda: float(np.sum(w * np.maximum(x, 0))), {"x": x},
                             {"x": np.zeros(4)}, mode=mode).checks[0]
         assert not c.passed and "no evidence" in c.note and c.n_checked == 0, (mode, c)
+
+
+def test_a_comparison_that_underflows_is_no_evidence():
+    """x ~ 1e-170, f = sum(x^2) underflows: g times the step was 0 and f did not move, so any
+    analytic value (2x, 3x, a constant 1e-160) PASSED (a new user's attack)."""
+    x = 1e-170 * np.array([1.0, -2, 3])
+    for an in (2 * x, 3 * x, np.full(3, 1e-160)):
+        c = check_gradients(lambda: float(np.sum(x ** 2)), {"x": x}, {"x": an}).checks[0]
+        assert not c.passed and "underflows" in c.note, c

@@ -145,11 +145,11 @@ def strict_json(obj, **kw) -> str:
     return json.dumps(clean(obj), allow_nan=False, **kw)
 
 
-def real_values(backend, values, dtype, what: str, nonnegative: bool = False):
+def real_values(backend, values, dtype, what: str, nonnegative: str | None = None):
     """``values`` (a host or backend array, or a sequence of numbers) as a backend array of
     ``dtype``, checked: ValueError naming ``what`` for values that are not real numbers
     (complex, strings, objects), NaN/Inf, numbers ``dtype`` cannot hold (1e300 in float32),
-    and, with ``nonnegative``, numbers below 0. The reference modules (params, optim) check
+    and, given ``nonnegative`` (the reason, said in the message), numbers below 0. The reference modules (params, optim) check
     what they load through this, so that they import no NumPy themselves."""
     kind = getattr(values, "dtype", None)
     if kind is None:                     # a list or another sequence: NumPy says what it is
@@ -162,15 +162,16 @@ def real_values(backend, values, dtype, what: str, nonnegative: bool = False):
     xp = backend.xp
     if not bool(xp.all(xp.isfinite(out))):
         finite = bool(xp.all(xp.isfinite(backend.asarray(values))))
-        raise ValueError(f"{what} holds numbers too large for {_dtype_name(dtype)}" if finite
+        raise ValueError(f"{what} holds numbers too large for {dtype_name(dtype)}" if finite
                          else f"{what} holds NaN or Inf")
     if nonnegative and bool(xp.any(out < 0)):
-        raise ValueError(f"{what} holds negative numbers")
+        raise ValueError(f"{what} holds negative numbers; {nonnegative}")
     return out
 
 
-def _dtype_name(dtype) -> str:
-    return "float64" if "64" in str(dtype) else "float32"
+def dtype_name(d) -> str:
+    """"float32" for np.float32, dtype('float32') or array_api_strict.float32."""
+    return str(getattr(d, "__name__", d)).rsplit(".", 1)[-1]
 
 
 def _np_dtype(dtype):

@@ -25,12 +25,13 @@ TypeError/ValueError naming the problem.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from dataclasses import dataclass
 
 from . import losses
-from .backend import resolve
+from .backend import RNG, dtype_name, resolve
 from .layers import ACTIVATIONS, INITS, mlp
 from .params import Layout, Params
 from .sampling import (gumbel, gumbel_softmax, gumbel_softmax_backward, one_hot, sample,
@@ -83,11 +84,6 @@ def _name(value, what, choices):
     return value
 
 
-def dtype_name(d) -> str:
-    """"float32" for np.float32, dtype('float32') or array_api_strict.float32."""
-    return str(getattr(d, "__name__", d)).rsplit(".", 1)[-1]
-
-
 def _build_nets(d_in, hidden, latent, code_width, likelihood, activation, init, backend):
     """(encoder, decoder) Sequentials; layers only, nothing allocated."""
     _name(likelihood, "likelihood", tuple(losses.LIKELIHOODS))
@@ -119,7 +115,6 @@ class _Model:
         deep inside the draw)."""
         if rng is None:
             return self.rng
-        from .backend import RNG
         if not isinstance(rng, RNG) or rng.backend is not self.backend:
             raise TypeError(f"rng must be a minivae RNG on the model's backend "
                             f"(model.backend.rng(seed)), got {type(rng).__name__}")
@@ -626,8 +621,8 @@ class DiscreteVAE(_Model):
         if dtype is not None:
             low = math.sqrt(2.2250738585072014e-308 if "64" in str(dtype) else 1.1754944e-38)
             if value < low:
-                raise ValueError(f"tau must be >= {low:.2g} in {'float64' if '64' in str(dtype) else 'float32'} "
-                                 f"(smaller, (l + g) / tau overflows), got {value!r}")
+                raise ValueError(f"tau must be >= {low:.2g} in {dtype_name(dtype)} (smaller, "
+                                 f"(l + g) / tau overflows), got {value!r}")
         self._tau = float(value)
 
     def _grid(self, a):
@@ -831,8 +826,6 @@ def _check_config_fields(cls, cfg: dict) -> None:
     """ValueError for a config field the model class does not take (a damaged checkpoint's
     'foo', or 'backend'/'dtype'/'seed', which are build_model's own arguments), instead of
     Python's TypeError about keyword arguments."""
-    import inspect
-
     own = {"backend", "dtype", "seed"}
     takes = set(inspect.signature(cls.__init__).parameters) - {"self"} - own
     unknown = sorted(k for k in cfg if k not in takes)

@@ -26,6 +26,8 @@ from abc import ABC, abstractmethod
 
 from .backend import real_values
 
+NONNEGATIVE = "it is a sum of squared gradients, never below 0"   # Adam's v, Adagrad's s
+
 
 def _finite(value, name, low=None, low_ok=True):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
@@ -143,14 +145,8 @@ class Optimizer(ABC):
             if tuple(getattr(buf, "shape", ())) != shape:
                 raise ValueError(f"optimizer buffer {n!r} has shape "
                                  f"{tuple(getattr(buf, 'shape', ()))}, expected {shape}")
-            try:
-                host[n] = real_values(b, buf, self.params.dtype, f"optimizer buffer {n!r}",
-                                      nonnegative=n in self.nonnegative_state)
-            except ValueError as e:
-                if "negative" in str(e):     # a sum of squared gradients is never below 0
-                    raise ValueError(f"{e}; it is a sum of squared gradients, never below "
-                                     f"0") from None
-                raise
+            host[n] = real_values(b, buf, self.params.dtype, f"optimizer buffer {n!r}",
+                                  nonnegative=NONNEGATIVE if n in self.nonnegative_state else None)
         for n, buf in host.items():
             getattr(self, n)[...] = buf
         self.t = int(t)
@@ -190,6 +186,8 @@ class Adam(Optimizer):
         p <- p - (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
     """
 
+    nonnegative_state = ("v",)
+
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  decoupled=False):
         super().__init__(params, lr, weight_decay)
@@ -204,7 +202,6 @@ class Adam(Optimizer):
         self.decoupled = decoupled
         self.m, self.v = self._zeros(), self._zeros()
         self.state_names = ("m", "v")
-        self.nonnegative_state = ("v",)
 
     def hyper(self):
         return {**super().hyper(), "betas": [self.b1, self.b2], "eps": self.eps,
@@ -235,6 +232,8 @@ class Adagrad(Optimizer):
         s <- s + g^2;    p <- p - lr * g / (sqrt(s) + eps)
     """
 
+    nonnegative_state = ("s",)
+
     def __init__(self, params, lr=1e-2, eps=1e-10, weight_decay=0.0,
                  initial_accumulator_value=0.0):
         super().__init__(params, lr, weight_decay)
@@ -244,7 +243,6 @@ class Adagrad(Optimizer):
         if init:
             self.s += init
         self.state_names = ("s",)
-        self.nonnegative_state = ("s",)
 
     def hyper(self):
         return {**super().hyper(), "eps": self.eps}

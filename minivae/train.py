@@ -47,15 +47,14 @@ import numpy as np
 
 from . import __version__
 from .backend import NAMES as BACKEND_NAMES
-from .backend import (BackendUnavailable, get_backend, jsonable, pcg64_state_ok, rng_state_ok,
-                      strict_json)
+from .backend import get_backend, jsonable, pcg64_state_ok, rng_state_ok, strict_json
 from .fileio import atomic_write
 from .data import BINARIZE, binarize, load_dataset
 from .evaluate import elbo
 from .engine import NonFiniteStep, threads, train_step
 from .engine.data_parallel import DataParallel, ReplicasDiffer, check_same, share_bytes
-from .models import MODELS, _check_config_fields, build_model, layout_of
-from .optim import make_optimizer
+from .models import MODELS, build_model, layout_of
+from .optim import NONNEGATIVE, OPTIMIZERS, make_optimizer
 from .params import Layout
 
 CHECKPOINT = "checkpoint.npz"
@@ -346,12 +345,9 @@ def load_checkpoint(path, data: bytes | None = None) -> tuple[dict, dict]:
         raise CheckpointError(f"{path}: checkpoint header field 'layout' is not valid ({e})") \
             from None
     try:
-        kind = meta["model"].get("kind", "vae")
-        if isinstance(kind, str) and kind in MODELS:      # else layout_of names the kind
-            _check_config_fields(MODELS[kind],
-                                 {k: v for k, v in meta["model"].items() if k != "kind"})
         implied = layout_of(meta["model"])
-        if implied == layout:   # its values too (beta -1, x_sigma 0): the model built once
+        # its fields and values too (foo, beta -1): built once, where its size is the layout's
+        if implied == layout:
             build_model(meta["model"], dtype=meta["dtype"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: its model config is not valid ({e})") from None
@@ -384,13 +380,15 @@ def _check_state(arrays: dict, meta: dict, path) -> None:
         raise CheckpointError(f"{path}: {what}")
 
     o, p = meta["optimizer"], arrays["params"]
+    # the buffers the named optimizer keeps >= 0 (Adam's v, Adagrad's s), as it checks them
+    nonnegative = next((c.nonnegative_state for c in OPTIMIZERS.values()
+                        if c.__name__ == o["name"]), ())
     for n in o["buffers"]:
         b = arrays.get(f"opt.{n}")
         if b is None or b.shape != p.shape or b.dtype != p.dtype or not np.all(np.isfinite(b)):
             bad(f"optimizer buffer {n!r} is missing, of the wrong shape or type, or not finite")
-        if n in ("v", "s") and np.any(b < 0):     # Adam's, Adagrad's sum of squared gradients
-            bad(f"optimizer buffer {n!r} holds negative numbers; it is a sum of squared "
-                f"gradients, never below 0")
+        if n in nonnegative and np.any(b < 0):
+            bad(f"optimizer buffer {n!r} holds negative numbers; {NONNEGATIVE}")
     if o["t"] != meta["step"]:
         bad(f"the optimizer has taken {o['t']} steps but the run {meta['step']}")
     if meta["epoch"] > meta["step"] or len(meta["history"]) != meta["epoch"]:
@@ -490,13 +488,7 @@ def _check_meta(meta: dict, path) -> None:
 def load_model(path, backend="numpy"):
     """A trained model from a checkpoint (file or run directory), on any backend."""
     arrays, meta = load_checkpoint(path)
-    try:
-        model = build_model(meta["model"], backend=backend, dtype=meta["dtype"])
-    except ValueError as e:       # a value the model refuses (beta -1): the file is damaged
-        if isinstance(e, BackendUnavailable):
-            raise
-        named = Path(path) / CHECKPOINT if Path(path).is_dir() else path
-        raise CheckpointError(f"{named}: its model config is not valid ({e})") from None
+    model = build_model(meta["model"], backend=backend, dtype=meta["dtype"])   # checked there
     model.params.load_state_dict({"layout": meta["layout"], "data": arrays["params"]})
     return model, meta
 
@@ -944,17 +936,12 @@ class Trainer:
             raise CheckpointError(f"{src}: optimizer buffer {e} is missing") from None
         except ValueError as e:
             raise CheckpointError(f"{src}: {e}") from None
-        try:
-            restored = t.model.rng.set_state(meta["rng"]["model"])
-        except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
-            raise CheckpointError(f"{src}: the saved noise generator state is damaged "
-                                  f"({type(e).__name__}: {e})") from None
-        if not restored:
+        if not t.model.rng.set_state(meta["rng"]["model"]):   # checked by load_checkpoint
             t.log(f"note: the {meta['backend']} noise stream of this run cannot be restored on "
                   f"backend {t.backend.name}; training continues with a fresh stream from the seed")
         try:
             t.shuffle.bit_generator.state = meta["rng"]["shuffle"]
-        except (TypeError, ValueError, KeyError, OverflowError) as e:
+        except (TypeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{src}: the saved shuffling state is damaged ({e})") from None
         t.epoch, t.step, t.history = int(meta["epoch"]), int(meta["step"]), list(meta["history"])
         if meta["in_epoch"]:

@@ -179,17 +179,17 @@ class DataParallel:
 
     # -- the step -------------------------------------------------------------------------------
     def _step(self, x, eps, check, opt):
-        m, xp = self.model, self.model.xp
+        m = self.model
         if check:
             m.check_input(x)
         B = x.shape[0]
-        # a refused step (NonFiniteStep) leaves the model's noise stream where it was, too:
-        # retrying the call draws the same eps (one state copy, ~1 us)
         lo, hi = self.comm.rows(B)          # checked before any noise is drawn
         if not (isinstance(lo, Integral) and isinstance(hi, Integral) and 0 <= lo <= hi <= B) or (
                 self.comm.size == 1 and (lo, hi) != (0, B)):
             raise ValueError(f"comm.rows({B}) gave {(lo, hi)!r}: a rank's rows [lo, hi) must lie "
                              f"within the batch, and one process must take all of them")
+        # a refused step (NonFiniteStep) leaves the model's noise stream where it was, too:
+        # retrying the call draws the same eps (one state copy, ~1 us)
         snap = m.rng.snapshot() if eps is None and opt is not None else None
         eps = m.prepare_eps(eps, B, check)
         try:

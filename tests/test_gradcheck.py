@@ -531,6 +531,43 @@ def test_a_wrong_sign_just_beside_a_kink_is_not_excused_as_a_kink():
                                allow_discontinuities=True).passed
 
 
+@pytest.mark.parametrize("d", [3e-11, 1e-10, 3e-10, 1e-9, 3e-9])
+def test_correct_gradients_within_a_few_e_minus_10_of_a_kink_pass_in_float64(d):
+    """Inputs 1e-11..1e-8 from a kink: the first steps cross it (a kink, correctly named),
+    the retry from smaller steps still crosses it and is only coarsely resolved; that retry
+    once replaced the kink, the element was never checked with steps under |x| (which
+    resolve it) and the correct gradient read "FAIL (unresolved)": minivae's own
+    check_layer(ReLU()) at x = 1e-10, |x|, hinge and clip, 5 of 5 seeds."""
+    rng = rng_(3)
+    x = rng.standard_normal((4, 6))
+    x[0, :3] = [d, -d, 3 * d]
+    for mode in ("exact", "auto"):
+        assert check_layer(layers.ReLU(), {}, x, mode=mode).passed, mode
+    for c, f, g in [(0.0, np.abs, np.sign),
+                    (1.0, lambda v: np.maximum(0, 1 - v), lambda v: -(v < 1).astype(float)),
+                    (1.0, lambda v: np.clip(v, -1, 1), lambda v: (np.abs(v) < 1).astype(float))]:
+        v, w = rng.standard_normal(8), rng.standard_normal(8)
+        v[:3] = [c + d, c - d, c + 3 * d]
+        assert check_gradients(lambda: float(np.sum(w * f(v))), {"v": v}, {"v": w * g(v)},
+                               mode="exact").passed
+
+
+@pytest.mark.parametrize("d", [1e-11, 1e-10, 1e-8])
+def test_a_wrong_gradient_beside_a_kink_still_fails_once_the_kink_is_kept(d):
+    """Keeping the kink found by the first steps must not excuse a wrong value: a ReLU
+    gradient with its threshold at 1e-3 (0 where 0 < v < 1e-3), or 30% off beside the kink."""
+    rng = rng_(4)
+    v, w = rng.standard_normal(8), rng.standard_normal(8)
+    v[:3] = [d, -d, 3 * d]
+    f = lambda: float(np.sum(w * np.maximum(v, 0)))  # noqa: E731
+    late = w * (v > 1e-3)
+    off = w * (v > 0)
+    off[0] *= 1.3
+    for g in (late, off):
+        for mode in ("exact", "auto", "sparse"):
+            assert not check_gradients(f, {"v": v}, {"v": g}, mode=mode).passed, mode
+
+
 @pytest.mark.parametrize("mode", ["exact", "directions", "sparse", "auto"])
 def test_kinks_excused_one_by_one_must_also_add_up(mode):
     """max over a tie: sending the gradient to both tied elements is wrong, although each

@@ -221,6 +221,11 @@ class _Tensorcheck:
         again = self._compare(idx, u, element, t0 * self.retry)
         better = math.isfinite(again.n) and (not math.isfinite(it.n) or again.err < it.err) \
             and (again.clean or not it.clean)
+        if it.status == "kink" and not (again.status == "ok" and not self._coarse(again)):
+            # a kink found (the analytic value one of two resolved one-sided slopes) stands
+            # unless the smaller steps resolve the element: a coarse "ok" from steps that
+            # still cross the kink (ReLU at x = 1e-10) would turn it into "unresolved"
+            better = False
         if better and it.status == "ok" and it.clean:
             # a refinement of a clean first estimate must agree with it: smaller steps can
             # fall below f's resolution (a float32 f behind float64 tensors) and read 0
@@ -332,7 +337,7 @@ class _Tensorcheck:
         unresolved rather than be excused as a kink."""
         x, s = abs(self.T.x0[i]), self.T.scale[i]
         it = self.compare(np.array([i]), np.array([s]), True)
-        if not (0 < x < s) or (it.status == "ok" and it.clean):
+        if not (0 < x < s) or (it.status == "ok" and it.clean and not self._coarse(it)):
             return it
         again = self.compare(np.array([i]), np.array([x]), True, t0=0.5)   # |step| <= x/2
         e = 3 * again.err / x

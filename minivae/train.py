@@ -105,13 +105,16 @@ def run_lock(out, made=()):
     ``made``: the directories this process made for ``out`` (:func:`make_run_dir`). If the
     block fails and ``out`` then holds nothing but the lock file, the lock file and those
     directories are removed while the lock is still held: a run that failed before writing
-    leaves nothing behind, and a directory anyone else made is never touched."""
+    leaves nothing behind, and a directory anyone else made is never removed. In a directory
+    that existed before, a failed block that made the lock file and nothing else removes the
+    lock file: the directory is left as it was found."""
     from filelock import FileLock, Timeout
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = str((out / ".minivae.lock").resolve())
     lock = _locks.setdefault(path, FileLock(path))
+    before = _entries(out) if lock.lock_counter == 0 else None   # before the lock file
     try:
         lock.acquire(timeout=0)
     except Timeout:
@@ -122,9 +125,23 @@ def run_lock(out, made=()):
     except BaseException:
         if made and lock.lock_counter == 1:      # the outermost block: nobody else holds it
             remove_made_dirs(made, litter=(".minivae.lock",))
+        elif lock.lock_counter == 1 and before is not None and ".minivae.lock" not in before \
+                and _entries(out) == before | {".minivae.lock"}:
+            try:
+                os.unlink(path)                  # still held: no other run can be using it
+            except OSError:
+                pass
         raise
     finally:
         lock.release()
+
+
+def _entries(d) -> set | None:
+    """The names in directory d, or None if it cannot be listed."""
+    try:
+        return set(os.listdir(d))
+    except OSError:
+        return None
 
 
 def make_run_dir(out) -> list:

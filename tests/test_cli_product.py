@@ -212,12 +212,16 @@ def test_a_train_that_fails_before_writing_leaves_no_new_directory(tmp_path, cap
     (kept / "notes.txt").write_text("mine")
     assert cli.main(["train", "--out", str(kept), *missing]) == 2
     assert (kept / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]    # no lock file left
     empty = tmp_path / "empty"                               # made by someone else: stays
     empty.mkdir()
     assert cli.main(["train", "--out", str(empty / "run"), *missing]) == 2
     assert empty.is_dir() and not (empty / "run").exists()
     assert cli.main(["train", "--out", str(empty), *missing]) == 2
-    assert empty.is_dir()
+    assert empty.is_dir() and not any(empty.iterdir())
+    (empty / ".minivae.lock").touch()             # a lock file it found there is not its own
+    assert cli.main(["train", "--out", str(empty), *missing]) == 2
+    assert sorted(p.name for p in empty.iterdir()) == [".minivae.lock"]
 
 
 def test_sgd_momentum_from_the_command_line_trains_and_may_change_on_resume(tmp_path, capsys):

@@ -971,6 +971,11 @@ class Trainer:
                 raise CheckpointError(f"{src}: saved position {pos} is outside the epoch "
                                       f"(0..{t.n_train})")
             t.perm, t.pos = perm.astype(np.int64), pos
+        # each step takes at least one example: more steps than examples seen is damage
+        seen = t.epoch * t.n_train + (t.pos if meta["in_epoch"] else 0)
+        if t.step > seen:
+            raise CheckpointError(f"{src}: step {t.step} is more steps than the {seen} training "
+                                  f"examples its {t.epoch} epochs saw")
         t.sums[:] = arrays["sums"]           # checked by load_checkpoint, as history and epoch
         defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
                     if f.name in _NEWER_FIELDS}        # what an older checkpoint ran with

@@ -268,6 +268,12 @@ def test_a_crafted_checkpoint_header_is_refused_naming_the_field(run1, tmp_path,
     ("pos out of range", lambda a, m: _in_epoch(a, m, pos=90000), "outside the epoch"),
     ("history shorter than epochs", lambda a, m: (a, {**m, "history": []}), "epochs of history"),
     ("sums damaged", lambda a, m: ({**a, "sums": np.array([np.nan, 1, 2])}, m), "running sums"),
+    ("step beyond the examples seen",      # each step takes at least one example
+     lambda a, m: (a, {**m, "step": 10 ** 30, "optimizer": {**m["optimizer"], "t": 10 ** 30}}),
+     "more steps than the 18000 training examples its 2 epochs saw"),
+    ("step beyond the examples seen, in an epoch",
+     lambda a, m: _in_epoch(a, {**m, "step": 18006, "optimizer": {**m["optimizer"], "t": 18006}}),
+     "more steps than the 18005 training examples"),
 ])
 def test_a_damaged_checkpoint_is_refused_on_resume_not_trained_on(run1, tmp_path, capsys, case,
                                                                    change, message):

@@ -20,6 +20,48 @@ def _fsync_dir(path: Path) -> None:
 NAME_MAX = 255      # bytes in one file name, on the file systems minivae writes to
 
 
+def _host() -> str:
+    return (socket.gethostname().replace(os.sep, "_") or "host")[:32]
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host (one we may not signal counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError, ValueError):    # PermissionError: it exists
+        return True
+    return True
+
+
+def remove_stale_temps(path) -> list:
+    """Remove the temp files that :func:`temp_path` names for ``path`` and that a process of
+    this host which no longer exists left behind (killed by SIGKILL or a power cut mid-write:
+    nothing could clean up). A temp of another host, of a live process (its writer, or one
+    that reused the id) or not of that form is left alone. -> the paths removed."""
+    path = Path(path)
+    prefix, host, gone = path.name + ".", _host(), []
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return gone
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        parts = name[len(prefix):-len(".tmp")].rsplit(".", 2)
+        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit() \
+                or not parts[2].isdigit():
+            continue
+        pid = int(parts[1])
+        if pid == os.getpid() or pid <= 0 or _alive(pid):
+            continue
+        with contextlib.suppress(OSError):
+            (path.parent / name).unlink()
+            gone.append(path.parent / name)
+    return gone
+
+
 def temp_path(path) -> Path:
     """The temp file :func:`atomic_write` fills for ``path`` in this thread: beside it, named
     for the host, process and thread (``samples.png.<host>.<pid>.<thread>.tmp``), so that two
@@ -27,8 +69,7 @@ def temp_path(path) -> Path:
     filesystem) each fill their own and the last rename wins with a whole file. With one
     shared temp name they wrote into each other's file: a mixed, sometimes undecodable PNG."""
     path = Path(path)
-    host = (socket.gethostname().replace(os.sep, "_") or "host")[:32]
-    suffix = f".{host}.{os.getpid()}.{threading.get_ident()}.tmp"
+    suffix = f".{_host()}.{os.getpid()}.{threading.get_ident()}.tmp"
     name = path.name
     while len(os.fsencode(name + suffix)) > NAME_MAX:   # a long valid name: shorten the temp's
         name = name[:-1]
@@ -39,8 +80,11 @@ def atomic_write(path, write, what="file") -> None:
     """Write ``path`` atomically: ``write(f)`` fills a temp file beside it (:func:`temp_path`),
     which is fsynced and renamed over ``path``. A crash or a full disk mid-write leaves the
     previous file intact; the error names the path and says so. Writers of one path at once
-    each leave a whole file: the last one's. Used for checkpoints, metrics, figures."""
+    each leave a whole file: the last one's. A temp file for ``path`` that a killed process
+    of this host left is removed first (:func:`remove_stale_temps`). Used for checkpoints,
+    metrics, figures."""
     path = Path(path)
+    remove_stale_temps(path)
     tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:

@@ -337,6 +337,32 @@ def test_sample_into_a_full_disk_keeps_the_previous_png(run1, capsys):
     assert png.read_bytes() == before and not tmp.exists() and not tmp.is_symlink()
 
 
+def test_a_temp_file_left_by_a_killed_writer_is_removed_by_the_next_write(tmp_path):
+    """SIGKILL mid-write leaves the temp file (nothing can run in the killed process); the
+    next write of that path on this host removes it. Temps of live processes and of other
+    hosts are not touched."""
+    path = tmp_path / "checkpoint.npz"
+    code = ("import sys, time; from minivae.fileio import atomic_write\n"
+            "def fill(f):\n    f.write(b'half'); f.flush(); print('writing', flush=True); "
+            "time.sleep(60)\n"
+            "atomic_write(sys.argv[1], fill)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    left = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert len(left) == 1 and f".{proc.pid}." in left[0].name and left[0].read_bytes() == b"half"
+    live = temp_path(path).with_name(temp_path(path).name.replace(f".{os.getpid()}.",
+                                                                   f".{os.getppid()}."))
+    other = tmp_path / "checkpoint.npz.another-host.12345.1.tmp"
+    for p in (live, other):
+        p.write_bytes(b"theirs")
+    atomic_write(path, lambda f: f.write(b"whole"))
+    assert path.read_bytes() == b"whole" and not left[0].exists()
+    assert live.read_bytes() == b"theirs" and other.read_bytes() == b"theirs"
+
+
 def test_a_long_valid_file_name_is_written(tmp_path):
     """A 250-character name is valid; the temp file beside it must be too (its suffix made
     the temp's name too long: 'File name too long', naming the temp)."""

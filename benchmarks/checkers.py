@@ -208,6 +208,15 @@ def cases():
     out.append(Case("abs(x) at x[0] = 1e-12, sign flipped", {"x": xa},
                     lambda d: float(np.sum(np.abs(d["x"]))),
                     lambda d: {"x": np.array([-1.0, 1.0, 1.0])}, bug="wrong sign", where=("x", (0,))))
+    # beside a kink, not on it: a correct ReLU there read "unresolved" until 2026-12-01
+    xk = R(4).standard_normal(12)
+    xk[:3] = [1e-10, -1e-10, 3e-10]
+    wk = R(5).standard_normal(12)
+    relu_w = lambda d: float(np.sum(wk * np.maximum(d["x"], 0.0)))  # noqa: E731
+    out.append(Case("ReLU, inputs 1e-10 from 0, correct", {"x": xk}, relu_w,
+                    lambda d: {"x": wk * (d["x"] > 0)}))
+    out.append(Case("ReLU, inputs 1e-10 from 0, threshold 1e-3", {"x": xk.copy()}, relu_w,
+                    lambda d: {"x": wk * (d["x"] > 1e-3)}, bug="0 where 0 < x < 1e-3"))
     xt = np.array([1.0, 1.0, 0.5])
     out.append(Case("max with a tie, gradient to both", {"x": xt}, lambda d: float(np.max(d["x"])),
                     lambda d: {"x": np.array([1.0, 1.0, 0.0])}, bug="double counted"))

@@ -4,6 +4,7 @@ tells kinks from errors, refuses what it cannot check, and never says PASSED wit
 The first block is the issue's list of inputs that once got the wrong verdict, one test each.
 """
 import json
+import math
 
 import numpy as np
 import pytest
@@ -533,11 +534,11 @@ def test_a_wrong_sign_just_beside_a_kink_is_not_excused_as_a_kink():
 
 @pytest.mark.parametrize("d", [3e-11, 1e-10, 3e-10, 1e-9, 3e-9])
 def test_correct_gradients_within_a_few_e_minus_10_of_a_kink_pass_in_float64(d):
-    """Inputs 1e-11..1e-8 from a kink: the first steps cross it (a kink, correctly named),
-    the retry from smaller steps still crosses it and is only coarsely resolved; that retry
-    once replaced the kink, the element was never checked with steps under |x| (which
-    resolve it) and the correct gradient read "FAIL (unresolved)": minivae's own
-    check_layer(ReLU()) at x = 1e-10, |x|, hinge and clip, 5 of 5 seeds."""
+    """Inputs 1e-11..1e-8 from a kink: the first steps cross it (a kink), the retry from
+    smaller steps still crosses it and is only coarsely resolved, and the correct gradient
+    read "FAIL (unresolved)": minivae's own check_layer(ReLU()) at x = 1e-10, |x|, hinge and
+    clip, 5 of 5 seeds. Now an element beside 0 is checked again with steps under |x|, and
+    an element on a kink within the steps with steps smaller still (hinge and clip at 1)."""
     rng = rng_(3)
     x = rng.standard_normal((4, 6))
     x[0, :3] = [d, -d, 3 * d]
@@ -552,20 +553,36 @@ def test_correct_gradients_within_a_few_e_minus_10_of_a_kink_pass_in_float64(d):
                                mode="exact").passed
 
 
-@pytest.mark.parametrize("d", [1e-11, 1e-10, 1e-8])
-def test_a_wrong_gradient_beside_a_kink_still_fails_once_the_kink_is_kept(d):
-    """Keeping the kink found by the first steps must not excuse a wrong value: a ReLU
-    gradient with its threshold at 1e-3 (0 where 0 < v < 1e-3), or 30% off beside the kink."""
-    rng = rng_(4)
-    v, w = rng.standard_normal(8), rng.standard_normal(8)
-    v[:3] = [d, -d, 3 * d]
-    f = lambda: float(np.sum(w * np.maximum(v, 0)))  # noqa: E731
-    late = w * (v > 1e-3)
-    off = w * (v > 0)
-    off[0] *= 1.3
+@pytest.mark.parametrize("c", [0.0, 1.0, -5.0])
+@pytest.mark.parametrize("d", [1e-10, 1e-9, 1e-8, -1e-10, -1e-9, -1e-8])
+def test_a_wrong_gradient_beside_a_kink_is_not_excused_as_the_kink(c, d):
+    """An element d beside a kink at c is smooth there: only its own side's slope is right.
+    The other side's slope (a late threshold) and a value 30% off must fail, with the kink at
+    0 and elsewhere (a first version of the fix above kept the kink and passed them for
+    c != 0: hinge at 1 + 1e-8, found by a new user's attack); the right value passes."""
+    rng = rng_(1)
+    v, w = c + rng.standard_normal(8), rng.standard_normal(8)
+    v[0] = c + d                      # the only element near the kink
+    assert np.all(np.abs(v[1:] - c) > 1e-2)
+    f = lambda: float(np.sum(w * np.maximum(v - c, 0)))  # noqa: E731
+    right = w * (v > c)
+    late = w * (v > c + math.copysign(1e-3, d))     # the other side's slope at v[0]
+    off = right.copy()
+    off[0] = 1.3 * w[0]
+    assert check_gradients(f, {"v": v}, {"v": right}, mode="exact").passed
     for g in (late, off):
         for mode in ("exact", "auto", "sparse"):
             assert not check_gradients(f, {"v": v}, {"v": g}, mode=mode).passed, mode
+
+
+def test_a_tensor_whose_gradient_is_zero_everywhere_still_passes_beside_0():
+    """A flat tensor (a dead ReLU branch) has no gradient scale to be coarse against: its
+    elements between 0 and its scale passed, and must still (a first version of the re-check
+    with steps under |x| called 0.02 "unresolved")."""
+    v, u = np.array([0.5, -0.3, 0.02, -2.0]), np.array([1.5, -0.7])
+    f = lambda: float(np.sum(np.maximum(v - 1, 0)) + np.sum(u ** 2))  # noqa: E731
+    assert check_gradients(f, {"v": v, "u": u}, {"v": np.zeros(4), "u": 2 * u},
+                           mode="exact").passed
 
 
 @pytest.mark.parametrize("mode", ["exact", "directions", "sparse", "auto"])

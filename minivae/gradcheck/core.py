@@ -221,22 +221,34 @@ class _Tensorcheck:
         again = self._compare(idx, u, element, t0 * self.retry)
         better = math.isfinite(again.n) and (not math.isfinite(it.n) or again.err < it.err) \
             and (again.clean or not it.clean)
-        if it.status == "kink" and not (again.status == "ok" and not self._coarse(again)):
-            # a kink found (the analytic value one of two resolved one-sided slopes) stands
-            # unless the smaller steps resolve the element: a coarse "ok" from steps that
-            # still cross the kink (ReLU at x = 1e-10) would turn it into "unresolved"
-            better = False
         if better and it.status == "ok" and it.clean:
             # a refinement of a clean first estimate must agree with it: smaller steps can
             # fall below f's resolution (a float32 f behind float64 tensors) and read 0
             better = abs(again.n - it.n) <= 3 * (it.err + again.err)
-        return again if better else it
+        best = again if better else it
+        if element and it.status == "kink" and not (best.clean and self._resolved(best)):
+            # A kink within the steps need not be at x: a hinge 1e-9 beside its kink at 1 is
+            # smooth at x, and only the slope of x's own side is right. Steps smaller still
+            # (down to 2^-42 of x's scale in float64) stop crossing it: a clean, resolved
+            # result there is evidence either way. A kink at x itself is crossed by every
+            # step and stands.
+            t = t0 * self.retry
+            for _ in range(2):
+                t *= self.retry
+                deeper = self._compare(idx, u, element, t)
+                if deeper.status in ("ok", "fail") and deeper.clean and self._resolved(deeper):
+                    return deeper
+        return best
 
     def _coarse(self, it) -> bool:
         """An element that passed, but whose numeric side is too noisy to judge (it will be
         "unresolved"). A kink is not one: its error bar is wide because of the kink."""
-        return it.index is not None and it.status == "ok" and 3 * it.err / abs(it.unit) > max(
-            self.resolve * self.gmax, self.atol)
+        return it.index is not None and it.status == "ok" and not self._resolved(it)
+
+    def _resolved(self, it) -> bool:
+        """An element's numeric side is known to within ``resolve`` of the tensor's largest
+        gradient element (or to atol)."""
+        return 3 * it.err / abs(it.unit) <= max(self.resolve * self.gmax, self.atol)
 
     def _compare(self, idx, u, element: bool, t0: float) -> Item:
         self.comparisons += 1
@@ -345,6 +357,11 @@ class _Tensorcheck:
             again.note = (again.note + "; " if again.note else "") + \
                 f"checked with steps under |x| = {x:.2g}"
             return again
+        if it.status == "ok":
+            # a clean but coarse pass that smaller steps do not improve on: as found, to be
+            # judged against the whole tensor (a tensor whose gradient is 0 everywhere has no
+            # scale to be coarse against; it passed and still does)
+            return it
         it.status = "unresolved"
         it.note = (f"x = {self.T.x0[i]:.3g} is closer to 0 than the step: large steps cross 0 "
                    f"({it.note or it.status}), steps under |x| resolve only +-{e:.2g}")

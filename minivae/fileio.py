@@ -5,6 +5,7 @@ import contextlib
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 
 
@@ -18,6 +19,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 NAME_MAX = 255      # bytes in one file name, on the file systems minivae writes to
+STALE_S = 600       # a temp file of a gone writer untouched this long is removed
 
 
 def _host() -> str:
@@ -38,8 +40,9 @@ def _alive(pid: int) -> bool:
 def remove_stale_temps(path) -> list:
     """Remove the temp files that :func:`temp_path` names for ``path`` and that a process of
     this host which no longer exists left behind (killed by SIGKILL or a power cut mid-write:
-    nothing could clean up). A temp of another host, of a live process (its writer, or one
-    that reused the id) or not of that form is left alone. -> the paths removed."""
+    nothing could clean up), once untouched for STALE_S seconds. A temp of another host, of
+    a live process (its writer, or one that reused the id), touched more recently, or not of
+    that form is left alone. -> the paths removed."""
     path = Path(path)
     prefix, host, gone = path.name + ".", _host(), []
     try:
@@ -50,15 +53,20 @@ def remove_stale_temps(path) -> list:
         if not (name.startswith(prefix) and name.endswith(".tmp")):
             continue
         parts = name[len(prefix):-len(".tmp")].rsplit(".", 2)
-        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit() \
-                or not parts[2].isdigit():
+        if len(parts) != 3 or parts[0] != host or not all(
+                p.isascii() and p.isdigit() for p in parts[1:]):      # not '²', which int refuses
             continue
         pid = int(parts[1])
         if pid == os.getpid() or pid <= 0 or _alive(pid):
             continue
+        temp = path.parent / name
         with contextlib.suppress(OSError):
-            (path.parent / name).unlink()
-            gone.append(path.parent / name)
+            # untouched for STALE_S: a host that shares this name (cloned machines, names
+            # alike in their first 32 characters) writing to a shared file system has its
+            # own process ids, and a live write of its own moves the file's mtime
+            if time.time() - temp.lstat().st_mtime >= STALE_S:
+                temp.unlink()
+                gone.append(temp)
     return gone
 
 

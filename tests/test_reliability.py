@@ -338,9 +338,10 @@ def test_sample_into_a_full_disk_keeps_the_previous_png(run1, capsys):
 
 
 def test_a_temp_file_left_by_a_killed_writer_is_removed_by_the_next_write(tmp_path):
-    """SIGKILL mid-write leaves the temp file (nothing can run in the killed process); the
-    next write of that path on this host removes it. Temps of live processes and of other
-    hosts are not touched."""
+    """SIGKILL mid-write leaves the temp file (nothing can run in the killed process); a
+    write of that path on this host removes it once it is 10 minutes old. Temps of live
+    processes, of other hosts and with odd names are not touched ('²' passes isdigit and
+    broke every write with a ValueError)."""
     path = tmp_path / "checkpoint.npz"
     code = ("import sys, time; from minivae.fileio import atomic_write\n"
             "def fill(f):\n    f.write(b'half'); f.flush(); print('writing', flush=True); "
@@ -353,14 +354,22 @@ def test_a_temp_file_left_by_a_killed_writer_is_removed_by_the_next_write(tmp_pa
     proc.wait(timeout=30)
     left = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     assert len(left) == 1 and f".{proc.pid}." in left[0].name and left[0].read_bytes() == b"half"
+    atomic_write(path, lambda f: f.write(b"whole"))
+    # touched less than 10 minutes ago: it could be a live writer's on another host of the
+    # same name (a shared file system), so it stays for now
+    assert path.read_bytes() == b"whole" and left[0].read_bytes() == b"half"
+    old = time.time() - 601
+    os.utime(left[0], (old, old))
     live = temp_path(path).with_name(temp_path(path).name.replace(f".{os.getpid()}.",
                                                                    f".{os.getppid()}."))
     other = tmp_path / "checkpoint.npz.another-host.12345.1.tmp"
-    for p in (live, other):
+    odd = left[0].with_name(left[0].name.replace(f".{proc.pid}.", ".\u00b2."))   # not a pid
+    for p in (live, other, odd):
         p.write_bytes(b"theirs")
-    atomic_write(path, lambda f: f.write(b"whole"))
-    assert path.read_bytes() == b"whole" and not left[0].exists()
-    assert live.read_bytes() == b"theirs" and other.read_bytes() == b"theirs"
+        os.utime(p, (old, old))
+    atomic_write(path, lambda f: f.write(b"again"))
+    assert path.read_bytes() == b"again" and not left[0].exists()
+    assert all(p.read_bytes() == b"theirs" for p in (live, other, odd))
 
 
 def test_a_long_valid_file_name_is_written(tmp_path):

@@ -111,14 +111,14 @@ def _gpu_libs():
 def contenders(args):
     """name -> (step function returning phase times, sync); all on the same batches."""
     import numpy as np
-    import torch
 
     from minivae import VAE, Adam, DataParallel
     from minivae.engine import blas, kernels
 
     gpu = args.device == "gpu"
     if gpu:
-        cupy, _ = _gpu_libs()
+        cupy, _ = _gpu_libs()    # first: no GPU is the reason to give, torch or no torch
+    import torch
     B, H, L, D = args.batch, args.hidden, args.latent, 784
     n_batches = 32
     host = _machine.mnist_batches(B, n_batches)
@@ -312,6 +312,12 @@ def measure(fns, steps, block_s=0.6, settle_s=0.2, warmup=5):
 def main(argv=None) -> int:
     args = parse(argv)
     threads = _machine.set_threads(args.threads, args.minivae_threads)
+    if args.device == "gpu":
+        try:
+            _gpu_libs()          # first: no GPU is the reason to give, torch or no torch
+        except GPUUnavailable as e:
+            print(f"step_time.py: error: {e}", file=sys.stderr)
+            return 2
     import numpy as np
     import torch
 

@@ -575,6 +575,20 @@ def test_a_wrong_gradient_beside_a_kink_is_not_excused_as_the_kink(c, d):
             assert not check_gradients(f, {"v": v}, {"v": g}, mode=mode).passed, mode
 
 
+@pytest.mark.parametrize("offset", [0.0, 100.0])
+@pytest.mark.parametrize("d", [1e-12, 3e-12])
+def test_steps_that_still_cross_a_kink_are_no_evidence_for_either_side(offset, d):
+    """x 1e-12 below a kink whose slopes differ by 0.5%: the smaller steps still cross it
+    and read the slopes' mean, consistently and to ~1e-3, which the first version of the
+    deeper retry took as evidence: the far side's slope PASSED (a new user's attack). Now
+    such a result counts only where its own one-sided slopes agree far better than the
+    kink's differ."""
+    delta = 5e-3
+    x = np.array([1.0 - d])
+    f = lambda: offset + float(np.where(x[0] < 1, x[0], 1 + (1 + delta) * (x[0] - 1)))  # noqa
+    assert not check_gradients(f, {"x": x}, {"x": np.array([1 + delta])}).passed
+
+
 def test_a_tensor_whose_gradient_is_zero_everywhere_still_passes_beside_0():
     """A flat tensor (a dead ReLU branch) has no gradient scale to be coarse against: its
     elements between 0 and its scale passed, and must still (a first version of the re-check

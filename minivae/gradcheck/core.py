@@ -77,6 +77,8 @@ class Item:
     side: int = 0          # for a kink: +1 if the analytic value is the right slope, -1 left
     clean: bool = True     # every step finite on both sides, the three estimates agreeing
     sides: tuple = ((math.nan, math.inf), (math.nan, math.inf))   # one-sided (value, error)
+    noisy: bool = True     # the error is f's round-off at the step, not the steps' own spread
+    near_kink: bool = False  # an element with a kink within the usual steps (resolved closer)
 
 
 def check_gradients(f, tensors: dict, analytic: dict, *, mode: str = "auto", rtol=None,
@@ -239,6 +241,7 @@ class _Tensorcheck:
                 deeper = self._compare(idx, u, element, t)
                 if deeper.status in ("ok", "fail") and deeper.clean and \
                         self._resolved(deeper) and self._off_kink(deeper, it):
+                    deeper.near_kink = True
                     return deeper
         return best
 
@@ -253,6 +256,15 @@ class _Tensorcheck:
         vals = (fp, ep, fm, em, kp, km)
         return all(math.isfinite(v) for v in vals) and \
             abs(fp - fm) + 3 * (ep + em) < 0.25 * abs(kp - km)
+
+    def _coarse_direction(self, it) -> bool:
+        """A direction that passed but is too coarse to count (it would be "unresolved"),
+        and not because of f's noise: it crossed kinks of elements closer to them than its
+        steps (ReLU inputs 1e-10 from 0). Bisected like a failing one, its elements are then
+        checked one by one, with steps under |x| where they sit beside 0."""
+        ref = max(abs(it.a), abs(it.n), it.size)
+        return it.index is None and it.status == "ok" and not it.noisy and ref > 0 and \
+            3 * it.err > max(self.resolve * ref, self.atol)
 
     def _coarse(self, it) -> bool:
         """An element that passed, but whose numeric side is too noisy to judge (it will be
@@ -280,6 +292,9 @@ class _Tensorcheck:
                     size=0.0 if element else float(np.linalg.norm(line.gi * line.u)))
         item.clean = est.consistent and not est.one_sided and not est.shrunk
         item.sides = (est.fwd, est.bwd)       # the one-sided slopes: (value, error) each
+        # the noise term of the best step (_Tableau: 2 sigma / t): an error well above it
+        # comes from the steps themselves (a kink they cross), which smaller pieces can fix
+        item.noisy = not (est.t > 0) or err <= 4 * 2.0 * self.sigma / est.t
         if est.one_sided:
             item.note = f"{est.one_sided} differences only: f is not finite on the other side"
         if not math.isfinite(a):
@@ -371,6 +386,7 @@ class _Tensorcheck:
         if math.isfinite(again.n) and e <= max(self.resolve * self.gmax, self.atol):
             again.note = (again.note + "; " if again.note else "") + \
                 f"checked with steps under |x| = {x:.2g}"
+            again.near_kink = True
             return again
         if it.status == "ok":
             # a clean but coarse pass that smaller steps do not improve on: as found, to be
@@ -405,7 +421,7 @@ class _Tensorcheck:
                     items.append(self.element(int(J[0])))
                 else:
                     it = self.compare(J, V, False)
-                    if it.status == "ok":
+                    if it.status == "ok" and not self._coarse_direction(it):
                         items.append(it)
                     else:
                         stack.append((J, V))
@@ -434,12 +450,31 @@ def _check_tensor(f, f0, spread, T, g, mode, rtol, atol, rng, n_directions, n_sa
             if not np.any(u):       # every element is named: a zero direction is no evidence
                 break
             it = tc.compare(np.arange(T.size), u, False)
-            if it.status == "ok":
+            if it.status == "ok" and not tc._coarse_direction(it):
                 items.append(it)
                 continue
             located = True
             found, finished = tc.locate(np.arange(T.size), u, locate_max, max_comparisons)
             items += found
+            if it.status == "ok":
+                # a coarse pass: explained where its pieces were all checked; if the search
+                # stopped first, it stands (as "unresolved")
+                if not finished:
+                    items.append(it)
+                continue
+            near = [x.index for x in found if x.near_kink and x.status == "ok"]
+            if finished and near and not any(x.status in BAD for x in found):
+                # the direction crossed kinks beside some of its elements (ReLU inputs 1e-10
+                # from 0), each shown right with steps that do not cross them: the mismatch
+                # is theirs if the direction without them agrees; if it still does not, the
+                # error is elsewhere, spread thinly, and fails below
+                u[near] = 0.0
+                if np.any(u):
+                    again = tc.compare(np.arange(T.size), u, False)
+                    if again.status == "ok":
+                        items.append(again)
+                        continue
+                    it = again
             if not any(x.status in BAD for x in found):
                 if it.status == "fail":    # a proven mismatch that no single element explains
                     it.note = (f"<g,u> = {it.a:.6e} but the finite difference is {it.n:.6e} "

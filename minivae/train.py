@@ -89,6 +89,13 @@ class ResumeConflict(ValueError):
                          f"(asked: {asked!r})")
 
 
+# Steps between checks of the parameters and the optimizer's state for NaN/Inf (an update
+# that overflowed from a finite gradient, e.g. Adam's v = g^2): before, only each checkpoint
+# looked, and an epoch of zero-size steps could run first. ~0.6 ms a check for the default
+# model (a min and a max of three 653k arrays), under 0.01 ms a step.
+STATE_CHECK_EVERY = 100
+
+
 class RunLocked(RuntimeError):
     """Another process is writing to the same run directory."""
 
@@ -699,6 +706,8 @@ class Trainer:
             n_seen += b
             self.pos, self.step, k = j, self.step + 1, k + 1
             bar.update(b)
+            if self.step % STATE_CHECK_EVERY == 0:     # every rank alike (same step count)
+                self._check_state_finite()
             if k % cfg.log_every == 0 or self.pos >= N or self._stop:
                 self.sums[:] = (n_seen, float(acc_recon), float(acc_kl))   # the read-back
                 self._check_finite(self.sums)
@@ -760,7 +769,10 @@ class Trainer:
         xp = self.backend.xp
         state = {"the parameters": self.model.params.data,
                  **{f"the optimizer's {n}": getattr(self.opt, n) for n in self.opt.state_names}}
-        bad = [name for name, a in state.items() if not bool(xp.all(xp.isfinite(a)))]
+        # one min and one max each (NaN propagates through both, an infinity is one of them):
+        # no temporaries, cheap enough to run every STATE_CHECK_EVERY steps
+        bad = [name for name, a in state.items() if a.shape[0] and not (
+            bool(xp.isfinite(xp.min(a))) and bool(xp.isfinite(xp.max(a))))]
         if bad:
             # (called after the epoch's count moved on: the step belongs to the epoch before)
             epoch = self.epoch if self.perm is None else self.epoch + 1

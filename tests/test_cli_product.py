@@ -199,6 +199,16 @@ def test_a_run_whose_optimizer_state_overflows_is_stopped_not_saved(tmp_path):
     assert minivae("evaluate", out, "--k", "0")[0] == 0
 
 
+def test_an_overflowed_optimizer_state_stops_the_run_within_100_steps(tmp_path):
+    """Adam's v overflowing from a finite gradient was seen only at the epoch's checkpoint,
+    after hundreds of zero-size steps (563 at batch 16); now every 100 steps."""
+    out = tmp_path / "ae16"
+    rc, _, err = minivae("train", "--model", "autoencoder", "--lr", "1e6", "--epochs", "1",
+                         "--batch", "16", "--out", out, "--no-progress", "--no-figures")
+    assert rc == 1 and "became NaN/Inf by step 100 of epoch 1" in err, err
+    assert not out.exists()
+
+
 def test_a_train_that_fails_before_writing_leaves_no_new_directory(tmp_path, capsys):
     """Missing data: one line, exit 2, and the --out it made for its lock is gone again; an
     --out that existed before stays, with what was in it."""

@@ -610,6 +610,27 @@ def test_a_direction_made_coarse_by_kinks_beside_its_elements_is_bisected(n):
     assert not r.passed and r.checks[0].worst_index == (0,), r.table()
 
 
+def test_a_failing_direction_that_crossed_relu_kinks_is_checked_without_them():
+    """1200 inputs, three of them +-1e-6 from 0, f = 1e6 + sum(relu(v)) + ...: one direction
+    crosses their kinks and reads a consistent mismatch; both its halves pass, so bisection
+    pins nothing, and the correct gradient failed as "error spread thinly" (a new user's
+    attack, also at 1b23a60). The elements whose sign the direction's first step crosses are
+    now checked one by one and the direction compared again without them. A wrong value at
+    one of them must still fail."""
+    rng = rng_(1)
+    v = rng.standard_normal(1200)
+    v[[3, 7, 11]] = [1e-6, -1e-6, 2e-6]
+    c = np.ones(1200)
+    c[0] = 100.0
+    f = lambda: 1e6 + float(np.sum(np.maximum(v, 0))) + 0.5 * float(np.sum(c * v * v))  # noqa
+    g = (v > 0).astype(float) + c * v
+    r = check_gradients(f, {"v": v}, {"v": g}, mode="auto")
+    assert r.passed, r.table()
+    wrong = g.copy()
+    wrong[3] = c[3] * v[3]                    # the other side's slope
+    assert not check_gradients(f, {"v": v}, {"v": wrong}, mode="auto").passed
+
+
 def test_a_tensor_whose_gradient_is_zero_everywhere_still_passes_beside_0():
     """A flat tensor (a dead ReLU branch) has no gradient scale to be coarse against: its
     elements between 0 and its scale passed, and must still (a first version of the re-check

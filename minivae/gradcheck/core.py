@@ -462,12 +462,26 @@ def _check_tensor(f, f0, spread, T, g, mode, rtol, atol, rng, n_directions, n_sa
                 if not finished:
                     items.append(it)
                 continue
-            near = [x.index for x in found if x.near_kink and x.status == "ok"]
+            # the elements whose sign the direction's first step could cross (0 < |x| <
+            # t0 |u|): a kink at 0, as ReLU's, within the step
+            crossed = {int(i) for i in np.flatnonzero((T.x0 != 0) &
+                                                      (np.abs(T.x0) < tc.t0 * np.abs(u)))}
+            if finished and it.status == "fail" and not any(x.status in BAD for x in found):
+                # a proven mismatch that bisection did not pin on an element: those elements
+                # are checked one by one (at most 64)
+                seen = {x.index for x in found if x.index is not None}
+                cand = sorted(crossed - seen)
+                if len(cand) <= 64:
+                    extra = [tc.element(i) for i in cand]
+                    found += extra
+                    items += extra
+            near = [x.index for x in found if x.status == "ok" and x.index is not None and
+                    (x.near_kink or x.index in crossed)]
             if finished and near and not any(x.status in BAD for x in found):
                 # the direction crossed kinks beside some of its elements (ReLU inputs 1e-10
-                # from 0), each shown right with steps that do not cross them: the mismatch
-                # is theirs if the direction without them agrees; if it still does not, the
-                # error is elsewhere, spread thinly, and fails below
+                # from 0), each shown right on its own: the mismatch is theirs if the
+                # direction without them agrees; if it still does not, the error is
+                # elsewhere, spread thinly, and fails below
                 u[near] = 0.0
                 if np.any(u):
                     again = tc.compare(np.arange(T.size), u, False)

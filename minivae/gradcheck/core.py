@@ -52,6 +52,10 @@ SETTINGS = {
 # first step this many times smaller (data far from 0, x = 1e5 + noise, varies on a scale far
 # below |x|), and the better-resolved of the two counts.
 MODES = ("auto", "exact", "directions", "sparse")
+# A failing direction that bisection pins on no element: at most this many of the elements
+# whose sign its first step crosses are checked one by one before it is compared again
+# without them (more, and it fails as an error spread thinly, as before).
+MAX_CROSSED = 64
 BAD = ("fail", "discontinuity", "unresolved")
 
 
@@ -215,7 +219,9 @@ class _Tensorcheck:
 
     def compare(self, idx, u, element: bool, t0: float | None = None) -> Item:
         """One comparison along u, done again from a smaller first step when the first is
-        not clean or only coarsely resolved; the better-resolved result counts."""
+        not clean or only coarsely resolved; the better-resolved result counts. An element
+        found on a kink whose retry is not resolved is compared from smaller steps still,
+        and counts there only off the kink (:meth:`_off_kink`)."""
         t0 = t0 or self.t0
         it = self._compare(idx, u, element, t0)
         coarse = 3 * it.err > 100 * self.rtol * max(abs(it.a), abs(it.n), it.size)
@@ -468,10 +474,10 @@ def _check_tensor(f, f0, spread, T, g, mode, rtol, atol, rng, n_directions, n_sa
                                                       (np.abs(T.x0) < tc.t0 * np.abs(u)))}
             if finished and it.status == "fail" and not any(x.status in BAD for x in found):
                 # a proven mismatch that bisection did not pin on an element: those elements
-                # are checked one by one (at most 64)
+                # are checked one by one (at most MAX_CROSSED)
                 seen = {x.index for x in found if x.index is not None}
                 cand = sorted(crossed - seen)
-                if len(cand) <= 64:
+                if len(cand) <= MAX_CROSSED:
                     extra = [tc.element(i) for i in cand]
                     found += extra
                     items += extra

@@ -631,6 +631,38 @@ def test_a_failing_direction_that_crossed_relu_kinks_is_checked_without_them():
     assert not check_gradients(f, {"v": v}, {"v": wrong}, mode="auto").passed
 
 
+@pytest.mark.parametrize("mode", ["exact", "directions", "sparse", "auto"])
+def test_a_proven_mismatch_beside_0_is_not_overruled_by_coarser_steps_under_x(mode):
+    """A smooth f, x = 1e-10, the gradient there 1e-2 off (true ~ -1.3): the first steps
+    show the mismatch cleanly, with both one-sided slopes agreeing; the re-check with steps
+    under |x| is coarser (f's round-off over a 5e-11 step) and passed it, in exact mode since
+    before 1b23a60 and, once directions leaned on element checks, in every mode (a new
+    user's attack). The correct gradient passes."""
+    r = rng_(0)
+    v, b = r.standard_normal(2000), r.standard_normal(2000)
+    v[7] = 1e-10
+    f = lambda: float(b @ v) + 0.5 * float(v @ v)  # noqa: E731
+    g = b + v
+    assert check_gradients(f, {"v": v}, {"v": g}, mode=mode).passed
+    g[7] += 1e-2
+    assert not check_gradients(f, {"v": v}, {"v": g}, mode=mode).passed
+
+
+def test_errors_on_the_elements_a_direction_crosses_are_not_zeroed_away():
+    """20 of 2000 inputs 1e-6 from 0 (a smooth f: no kink), their gradients 1e-6 off (10x
+    rtol): the direction re-checked without the elements its step crosses must not drop the
+    one comparison that proved the mismatch (it PASSED for one commit)."""
+    r = rng_(0)
+    v, c = r.standard_normal(2000), r.uniform(0.5, 2, 2000)
+    idx = r.choice(2000, 20, replace=False)
+    v[idx] = 1e-6 * r.uniform(0.5, 1.5, 20) * r.choice([-1, 1], 20)
+    b = r.standard_normal(2000)
+    f = lambda: float(b @ v) + 0.5 * float(np.sum(c * v * v))  # noqa: E731
+    g = b + c * v
+    g[idx] *= 1 + 1e-6
+    assert not check_gradients(f, {"v": v}, {"v": g}, mode="directions").passed
+
+
 def test_a_tensor_whose_gradient_is_zero_everywhere_still_passes_beside_0():
     """A flat tensor (a dead ReLU branch) has no gradient scale to be coarse against: its
     elements between 0 and its scale passed, and must still (a first version of the re-check

@@ -648,6 +648,23 @@ def test_a_proven_mismatch_beside_0_is_not_overruled_by_coarser_steps_under_x(mo
     assert not check_gradients(f, {"v": v}, {"v": g}, mode=mode).passed
 
 
+@pytest.mark.parametrize("mode", ["exact", "auto", "sparse"])
+def test_a_feature_finer_than_the_first_steps_is_measured_by_the_steps_under_x(mode):
+    """tanh(1e9 x) / 1e9 at x = 1e-10: the first steps (~1e-5) see only the background
+    slope 1, cleanly, and the analytic 1.99 looks wrong; the steps under |x| resolve 1.99.
+    A first version of the rule above returned the first steps' failure (a new user's
+    attack); a mismatch they prove stands only where the steps under |x| do not resolve a
+    different slope. (The background slope 1 given as the gradient still passes, here and
+    at 1b23a60: the first steps agree with it and nothing looks closer; the README's
+    aliasing limit.)"""
+    v = np.array([1e-10, 0.5, -1.2, 0.8])
+    k = 1e9
+    f = lambda: float(np.sum(v)) + float(np.tanh(k * v[0])) / k  # noqa: E731
+    g = np.ones(4)
+    g[0] += 1 / np.cosh(k * v[0]) ** 2
+    assert check_gradients(f, {"v": v}, {"v": g}, mode=mode).passed
+
+
 def test_errors_on_the_elements_a_direction_crosses_are_not_zeroed_away():
     """20 of 2000 inputs 1e-6 from 0 (a smooth f: no kink), their gradients 1e-6 off (10x
     rtol): the direction re-checked without the elements its step crosses must not drop the

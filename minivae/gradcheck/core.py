@@ -395,13 +395,17 @@ class _Tensorcheck:
         it = self.compare(np.array([i]), np.array([s]), True)
         if not (0 < x < s) or (it.status == "ok" and it.clean and not self._coarse(it)):
             return it
-        if it.status == "fail" and it.clean and self._resolved(it) and \
-                self._sides_agree(it, abs(it.a - it.n)):
-            # a proven mismatch whose steps crossed no kink (both one-sided slopes agree far
-            # better than the analytic value does): the coarser steps under |x| must not
-            # overrule it (a 1e-2 error at x = 1e-10 of a smooth f passed that way)
-            return it
+        proven = it.status == "fail" and it.clean and self._resolved(it) and \
+            self._sides_agree(it, abs(it.a - it.n))
         again = self.compare(np.array([i]), np.array([x]), True, t0=0.5)   # |step| <= x/2
+        if proven and not (math.isfinite(again.n) and again.clean and abs(
+                again.n / x - it.n / s) > 3 * (again.err / x + it.err / s)):
+            # a mismatch the first steps proved (no kink within them: both one-sided slopes
+            # agree far better than the analytic value does) stands unless the steps under
+            # |x| resolve a different slope (tanh(1e9 x) / 1e9 at x = 1e-10: a feature
+            # finer than the first steps); merely coarser, they must not overrule it (a 1e-2
+            # error at x = 1e-10 of a smooth f passed that way)
+            return it
         e = 3 * again.err / x
         if math.isfinite(again.n) and e <= max(self.resolve * self.gmax, self.atol):
             again.note = (again.note + "; " if again.note else "") + \

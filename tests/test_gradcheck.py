@@ -665,6 +665,33 @@ def test_a_feature_finer_than_the_first_steps_is_measured_by_the_steps_under_x(m
     assert check_gradients(f, {"v": v}, {"v": g}, mode=mode).passed
 
 
+@pytest.mark.parametrize("mode", ["exact", "directions", "sparse", "auto"])
+def test_steps_below_fs_resolution_are_no_evidence(mode):
+    """f = (1e6 + x) - 1e6 + y at x = 1e-10: steps under |x| fall below the 1.2e-10 steps
+    of f's round-off and read a slope of 0 with a tiny error bar. A first version of the
+    rule above took that as a finer feature and passed the wrong gradient 0 in every mode
+    (a new user's attack); now such a step is no evidence and the first steps' proof
+    stands."""
+    v = np.array([1e-10, 1.0])
+    f = lambda: ((1e6 + v[0]) - 1e6) + v[1]  # noqa: E731
+    assert not check_gradients(f, {"v": v}, {"v": np.array([0.0, 1.0])}, mode=mode).passed
+
+
+def test_a_proof_the_steps_under_x_cannot_confirm_is_unresolved_not_a_failure():
+    """tanh(k x) / k with k x = 2 at x = 1e-10 behind f ~ 1e4: the first steps see slope 0,
+    the steps under |x| read 0.06 +- 0.27, which fits both 0 and the analytic 0.0707. That
+    is no proof either way: "unresolved", with the reason (it passed at 1b23a60, on that
+    coarse reading)."""
+    x = 1e-10
+    k = 2 / x
+    v = np.array([x, 1.0])
+    f = lambda: 1e4 + math.tanh(k * v[0]) / k + 100 * v[1]  # noqa: E731
+    g = np.array([1 / math.cosh(2.0) ** 2, 100.0])
+    c = check_gradients(f, {"v": v}, {"v": g}, mode="exact").checks[0]
+    assert not c.passed and c.n_unresolved == c.n_failed == 1
+    assert "feature of f finer than the first steps" in c.note
+
+
 def test_errors_on_the_elements_a_direction_crosses_are_not_zeroed_away():
     """20 of 2000 inputs 1e-6 from 0 (a smooth f: no kink), their gradients 1e-6 off (10x
     rtol): the direction re-checked without the elements its step crosses must not drop the

@@ -692,6 +692,33 @@ def test_a_proof_the_steps_under_x_cannot_confirm_is_unresolved_not_a_failure():
     assert "feature of f finer than the first steps" in c.note
 
 
+@pytest.mark.parametrize("mode", ["exact", "directions"])
+def test_a_flat_reading_under_x_where_f_sloped_is_no_evidence(mode):
+    """f = (1e10 + y) - 1e10 at y = 1e-10 (round-off steps of 1.9e-6): every step under
+    |x|, and the retry's smaller steps, read f flat, so the wrong gradient 0 passed (a new
+    user's attack). A dead zone narrower than the first steps reads the same, so a correct
+    0 there is "unresolved", not a failure and not a pass."""
+    v = np.array([1.0, 1e-10])
+    f = lambda: float(0.5 * v[0] ** 2 + ((1e10 + v[1]) - 1e10))  # noqa: E731
+    assert not check_gradients(f, {"v": v}, {"v": np.array([1.0, 0.0])}, mode=mode).passed
+    d = 1e-9
+    dead = lambda: 0.5 * v[0] ** 2 + max(v[1] - d, 0.0) + min(v[1] + d, 0.0)  # noqa: E731
+    c = check_gradients(dead, {"v": v}, {"v": np.array([1.0, 0.0])}, mode=mode).checks[0]
+    assert not c.passed and c.n_unresolved == c.n_failed
+
+
+def test_a_direction_keeps_its_proof_where_the_crossed_elements_are_coarser():
+    """f = (1e8 + y) - 1e8, y = 1e-10, the gradient 1e-5 off: the direction proves the
+    mismatch; y, checked alone, is known only to ~1e-3. Zeroing y out of the direction on
+    that coarse pass dropped the proof, and the wrong gradient passed (a new user's
+    attack); now y is left out only where its own check bounds its share well below the
+    mismatch."""
+    v = np.array([1.0, 1e-10])
+    f = lambda: float(0.5 * v[0] ** 2 + ((1e8 + v[1]) - 1e8))  # noqa: E731
+    g = np.array([1.0, 1.0 + 1e-5])
+    assert not check_gradients(f, {"v": v}, {"v": g}, mode="directions").passed
+
+
 def test_errors_on_the_elements_a_direction_crosses_are_not_zeroed_away():
     """20 of 2000 inputs 1e-6 from 0 (a smooth f: no kink), their gradients 1e-6 off (10x
     rtol): the direction re-checked without the elements its step crosses must not drop the

@@ -169,6 +169,12 @@ def real_values(backend, values, dtype, what: str, nonnegative: str | None = Non
     return out
 
 
+def all_finite(xp, a) -> bool:
+    """Whether the 1-D array ``a`` holds no NaN or Inf: one min and one max (NaN propagates
+    through both, an infinity is one of them), no temporaries."""
+    return not a.shape[0] or (bool(xp.isfinite(xp.min(a))) and bool(xp.isfinite(xp.max(a))))
+
+
 def dtype_name(d) -> str:
     """"float32" for np.float32, dtype('float32') or array_api_strict.float32."""
     return str(getattr(d, "__name__", d)).rsplit(".", 1)[-1]

@@ -24,7 +24,7 @@ import math
 import numbers
 from abc import ABC, abstractmethod
 
-from .backend import real_values
+from .backend import all_finite, real_values
 
 NONNEGATIVE = "it is a sum of squared gradients, never below 0"   # Adam's v, Adagrad's s
 
@@ -51,7 +51,7 @@ def check_finite_grad(params) -> None:
     (one min and one max over the flat gradient when all is well: NaN propagates through
     both, and an infinity is one of them)."""
     xp, g = params.backend.xp, params.grad
-    if not g.shape[0] or (bool(xp.isfinite(xp.min(g))) and bool(xp.isfinite(xp.max(g)))):
+    if all_finite(xp, g):
         return
     bad = [n for n in params.layout.names
            if not bool(xp.all(xp.isfinite(g[params.layout.slice(n)])))]

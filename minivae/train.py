@@ -47,7 +47,8 @@ import numpy as np
 
 from . import __version__
 from .backend import NAMES as BACKEND_NAMES
-from .backend import get_backend, jsonable, pcg64_state_ok, rng_state_ok, strict_json
+from .backend import (all_finite, get_backend, jsonable, pcg64_state_ok, rng_state_ok,
+                      strict_json)
 from .fileio import atomic_write
 from .data import BINARIZE, binarize, load_dataset
 from .evaluate import elbo
@@ -769,10 +770,8 @@ class Trainer:
         xp = self.backend.xp
         state = {"the parameters": self.model.params.data,
                  **{f"the optimizer's {n}": getattr(self.opt, n) for n in self.opt.state_names}}
-        # one min and one max each (NaN propagates through both, an infinity is one of them):
-        # no temporaries, cheap enough to run every STATE_CHECK_EVERY steps
-        bad = [name for name, a in state.items() if a.shape[0] and not (
-            bool(xp.isfinite(xp.min(a))) and bool(xp.isfinite(xp.max(a))))]
+        # no temporaries: cheap enough to run every STATE_CHECK_EVERY steps
+        bad = [name for name, a in state.items() if not all_finite(xp, a)]
         if bad:
             # (called after the epoch's count moved on: the step belongs to the epoch before)
             epoch = self.epoch if self.perm is None else self.epoch + 1

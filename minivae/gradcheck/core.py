@@ -259,11 +259,9 @@ class _Tensorcheck:
         one-sided slopes agree, errors included, to within a quarter of the gap between the
         kink's. Steps that still cross it (x 1e-12 from a kink whose slopes differ by 0.5%)
         read the two slopes' mean, consistently and to about 1e-3: not evidence."""
-        (fp, ep), (fm, em) = it.sides
         (kp, _), (km, _) = kink.sides
-        vals = (fp, ep, fm, em, kp, km)
-        return all(math.isfinite(v) for v in vals) and \
-            abs(fp - fm) + 3 * (ep + em) < 0.25 * abs(kp - km)
+        gap = abs(kp - km)
+        return math.isfinite(gap) and _Tensorcheck._sides_agree(it, 0.5 * gap)
 
     @staticmethod
     def _below_resolution(fine, coarse) -> bool:

@@ -13,7 +13,9 @@ gradient, input gradient), the bias additions and bias gradients, ReLU forward/b
 Bernoulli likelihood and its gradient, the sampler and the KL, and the fused bias+ReLU passes
 where the compiled kernels run them, with the decoder's last bias counted in the Bernoulli
 likelihood that takes it in (engine/numpy_twins.py, FUSE); what is left of the measured
-total is the Python between them (calls, dispatch, small allocations, the means). The timers
+total is the Python between them (calls, dispatch, small allocations, the means). The pieces are
+timed on the generic pass (engine/plan.py off: a step plan calls the kernels past the timers);
+the whole forward+backward is also timed with and without the plan. The timers
 cost about a microsecond each, which lands in that rest. One Python thread, so that the numbers
 add up: by default one thread in all; with --threads k the batches that minivae does not split
 over threads (fewer than MIN_ROWS = 256 rows a thread) run as in training, the products on k
@@ -57,7 +59,7 @@ def profile(B: int, steps: int, threads: int = 1) -> dict:
 
     from minivae import VAE, Adam, DataParallel, losses
     from minivae.engine import numpy_twins as nt
-    from minivae.engine import registry
+    from minivae.engine import plan, registry
     from minivae.layers import Dense, ReLU
 
     model = VAE(seed=0)
@@ -77,6 +79,10 @@ def profile(B: int, steps: int, threads: int = 1) -> dict:
 
     step = median_ms(lambda i: dp.train_step(opt, xs[i % 16], check=False))
     fb = median_ms(lambda i: dp.loss_and_grads(xs[i % 16], check=False))
+    # the pieces below are timed on the generic pass (the step plan calls the kernels
+    # straight, past the timers): its total, beside the plan's, is what the plan saves
+    plan.ENABLED = False
+    fb_generic = median_ms(lambda i: dp.loss_and_grads(xs[i % 16], check=False))
 
     T = collections.Counter()
     table = registry._BY_BACKEND["numpy"]
@@ -145,6 +151,7 @@ def profile(B: int, steps: int, threads: int = 1) -> dict:
             dp.loss_and_grads(xs[i % 16], check=False)
         timed_total = (time.perf_counter() - t0) / steps * 1e3
     finally:
+        plan.ENABLED = True
         Dense.forward = saved_forward
         table.update(saved)
         for n, f in saved_nt.items():
@@ -155,6 +162,7 @@ def profile(B: int, steps: int, threads: int = 1) -> dict:
     parts = {k: v / steps * 1e3 for k, v in T.items()}
     parts["Python and the rest"] = timed_total - sum(parts.values())
     return {"batch": B, "step_ms": step, "forward_backward_ms": fb, "adam_ms": step - fb,
+            "forward_backward_generic_ms": fb_generic,
             "timed_forward_backward_ms": timed_total,
             "parts_ms": dict(sorted(parts.items(), key=lambda kv: -kv[1]))}
 
@@ -179,6 +187,8 @@ def main(argv=None) -> int:
         print(f"\nbatch {B}: step {r['step_ms']:.3f} ms = forward+backward "
               f"{r['forward_backward_ms']:.3f} + Adam {r['adam_ms']:.3f} ({args.threads} thread"
               f"{'s' if args.threads > 1 else ''})")
+        print(f"  (forward+backward without the step plan {r['forward_backward_generic_ms']:.3f} "
+              f"ms; the pieces below are that pass's)")
         for k, v in r["parts_ms"].items():
             share = v / r["timed_forward_backward_ms"]
             print(f"  {k:24s} {v:7.3f} ms  {share:6.1%} of the timed forward+backward")

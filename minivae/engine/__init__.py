@@ -5,6 +5,8 @@
                         ``pick(reference, backend)`` is the one dispatch
       numpy_twins.py    in-place NumPy twins of Dense, ReLU, the Bernoulli likelihood and the
                         model passes
+      plan.py           the model passes' step plan: buffers made once per batch size, the
+                        same kernel calls without the walking (bit for bit the pass above)
       optim.py          in-place NumPy twins of the optimizers' updates
       cupy_twins.py     fused CuPy kernels: Adam, the sampler with its KL, the Bernoulli
                         likelihood, and the model passes that use them (GPU only)

@@ -33,6 +33,7 @@ from ..models import VAE, Autoencoder
 from ..params import Layout, Params
 from ..sampling import sample, sample_backward
 from . import kernels
+from . import plan as _plan
 from .registry import pick, twin_of
 
 NP = get_backend("numpy")
@@ -422,10 +423,15 @@ def _decode_backward(model, P, n, r_cache, dec_caches, bias_fused):
 
 @twin_of(VAE.forward_backward, exact=False, case=_model_case(VAE))
 def vae_forward_backward(model, P, x, eps, batch_size=None):
-    """VAE.forward_backward with the twins above: the same steps, in the same order."""
+    """VAE.forward_backward with the twins above: the same steps, in the same order. Where a
+    step plan applies (:mod:`.plan`: buffers made once per batch size, the same calls without
+    the walking), it runs instead, with the same numbers to the bit."""
     xp, L = model.xp, model.latent
     b = x.shape[0]
     n = b if batch_size is None else batch_size
+    if FUSE and (out := _plan.forward_backward(model, P, x, eps, n, SMALL_ROWS,
+                                               LONG_INNER)) is not None:
+        return out
     h, enc_caches = sequential_forward(model.encoder, P, x)
     s = model.beta / n
     latent = gaussian_latent(h, eps, L, s)
@@ -486,8 +492,12 @@ def gaussian_latent_backward(dz, cache, s, dh):
 
 @twin_of(Autoencoder.forward_backward, exact=False, case=_model_case(Autoencoder))
 def autoencoder_forward_backward(model, P, x, eps=None, batch_size=None):
-    """Autoencoder.forward_backward with the twins above."""
+    """Autoencoder.forward_backward with the twins above (or its step plan: see
+    :func:`vae_forward_backward`)."""
     n = x.shape[0] if batch_size is None else batch_size
+    if FUSE and (out := _plan.forward_backward(model, P, x, eps, n, SMALL_ROWS,
+                                               LONG_INNER)) is not None:
+        return out
     code, enc_caches = sequential_forward(model.encoder, P, x)
     recon, r_cache, dec_caches, fused = _decode(model, P, code, x)
     dcode = _decode_backward(model, P, n, r_cache, dec_caches, fused)

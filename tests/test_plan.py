@@ -221,3 +221,78 @@ def test_a_plan_goes_with_its_model(rng):
     del m
     gc.collect()
     assert gone() is None and len(plan._plans) == n_before - 1
+
+
+@needs_plan
+@pytest.mark.parametrize("how", ["train_step", "row blocks"])
+def test_a_model_stepped_through_the_engine_is_freed_with_its_plans(rng, how):
+    """minivae.train_step keeps a DataParallel per model (weakly keyed by the model): it must
+    hold the model weakly too, or every model ever stepped lives on, with its plans (up to
+    2 x 32 MiB). And a row-block step's jobs must not stay with the thread team's workers."""
+    import gc
+    import weakref
+
+    m = VAE(d_in=60, hidden=(20,), latent=3, seed=2)
+    x, eps = _data(rng, 600, 60, 3, np.float32)
+    if how == "train_step":
+        opt = Adam(m.params)
+        minivae_train_step(m, opt, x, eps)
+        del opt
+    else:
+        dp = DataParallel(m, threads=2)
+        dp.loss_and_grads(x, eps)
+        assert any(plan._plans.get(P) for P in dp._replicas)
+        del dp
+    gone, n_before = weakref.ref(m), len(plan._plans)
+    assert plan._plans.get(m.params)
+    del m
+    gc.collect()
+    assert gone() is None
+    assert len(plan._plans) < n_before
+
+
+def minivae_train_step(m, opt, x, eps):
+    import minivae
+    return minivae.train_step(m, opt, x, eps)
+
+
+@needs_plan
+def test_an_eps_no_plan_can_take_makes_no_plan_and_evicts_none(rng):
+    m = VAE(d_in=30, hidden=(12,), latent=2, seed=1)
+    for B in (8, 9):
+        x, eps = _data(rng, B, 30, 2, np.float32)
+        _generic_and_planned(m, x, eps)
+    kept = list(plan._plans[m.params])
+    x, eps = _data(rng, 10, 30, 2, np.float32)
+    for bad in (np.asfortranarray(eps), eps.astype(np.float64), eps[None]):
+        assert plan.forward_backward(m, m.params, x, bad, 10, nt.SMALL_ROWS,
+                                     nt.LONG_INNER) is None
+    assert plan.forward_backward(m, m.params, x, eps, np.int64(10), nt.SMALL_ROWS,
+                                 nt.LONG_INNER) is None          # beta / n not a float
+    assert list(plan._plans[m.params]) == kept
+
+
+@needs_plan
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_child_does_not_inherit_a_held_plan(rng):
+    """A plan in use by a thread of the parent when it forks: the child starts with no plans,
+    so the lock that thread held cannot keep the child on the generic pass for good."""
+    import os
+
+    m = VAE(d_in=30, hidden=(12,), latent=2, seed=1)
+    x, eps = _data(rng, 6, 30, 2, np.float32)
+    nt.vae_forward_backward(m, m.params, x, eps)
+    (held,) = plan._plans[m.params].values()
+    with held.lock:
+        pid = os.fork()
+        if pid == 0:                  # the child: report through the exit code only
+            ok = False
+            try:
+                ok = not plan._plans.get(m.params)
+                nt.vae_forward_backward(m, m.params, x, eps)
+                (fresh,) = plan._plans[m.params].values()
+                ok = ok and fresh is not held and not fresh.lock.locked()
+            finally:
+                os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

@@ -100,7 +100,6 @@ class DataParallel:
     """
 
     def __init__(self, model, threads: int | None = None, comm: Communicator | None = None):
-        self.model = model
         self.comm = SingleProcess() if comm is None else comm
         missing = [m for m in ("rows", "allreduce_sum", "broadcast", "rank", "size")
                    if not hasattr(self.comm, m)]
@@ -113,11 +112,23 @@ class DataParallel:
         if not (hasattr(model, "forward_backward") and hasattr(model, "params")):
             raise TypeError(f"DataParallel wraps a minivae VAE or Autoencoder, got "
                             f"{type(model).__name__}")
+        self._model, self._model_ref = model, None
         self.threads = threads
         self.engine = threaded(model.backend)
         self._forward_backward = pick(type(model).forward_backward, model.backend)
         self._replicas = []                  # Params sharing model.params.data, one per thread
         self.comm.broadcast(model.params.data)
+
+    @property
+    def model(self):
+        """The wrapped model. The DataParallel that :func:`train_step` keeps for a model holds
+        it weakly (:meth:`_hold_weakly`), so that a model the user drops is freed, with its
+        per-thread gradient buffers and step plans."""
+        return self._model if self._model_ref is None else self._model_ref()
+
+    def _hold_weakly(self) -> "DataParallel":
+        self._model_ref, self._model = weakref.ref(self._model), None
+        return self
 
     def __repr__(self):
         return f"DataParallel({type(self.model).__name__}, threads={self.threads}, " \
@@ -386,7 +397,9 @@ def train_step(model, opt, x, eps=None, check=True) -> LossResult:
                         f"or Autoencoder, got {type(model).__name__}")
     dp = _wrappers.get(model)
     if dp is None:
-        dp = _wrappers[model] = DataParallel(model)
+        # held weakly by the wrapper it keys: a value holding its key strongly would keep
+        # every model ever stepped alive (with its buffers and plans) for the process's life
+        dp = _wrappers[model] = DataParallel(model)._hold_weakly()
     return dp.train_step(opt, x, eps, check)
 
 

@@ -35,6 +35,7 @@ size for training, one for the last short batch of an epoch), the oldest dropped
 """
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 
@@ -63,6 +64,11 @@ def forward_backward(model, P, x, eps, n, small_rows, long_inner):
         return None
     if type(x) is not np.ndarray or x.ndim != 2 or not x.flags.c_contiguous or x.shape[0] < 1:
         return None
+    if type(model) is VAE and not (type(eps) is np.ndarray and eps.dtype == x.dtype
+                                   and eps.shape == (x.shape[0], model.latent)
+                                   and eps.flags.c_contiguous
+                                   and type(model.beta / n) is float):
+        return None                   # before any plan is made: it could never run on these
     key = (type(model), x.shape, x.dtype)
     with _plans_lock:
         table = _plans.get(P)
@@ -85,6 +91,17 @@ def forward_backward(model, P, x, eps, n, small_rows, long_inner):
         return plan.run(model, x, eps, n)
     finally:
         plan.lock.release()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child starts with no plans: a plan's lock may have been held by a thread of
+    the parent, which does not exist here, and would stay held for good."""
+    global _plans, _plans_lock
+    _plans, _plans_lock = weakref.WeakKeyDictionary(), threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _stack(net):
@@ -210,11 +227,10 @@ class Plan:
     def run(self, model, x, eps, n):
         """-> (loss_b, recon, kl); the gradient written into the Params' grad buffer."""
         B, c = self.B, kernels._c
-        if self.vae:
+        if self.vae:                  # eps was checked by forward_backward
             L = self.L
             s = model.beta / n
-            if (type(eps) is not np.ndarray or eps.shape != (B, L) or eps.dtype != self.dtype
-                    or not eps.flags.c_contiguous or type(s) is not float):
+            if type(s) is not float:
                 return None
         parts = kernels.current_parts()
         enc_in = self._forward(self.enc, x, parts)

@@ -186,6 +186,9 @@ class Team:
                 self._done.put((True, fn()))
             except BaseException as e:  # handed to the caller, re-raised there
                 self._done.put((False, e))
+            # drop the job before waiting for the next one: its closure holds the caller's
+            # model, batch and buffers, which would otherwise outlive them until then
+            fn = None
 
     def run(self, fns, concurrent: bool = False) -> list | None:
         """Call every function in ``fns`` (at most k) concurrently; -> their results in order.

@@ -296,3 +296,26 @@ def test_a_forked_child_does_not_inherit_a_held_plan(rng):
                 os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+@needs_plan
+@pytest.mark.parametrize("change", ["likelihood", "layer", "beta"])
+def test_a_plan_follows_a_model_changed_after_it_was_made(rng, change):
+    """The model's likelihood and layers are public attributes a user may replace between
+    steps: the next step must be that of the model as it now is (the generic pass's), never
+    the plan's memory of it (a helper found the Bernoulli loss still used after
+    ``model.px = gaussian``)."""
+    from minivae import losses
+    from minivae.layers import ReLU, Tanh
+
+    m = VAE(d_in=30, hidden=(12,), latent=2, seed=1)
+    x, eps = _data(rng, 6, 30, 2, np.float32)
+    _generic_and_planned(m, x, eps)
+    if change == "likelihood":
+        m.px = losses.make_likelihood("gaussian", m.xp, 30, 1.0)
+    elif change == "layer":      # the decoder's ReLU swapped for a tanh
+        i = next(i for i, layer in enumerate(m.decoder.layers) if type(layer) is ReLU)
+        m.decoder.layers[i] = Tanh(backend=m.backend)
+    else:
+        m.beta = 0.25
+    _generic_and_planned(m, x, eps)

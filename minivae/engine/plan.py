@@ -28,6 +28,9 @@ runs:
 - nobody else running the same plan right now (two threads on one Params: the second one
   takes the generic pass rather than share buffers).
 
+A plan is made again when the model it was made for has changed since: another likelihood
+(``model.px = ...``) or other layer objects, or other parameter and gradient buffers.
+
 What a plan keeps between steps is scratch only: every array the pass returns (the per-row
 loss, reconstruction and KL) is made fresh at each call, so that no caller's result is
 overwritten by the next step. At most :data:`MAX_PLANS` plans are kept per Params (one batch
@@ -76,7 +79,7 @@ def forward_backward(model, P, x, eps, n, small_rows, long_inner):
             table = _plans[P] = {}
         plan = table.get(key)
     if plan is None or plan.model() is not model or plan.data is not P.data or \
-            plan.grad is not P.grad:
+            plan.grad is not P.grad or plan.structure != _structure(model):
         plan = Plan.build(model, P, x.shape[0], x.dtype, small_rows, long_inner)
         if plan is None:
             return None
@@ -102,6 +105,14 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _structure(model) -> tuple:
+    """What a plan was made from and must find again at every call: the likelihood and the
+    layers (objects a user may replace: ``model.px = ...``), and the latent width."""
+    enc, dec = model.encoder, model.decoder
+    return (model.px, enc, tuple(enc.layers), tuple(enc.names), dec, tuple(dec.layers),
+            tuple(dec.names), getattr(model, "latent", None))
 
 
 def _stack(net):
@@ -149,6 +160,7 @@ class Plan:
         self = cls()
         # the model weakly: it holds P, and the table's values must not keep its keys alive
         self.model = weakref.ref(model)
+        self.structure = _structure(model)
         self.data, self.grad, self.B, self.dtype = P.data, P.grad, B, dtype
         self.lock = threading.Lock()
         self.enc = [_Layer(P, name, relu, B, dtype) for name, relu in enc]

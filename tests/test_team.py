@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
@@ -326,3 +327,60 @@ def test_an_empty_setting_means_unset_for_every_variable(name):
     out = subprocess.run([sys.executable, "-m", "minivae", "info"], capture_output=True,
                          text=True, env={**os.environ, name: ""}, timeout=120)
     assert out.returncode == 0 and out.stderr == "", out.stderr
+
+
+def _minivae_workers():
+    return sum(t.name.startswith("minivae-") for t in threading.enumerate())
+
+
+def _wait_for(cond, seconds=5.0):
+    import time
+    end = time.monotonic() + seconds
+    while not cond() and time.monotonic() < end:
+        time.sleep(0.01)
+    return cond()
+
+
+def test_a_team_replaced_by_a_bigger_one_stops_its_workers():
+    """Raising the thread count makes a bigger Python team; the old one's workers used to
+    wait on their queues for the rest of the process (1 -> 6 threads left 6 idle workers
+    beside the 5 in use). Retired, they stop, now or when a run in progress ends, and the old
+    team still runs what it is given, in the caller."""
+    from minivae.engine.threads import Team
+
+    base = _minivae_workers()
+    old = Team(4)
+    assert old.run([lambda i=i: i * i for i in range(4)]) == [0, 1, 4, 9]
+    assert _minivae_workers() == base + 3
+    started, go = threading.Event(), threading.Event()
+
+    def slow():
+        started.set()
+        go.wait(5)
+        return "done"
+
+    out = []
+    runner = threading.Thread(target=lambda: out.append(old.run([slow, lambda: 1])))
+    runner.start()
+    assert started.wait(5)
+    old.retire()                         # a run is in progress: the workers stop as it ends
+    assert _minivae_workers() == base + 3
+    go.set()
+    runner.join(5)
+    assert out == [["done", 1]]
+    assert _wait_for(lambda: _minivae_workers() == base)
+    assert old.run([lambda: 2, lambda: 3]) == [2, 3]          # in the caller now
+    assert old.run([lambda: 2, lambda: 3], concurrent=True) is None
+
+
+def test_growing_the_shared_team_retires_the_old_one():
+    from minivae.engine import threads as T
+
+    k = (T._team.k if T._team is not None else 1) + 2
+    T.team(k - 1)
+    base = _minivae_workers()
+    old = T.team(k - 1)
+    new = T.team(k)
+    assert new is not old and new.k == k
+    assert _wait_for(lambda: _minivae_workers() == base + 1)
+    assert new.run([lambda i=i: i for i in range(k)]) == list(range(k))

@@ -173,6 +173,8 @@ class Team:
         self._jobs: list[queue.SimpleQueue] = []
         self._done: queue.SimpleQueue = queue.SimpleQueue()
         self._busy = threading.Lock()
+        self._state = threading.Lock()   # guards _retired against a run ending at that moment
+        self._retired = False
         for i in range(self.k - 1):
             q: queue.SimpleQueue = queue.SimpleQueue()
             t = threading.Thread(target=self._work, args=(q,), name=f"minivae-{i + 1}", daemon=True)
@@ -182,6 +184,8 @@ class Team:
     def _work(self, jobs):
         while True:
             fn = jobs.get()
+            if fn is None:              # the team was retired (a bigger one replaced it)
+                return
             try:
                 self._done.put((True, fn()))
             except BaseException as e:  # handed to the caller, re-raised there
@@ -200,7 +204,11 @@ class Team:
         fns = list(fns)
         if len(fns) > self.k:
             raise ValueError(f"{len(fns)} jobs for a team of {self.k}")
-        if not self._busy.acquire(blocking=False):
+        free = self._busy.acquire(blocking=False)
+        if free and len(fns) > len(self._jobs) + 1:    # retired: its workers are gone
+            self._busy.release()
+            free = False
+        if not free:
             if concurrent:
                 return None
             with one_blas_thread():
@@ -209,7 +217,26 @@ class Team:
             with one_blas_thread():
                 return self._run(fns)
         finally:
-            self._busy.release()
+            with self._state:
+                if self._retired:
+                    self._stop()
+                self._busy.release()
+
+    def retire(self) -> None:
+        """Stop the workers, now or, when a run is in progress, as it ends. A retired team
+        still runs what it is given, one job after another in the caller."""
+        with self._state:
+            self._retired = True
+            if self._busy.acquire(blocking=False):
+                try:
+                    self._stop()
+                finally:
+                    self._busy.release()
+
+    def _stop(self):
+        for q in self._jobs:
+            q.put(None)
+        self._jobs = []
 
     def _run(self, fns) -> list:
         for i, fn in enumerate(fns[1:]):
@@ -281,6 +308,8 @@ def team(k: int) -> Team:
     global _team
     with _team_lock:
         if _team is None or _team.k < k:
+            if _team is not None:
+                _team.retire()          # its workers would otherwise wait for good
             _team = Team(k)
         return _team
 

@@ -19,12 +19,38 @@ Names:
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import math
+import types
 
 import numpy as np
 
 NAMES = ("numpy", "cupy", "strict", "auto")
+
+
+class _ModuleName:
+    """A module in a pickled state: by name, imported again when unpickled."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name):
+        self.name = name
+
+
+class Picklable:
+    """``pickle`` and ``copy.deepcopy`` for objects that hold their array namespace (a
+    module, which cannot be pickled) in an attribute (``self.xp``): the module goes by its
+    name and is imported again (``array_api_compat.numpy`` and the like). A copy then holds
+    the same namespace and everything else copied."""
+
+    def __getstate__(self):
+        return {k: _ModuleName(v.__name__) if isinstance(v, types.ModuleType) else v
+                for k, v in self.__dict__.items()}
+
+    def __setstate__(self, state):
+        self.__dict__.update({k: importlib.import_module(v.name) if isinstance(v, _ModuleName)
+                              else v for k, v in state.items()})
 
 
 class BackendUnavailable(RuntimeError):
@@ -194,6 +220,10 @@ class Backend:
 
     def __repr__(self):
         return f"Backend({self.name!r})"
+
+    def __reduce__(self):
+        # pickled and copied by name: one Backend object per name in a process
+        return get_backend, (self.name,)
 
     def dtype(self, d):
         """Map a name ("float32", "float64") or dtype to this backend's dtype object."""

@@ -21,10 +21,10 @@ import math
 import numbers
 from abc import ABC, abstractmethod
 
-from .backend import resolve
+from .backend import Picklable, resolve
 
 
-class Layer(ABC):
+class Layer(Picklable, ABC):
     """Base: holds the array namespace; no parameters, no hidden state between calls."""
 
     def __init__(self, backend="numpy"):

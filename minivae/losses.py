@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import numbers
 
+from .backend import Picklable
 from .layers import sigmoid
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -159,7 +160,7 @@ def kl_monte_carlo_backward(xp, dout, cache):
 
 
 # -- likelihoods as objects: what a model needs to know about p(x|z) ------------------------
-class Bernoulli:
+class Bernoulli(Picklable):
     """p(x|z) = prod_D Bernoulli(x_d; sigmoid(l_d)); the decoder outputs logits l: (B, D).
 
     Data must lie in [0, 1] (grey levels are read as probabilities, as the PyTorch example
@@ -188,7 +189,7 @@ class Bernoulli:
         return sigmoid(self.xp, out)
 
 
-class Gaussian:
+class Gaussian(Picklable):
     """p(x|z) = N(x; mean, sigma^2 I) with a fixed sigma; the decoder outputs the mean (B, D)."""
 
     data_range = None
@@ -211,7 +212,7 @@ class Gaussian:
         return out
 
 
-class GaussianLearned:
+class GaussianLearned(Picklable):
     """p(x|z) = N(x; mean, diag(exp(logvar))), both from the decoder: out (B, 2D) = mean | logvar."""
 
     data_range = None

@@ -31,7 +31,7 @@ import numbers
 from dataclasses import dataclass
 
 from . import losses
-from .backend import RNG, dtype_name, resolve
+from .backend import RNG, Picklable, dtype_name, resolve
 from .layers import ACTIVATIONS, INITS, mlp
 from .params import Layout, Params
 from .sampling import (gumbel, gumbel_softmax, gumbel_softmax_backward, one_hot, sample,
@@ -99,7 +99,7 @@ def _build_nets(d_in, hidden, latent, code_width, likelihood, activation, init, 
     return encoder, decoder
 
 
-class _Model:
+class _Model(Picklable):
     """Shared plumbing: flat parameters, backend, RNG, input validation, decoding.
 
     ``has_prior`` says what the rest of minivae needs to know about a model: True for a VAE

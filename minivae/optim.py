@@ -24,7 +24,7 @@ import math
 import numbers
 from abc import ABC, abstractmethod
 
-from .backend import all_finite, real_values
+from .backend import Picklable, all_finite, real_values
 
 NONNEGATIVE = "it is a sum of squared gradients, never below 0"   # Adam's v, Adagrad's s
 
@@ -59,7 +59,7 @@ def check_finite_grad(params) -> None:
                              f"taken, the parameters and the optimizer's state are unchanged")
 
 
-class Optimizer(ABC):
+class Optimizer(Picklable, ABC):
     """Base: binds to ``params`` (a model's Params: ``data`` (n,), ``grad`` (n,)).
 
     ``state_names``: the optimizer's own flat buffers, each (n,) in the parameters' layout.

@@ -77,6 +77,16 @@ class Params:
         self.grad = xp.zeros((layout.size,), dtype=self.dtype)
         self._make_views()
 
+    def __getstate__(self):
+        # the views are rebuilt on the copy: copied as arrays of their own, they would no
+        # longer share memory with its data and grad
+        return {k: v for k, v in self.__dict__.items()
+                if k not in ("views", "grad_views", "_groups")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._make_views()
+
     def _make_views(self):
         xp = self.backend.xp
         L = self.layout

@@ -506,3 +506,43 @@ def test_second_attack_leftovers_are_named():
         Adam(m.params, decoupled="yes")
     with pytest.raises(TypeError, match="sample_z must be True or False"):
         m.reconstruct(x, sample_z="yes")
+
+
+# -- copies: copy.deepcopy and pickle ------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["numpy", "strict"])
+@pytest.mark.parametrize("kind", ["VAE", "Autoencoder", "DiscreteVAE"])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_model_and_its_optimizer_copy_whole_and_train_on_alike(rng, backend, kind, how):
+    """copy.deepcopy and pickle of a model with its optimizer (e.g. to keep the best model):
+    they used to raise "cannot pickle 'module' object" (the array namespace). The copy owns
+    its buffers (its named views alias its own flat buffer, not the original's), keeps the
+    optimizer's link to its parameters, and from there trains to the same numbers as the
+    original, noise stream included."""
+    import copy
+    import pickle
+
+    import minivae
+
+    m = getattr(minivae, kind)(d_in=20, hidden=(8,), latent=3, backend=backend, seed=4)
+    opt = minivae.Adam(m.params, lr=0.01)
+    x = m.backend.asarray((rng.random((6, 20)) < 0.4).astype(np.float32))
+    m.loss_and_grads(x)
+    opt.step()
+    if how == "deepcopy":
+        m2, opt2 = copy.deepcopy((m, opt))
+    else:
+        m2, opt2 = pickle.loads(pickle.dumps((m, opt)))
+    assert opt2.params is m2.params and m2.backend is m.backend
+    host = m.backend.to_host
+    for P, Q in ((m.params, m2.params),):
+        assert not np.shares_memory(host(P.data), host(Q.data))
+        Q.views[Q.layout.names[0]][...] = 0.0        # a view of the copy writes into the copy
+        assert float(m.backend.xp.sum(m.backend.xp.abs(Q.data[: Q.layout.size]))) != \
+            float(m.backend.xp.sum(m.backend.xp.abs(P.data)))
+        Q.set_flat(host(P.data))
+    for model, o in ((m, opt), (m2, opt2)):
+        for _ in range(2):
+            model.loss_and_grads(x)
+            o.step()
+    np.testing.assert_array_equal(host(m2.params.data), host(m.params.data))
+    np.testing.assert_array_equal(host(opt2.m), host(opt.m))

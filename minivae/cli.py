@@ -96,6 +96,15 @@ def _sigterm_raises(wanted: bool):
         signal.signal(signal.SIGTERM, previous)
 
 
+def _one_line(e: BaseException) -> str:
+    """The error's own words: an OSError without Python's "[Errno 28] " prefix (its text and
+    the file it names)."""
+    if isinstance(e, OSError) and e.strerror:
+        names = [str(f) for f in (e.filename, e.filename2) if f is not None]
+        return e.strerror + (f": {' -> '.join(names)}" if names else "")
+    return str(e)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -138,7 +147,7 @@ def main(argv=None) -> int:
     except (UserError, BackendUnavailable, RunLocked, FileNotFoundError, ValueError, TypeError,
             OSError, MemoryError, FloatingPointError) as e:   # FloatingPointError: a refused
         # NaN/Inf step (minivae.NonFiniteStep) outside the trainer, which reports its own
-        print(f"minivae {args.command}: error: {e}", file=sys.stderr)
+        print(f"minivae {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"minivae {args.command}: interrupted", file=sys.stderr)

@@ -535,3 +535,34 @@ def test_history_rows_with_new_columns_still_write_metrics_csv(run1):
     t.write_metrics()
     rows = (run1 / "metrics.csv").read_text().splitlines()
     assert rows[0].endswith(",new_column") and rows[1].endswith(",") and rows[-1].endswith(",1.5")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_disk_through_the_cli_is_one_line_without_an_errno_prefix(run1, capsys):
+    """The words of the error, not Python's "[Errno 28] " in front of them."""
+    png = run1 / "samples.png"
+    temp_path(png).symlink_to("/dev/full")
+    assert main(["sample", str(run1), "-n", "4", "--out", str(png)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("minivae sample: error: could not write") and "[Errno" not in err
+    assert "\n" not in err
+
+
+def test_a_damaged_checkpoint_beside_kept_epoch_checkpoints_says_how_to_go_on(tmp_path, capsys):
+    out = tmp_path / "k"
+    assert train(capsys, out, "--epochs", "2", "--keep", "5")[0] == 0
+    (out / "checkpoint.npz").write_bytes(os.urandom(100))
+    code, text = train(capsys, out, "--resume", "--epochs", "3")
+    assert code == 2
+    # epoch 2's checkpoint is the same file as the run's own (a hard link): not offered
+    assert "(checkpoint-epoch0001.npz .. checkpoint-epoch0001.npz)" in text
+    assert "--resume --from-epoch E" in text
+    code, text = train(capsys, out, "--resume", "--epochs", "3", "--from-epoch", "1")
+    assert code == 0, text                     # and the advice works
+
+
+def test_a_checkpoint_that_is_a_directory_is_named_as_one_on_resume(run1, capsys):
+    (run1 / "checkpoint.npz").unlink()
+    (run1 / "checkpoint.npz").mkdir()
+    code, text = train(capsys, run1, "--resume", "--epochs", "3")
+    assert code == 2 and "is not a checkpoint file (a directory" in text

@@ -14,14 +14,16 @@ VAE with ReLU and a Bernoulli likelihood on grey levels, Adam 1e-3, batch 128, 1
 
 Writes into --out: checkpoint.npz, metrics.json, metrics.csv, reconstructions.png,
 samples.png, latent.png, curves.png (and manifold.png when --latent 2).
-Exit status: 0 done, 1 the loss diverged (NaN/Inf), 2 a usage error (or --out in use by
-another minivae train), 130 stopped by Ctrl-C, 143 stopped by SIGTERM (state saved in both).
+Exit status: 0 done, 1 the loss diverged (NaN/Inf), 2 a usage error, bad data or a file that
+cannot be read or written (one line says which; also --out in use by another minivae train),
+130 stopped by Ctrl-C, 143 stopped by SIGTERM (state saved in both).
 
   mpiexec -n 4 minivae train --out runs/mpi   # data-parallel over 4 MPI ranks (pip install
                                               # 'minivae[mpi]'); rank 0 writes, see README "MPI"
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..backend import NAMES as BACKENDS
@@ -219,6 +221,9 @@ def _run(args, comm) -> int:
     def look_at_out():
         """Rank 0 alone looks at --out and holds its lock; the others get what it found."""
         if args.resume and not (out / "checkpoint.npz").is_file():
+            if (out / "checkpoint.npz").exists():     # a directory, or not a regular file
+                raise UserError(f"--resume: {out / 'checkpoint.npz'} is not a checkpoint "
+                                f"file (a directory, or not a regular file)")
             raise UserError(f"--resume: no checkpoint.npz in {out}")
         made[:] = writable_dir(out)
         lock.enter_context(run_lock(out, made=made))
@@ -241,6 +246,19 @@ def _run(args, comm) -> int:
                 t = Trainer.resume(out, from_epoch=args.from_epoch,
                                    progress=not args.no_progress, figures=not args.no_figures,
                                    comm=comm, **overrides)
+            except CheckpointError as e:
+                main_ckpt = out / "checkpoint.npz"
+                # the newest epoch's checkpoint is a hard link to the run's own: damaged alike
+                kept = sorted(p for p in out.glob("checkpoint-epoch*.npz")
+                              if not (main_ckpt.exists() and os.path.samefile(p, main_ckpt)))
+                if args.from_epoch is not None or not kept:
+                    raise
+                # the run's own checkpoint is damaged, but epoch checkpoints were kept (--keep)
+                hint = CheckpointError(
+                    f"{e}; epoch checkpoints are kept beside it ({kept[0].name} .. "
+                    f"{kept[-1].name}): --resume --from-epoch E continues from epoch E's")
+                hint.all_ranks = getattr(e, "all_ranks", False)
+                raise hint from None
             except ResumeConflict as e:
                 raise _everywhere(UserError(
                     f"{FLAG[e.field]} {_show(e.asked)} differs from this run's "

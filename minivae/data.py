@@ -196,6 +196,19 @@ class Dataset:
                 f"image {self.image_shape})")
 
 
+def fingerprint(ds: Dataset) -> str:
+    """A short hash of a data set's numbers (both splits' images and labels, with their
+    shapes): a checkpoint records it, so that resuming a run on other data is refused
+    instead of training on quietly. 32 hex digits (BLAKE2b, 128 bits); about 0.2 s for full
+    MNIST."""
+    h = hashlib.blake2b(digest_size=16)
+    for a in (ds.x_train, ds.y_train, ds.x_test, ds.y_test):
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.data)
+    return h.hexdigest()
+
+
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                    "Sneaker", "Bag", "Ankle boot")
 

@@ -50,7 +50,7 @@ from .backend import NAMES as BACKEND_NAMES
 from .backend import (all_finite, get_backend, jsonable, pcg64_state_ok, rng_state_ok,
                       strict_json)
 from .fileio import atomic_write
-from .data import BINARIZE, binarize, load_dataset
+from .data import BINARIZE, binarize, fingerprint, load_dataset
 from .evaluate import elbo
 from .engine import NonFiniteStep, threads, train_step
 from .engine.data_parallel import DataParallel, ReplicasDiffer, check_same, share_bytes
@@ -75,6 +75,32 @@ class Diverged(RuntimeError):
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, corrupt, or does not fit (the message says why)."""
+
+
+class DataChanged(ValueError):
+    """A run was resumed on other data than it was trained on (the message names both)."""
+
+
+def data_source(cfg: "TrainConfig") -> str:
+    """The data a configuration reads, for messages: the bundled set, or its directory."""
+    if cfg.data == "mnist10k":
+        return "the bundled mnist10k"
+    return f"{cfg.data} from {cfg.data_dir}" if cfg.data_dir else f"{cfg.data} (cached download)"
+
+
+def data_mismatch(cfg: "TrainConfig", ds, meta: dict, what: str) -> str | None:
+    """Why ``ds`` is not the data of the run whose checkpoint header is ``meta`` (other image
+    sizes, or another fingerprint), or None. ``what`` names the run in the message."""
+    d_in = meta["model"].get("d_in")
+    if isinstance(d_in, int) and d_in != ds.dim:
+        return (f"{data_source(cfg)} has {ds.dim} pixels an image, but {what} was trained on "
+                f"{d_in}: the data changed since")
+    fp = meta.get("data_fingerprint")
+    if isinstance(fp, str) and fp != fingerprint(ds):
+        return (f"{data_source(cfg)} is not the data {what} was trained on (its numbers "
+                f"differ: fingerprint {fingerprint(ds)[:12]}, the run's {fp[:12]}): the data "
+                f"changed since")
+    return None
 
 
 class ResumeConflict(ValueError):
@@ -468,6 +494,10 @@ def _check_meta(meta: dict, path) -> None:
         v = meta.get(key)
         if not isinstance(v, typ) or (typ is int and (isinstance(v, bool) or v < 0)):
             bad(key, what)
+    fp = meta.get("data_fingerprint")      # absent in checkpoints of an earlier minivae
+    if fp is not None and not (isinstance(fp, str) and len(fp) == 32
+                               and all(c in "0123456789abcdef" for c in fp)):
+        bad("data_fingerprint", "32 hex digits")
     if meta["dtype"] not in ("float32", "float64"):
         bad("dtype", _META["dtype"][1])
     if meta["backend"] not in BACKEND_NAMES:
@@ -548,6 +578,7 @@ class Trainer:
         if comm.size > 1 and hasattr(comm, "use_local_device"):
             comm.use_local_device(self.backend)          # GPU ranks: before any array is made
         self.ds, x_tr, x_te = prepare_data(cfg, dataset)
+        self._fingerprint = None
         check_same(comm, {"training data": x_tr, "test data": x_te}, "at the start")
         mk = dict(d_in=self.ds.dim, hidden=cfg.hidden, latent=cfg.latent,
                   activation=cfg.activation, likelihood=cfg.likelihood, init=cfg.init)
@@ -863,11 +894,18 @@ class Trainer:
                 "pos": self.pos, "in_epoch": self.perm is not None,
                 "rng": {"model": self.model.rng.get_state(),
                         "shuffle": jsonable(self.shuffle.bit_generator.state)},
-                "history": self.history}
+                "history": self.history, "data_fingerprint": self.data_fingerprint}
         path = self.out / CHECKPOINT
         save_checkpoint(path, arrays, meta)
         self._saved_epoch = self.epoch
         return path
+
+    @property
+    def data_fingerprint(self) -> str:
+        """:func:`minivae.data.fingerprint` of the run's data, saved with each checkpoint."""
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.ds)
+        return self._fingerprint
 
     @classmethod
     def resume(cls, run_dir, dataset=None, log=None, from_epoch=None, comm=None,
@@ -916,7 +954,7 @@ class Trainer:
         try:
             return cls._resume_state(src, data, latest, run_dir, dataset, log, from_epoch, comm,
                                      overrides)
-        except (CheckpointError, ResumeConflict) as e:
+        except (CheckpointError, ResumeConflict, DataChanged) as e:
             e.all_ranks = comm.size > 1   # refused on every rank alike: the same bytes were read
             raise
 
@@ -941,6 +979,10 @@ class Trainer:
         # an override that makes it invalid (say momentum with Adam) is the caller's ValueError
         cfg = TrainConfig.from_json({**saved, "out": str(run_dir), **overrides})
         t = cls(cfg, dataset=dataset, log=log, comm=comm)
+        why = data_mismatch(cfg, t.ds, meta, f"the run in {run_dir}")
+        if why:
+            raise DataChanged(f"{why}. Resume it on the data it was trained on, or start a "
+                              f"new run (another --out)")
         # the model the training configuration builds must be the saved one (beta and tau
         # are the trainer's to set at every step: the KL warm-up, the temperature schedule)
         built = json.loads(strict_json(t.model.config))

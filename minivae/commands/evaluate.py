@@ -44,11 +44,16 @@ def run(args) -> int:
 
     from ..cli import UserError
     from ..evaluate import evaluate
-    from ..train import TrainConfig, load_model, prepare_data
+    from ..train import TrainConfig, data_mismatch, load_model, prepare_data
 
     model, meta = load_model(args.checkpoint, backend=args.device)
     cfg = TrainConfig.from_json(meta["train_config"])
     ds, _, x_test = prepare_data(cfg)
+    why = data_mismatch(cfg, ds, meta, args.checkpoint)
+    if why and ds.dim != model.d_in:
+        raise UserError(f"{why}; it cannot be evaluated on these images")
+    if why:
+        print(f"note: {why}; evaluating on it as it is now", file=sys.stderr)
     if args.n is not None:
         x_test = x_test[: args.n]
     t0 = time.perf_counter()

@@ -30,9 +30,8 @@ NAMES = ("numpy", "cupy", "strict", "auto")
 
 
 class _ModuleName:
-    """A module in a pickled state: by name, imported again when unpickled."""
-
-    __slots__ = ("name",)
+    """A module in a pickled state: by name, imported again when unpickled (no __slots__:
+    pickle's protocols 0 and 1 cannot take a class with slots and no __getstate__)."""
 
     def __init__(self, name):
         self.name = name

@@ -85,21 +85,31 @@ def data_source(cfg: "TrainConfig") -> str:
     """The data a configuration reads, for messages: the bundled set, or its directory."""
     if cfg.data == "mnist10k":
         return "the bundled mnist10k"
-    return f"{cfg.data} from {cfg.data_dir}" if cfg.data_dir else f"{cfg.data} (cached download)"
+    if not cfg.data_dir:
+        return f"{cfg.data} (cached download)"
+    where = Path(cfg.data_dir)
+    return f"{cfg.data} from {where}" + ("" if where.is_absolute() else f" ({where.resolve()})")
 
 
-def data_mismatch(cfg: "TrainConfig", ds, meta: dict, what: str) -> str | None:
+def data_mismatch(cfg: "TrainConfig", ds, meta: dict, what: str,
+                  splits=("train", "test"), source: str | None = None) -> str | None:
     """Why ``ds`` is not the data of the run whose checkpoint header is ``meta`` (other image
-    sizes, or another fingerprint), or None. ``what`` names the run in the message."""
+    sizes, or other images in one of ``splits``: their fingerprints), or None. ``what``
+    names the run in the message, ``source`` the data (default: :func:`data_source`)."""
     d_in = meta["model"].get("d_in")
     if isinstance(d_in, int) and d_in != ds.dim:
-        return (f"{data_source(cfg)} has {ds.dim} pixels an image, but {what} was trained on "
-                f"{d_in}: the data changed since")
-    fp = meta.get("data_fingerprint")
-    if isinstance(fp, str) and fp != fingerprint(ds):
-        return (f"{data_source(cfg)} is not the data {what} was trained on (its numbers "
-                f"differ: fingerprint {fingerprint(ds)[:12]}, the run's {fp[:12]}): the data "
-                f"changed since")
+        return (f"{source or data_source(cfg)} has {ds.dim} pixels an image, but {what} was "
+                f"trained on {d_in}: the data changed since")
+    saved = meta.get("data_fingerprint")
+    if isinstance(saved, dict):
+        now = fingerprint(ds)
+        changed = [k for k in splits if k in saved and saved[k] != now[k]]
+        if changed:
+            return (f"{source or data_source(cfg)} is not the data {what} was trained on (the "
+                    f"images of its {' and '.join(changed)} split"
+                    f"{'s differ' if len(changed) > 1 else ' differ'}: fingerprint "
+                    f"{now[changed[0]][:12]}, the run's {saved[changed[0]][:12]}): the data "
+                    f"changed since")
     return None
 
 
@@ -368,8 +378,13 @@ def load_checkpoint(path, data: bytes | None = None) -> tuple[dict, dict]:
         path = path / CHECKPOINT
     if data is None and not path.is_file():
         raise CheckpointError(_missing(path))
+    if data is None:     # read first: a file that cannot be read is not a damaged checkpoint
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
     try:
-        z = np.load(path if data is None else io.BytesIO(data), allow_pickle=False)
+        z = np.load(io.BytesIO(data), allow_pickle=False)
         if not isinstance(z, np.lib.npyio.NpzFile):     # an .npy array: no header, no state
             raise CheckpointError(f"{path} is not a minivae checkpoint (a single NumPy array, "
                                   f"not an .npz archive of arrays and a JSON header)")
@@ -495,9 +510,11 @@ def _check_meta(meta: dict, path) -> None:
         if not isinstance(v, typ) or (typ is int and (isinstance(v, bool) or v < 0)):
             bad(key, what)
     fp = meta.get("data_fingerprint")      # absent in checkpoints of an earlier minivae
-    if fp is not None and not (isinstance(fp, str) and len(fp) == 32
-                               and all(c in "0123456789abcdef" for c in fp)):
-        bad("data_fingerprint", "32 hex digits")
+    hexes = lambda v: isinstance(v, str) and len(v) == 32 and \
+        all(c in "0123456789abcdef" for c in v)                             # noqa: E731
+    if fp is not None and not (isinstance(fp, dict) and sorted(fp) == ["test", "train"]
+                               and all(hexes(v) for v in fp.values())):
+        bad("data_fingerprint", 'an object {"train": ..., "test": ...} of 32 hex digits each')
     if meta["dtype"] not in ("float32", "float64"):
         bad("dtype", _META["dtype"][1])
     if meta["backend"] not in BACKEND_NAMES:
@@ -979,7 +996,8 @@ class Trainer:
         # an override that makes it invalid (say momentum with Adam) is the caller's ValueError
         cfg = TrainConfig.from_json({**saved, "out": str(run_dir), **overrides})
         t = cls(cfg, dataset=dataset, log=log, comm=comm)
-        why = data_mismatch(cfg, t.ds, meta, f"the run in {run_dir}")
+        why = data_mismatch(cfg, t.ds, meta, f"the run in {run_dir}",
+                            source="the dataset given" if dataset is not None else None)
         if why:
             raise DataChanged(f"{why}. Resume it on the data it was trained on, or start a "
                               f"new run (another --out)")

@@ -49,7 +49,7 @@ def run(args) -> int:
     model, meta = load_model(args.checkpoint, backend=args.device)
     cfg = TrainConfig.from_json(meta["train_config"])
     ds, _, x_test = prepare_data(cfg)
-    why = data_mismatch(cfg, ds, meta, args.checkpoint)
+    why = data_mismatch(cfg, ds, meta, args.checkpoint, splits=("test",))   # what it reads
     if why and ds.dim != model.d_in:
         raise UserError(f"{why}; it cannot be evaluated on these images")
     if why:

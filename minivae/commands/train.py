@@ -221,9 +221,11 @@ def _run(args, comm) -> int:
     def look_at_out():
         """Rank 0 alone looks at --out and holds its lock; the others get what it found."""
         if args.resume and not (out / "checkpoint.npz").is_file():
-            if (out / "checkpoint.npz").exists():     # a directory, or not a regular file
-                raise UserError(f"--resume: {out / 'checkpoint.npz'} is not a checkpoint "
-                                f"file (a directory, or not a regular file)")
+            if (out / "checkpoint.npz").is_dir():
+                raise UserError(f"--resume: {out / 'checkpoint.npz'} is a directory, not a "
+                                f"checkpoint file")
+            if (out / "checkpoint.npz").exists():
+                raise UserError(f"--resume: {out / 'checkpoint.npz'} is not a regular file")
             raise UserError(f"--resume: no checkpoint.npz in {out}")
         made[:] = writable_dir(out)
         lock.enter_context(run_lock(out, made=made))
@@ -254,9 +256,17 @@ def _run(args, comm) -> int:
                 if args.from_epoch is not None or not kept:
                     raise
                 # the run's own checkpoint is damaged, but epoch checkpoints were kept (--keep)
+                digits = [p.name[len("checkpoint-epoch"):-len(".npz")] for p in kept]
+                epochs = sorted(int(d) for d in digits if d.isascii() and d.isdigit())
+                if not epochs:
+                    raise
+                listed = ", ".join(map(str, epochs))
                 hint = CheckpointError(
-                    f"{e}; epoch checkpoints are kept beside it ({kept[0].name} .. "
-                    f"{kept[-1].name}): --resume --from-epoch E continues from epoch E's")
+                    f"{e}; the checkpoint{'s' if len(epochs) > 1 else ''} of epoch"
+                    f"{'s' if len(epochs) > 1 else ''} {listed} "
+                    f"{'are' if len(epochs) > 1 else 'is'} kept beside it: --resume "
+                    f"--from-epoch {epochs[-1]} continues from "
+                    f"{'the newest' if len(epochs) > 1 else 'it'}")
                 hint.all_ranks = getattr(e, "all_ranks", False)
                 raise hint from None
             except ResumeConflict as e:

@@ -77,6 +77,10 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, corrupt, or does not fit (the message says why)."""
 
 
+class CheckpointUnreadable(CheckpointError):
+    """A checkpoint file that exists but cannot be read (permissions, I/O): not damage."""
+
+
 class DataChanged(ValueError):
     """A run was resumed on other data than it was trained on (the message names both)."""
 
@@ -88,7 +92,8 @@ def data_source(cfg: "TrainConfig") -> str:
     if not cfg.data_dir:
         return f"{cfg.data} (cached download)"
     where = Path(cfg.data_dir)
-    return f"{cfg.data} from {where}" + ("" if where.is_absolute() else f" ({where.resolve()})")
+    real = where.expanduser().resolve()         # as the reader finds it (data.load_dir)
+    return f"{cfg.data} from {where}" + ("" if str(real) == str(where) else f" ({real})")
 
 
 def data_mismatch(cfg: "TrainConfig", ds, meta: dict, what: str,
@@ -382,7 +387,7 @@ def load_checkpoint(path, data: bytes | None = None) -> tuple[dict, dict]:
         try:
             data = path.read_bytes()
         except OSError as e:
-            raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
+            raise CheckpointUnreadable(f"{path}: cannot be read ({e.strerror or e})") from None
     try:
         z = np.load(io.BytesIO(data), allow_pickle=False)
         if not isinstance(z, np.lib.npyio.NpzFile):     # an .npy array: no header, no state
@@ -510,9 +515,10 @@ def _check_meta(meta: dict, path) -> None:
         if not isinstance(v, typ) or (typ is int and (isinstance(v, bool) or v < 0)):
             bad(key, what)
     fp = meta.get("data_fingerprint")      # absent in checkpoints of an earlier minivae
+    present = "data_fingerprint" in meta
     hexes = lambda v: isinstance(v, str) and len(v) == 32 and \
         all(c in "0123456789abcdef" for c in v)                             # noqa: E731
-    if fp is not None and not (isinstance(fp, dict) and sorted(fp) == ["test", "train"]
+    if present and not (isinstance(fp, dict) and sorted(fp) == ["test", "train"]
                                and all(hexes(v) for v in fp.values())):
         bad("data_fingerprint", 'an object {"train": ..., "test": ...} of 32 hex digits each')
     if meta["dtype"] not in ("float32", "float64"):
@@ -962,7 +968,7 @@ class Trainer:
             try:
                 data = src.read_bytes()
             except OSError as e:
-                raise CheckpointError(f"{src}: cannot be read ({e.strerror or e})") from None
+                raise CheckpointUnreadable(f"{src}: cannot be read ({e.strerror or e})") from None
             latest = str(_latest_epoch(run_dir) if from_epoch is not None else -1)
             return latest.encode().ljust(24) + data
 
@@ -1110,6 +1116,8 @@ def _missing(path: Path) -> str:
     """Why there is no checkpoint file at ``path``, in a few words."""
     if path.is_dir():
         return f"no checkpoint at {path}: it is a directory, not a checkpoint file"
+    if path.exists():
+        return f"no checkpoint at {path}: it is not a regular file (a FIFO, socket or device)"
     return f"no checkpoint at {path}"
 
 
@@ -1132,10 +1140,11 @@ def _effective(field, value, saved):
 
 
 def _latest_epoch(run_dir) -> int:
+    """The run's epoch: its checkpoint's, or where that cannot be read, the newest kept."""
     try:
         return int(load_checkpoint(run_dir)[1]["epoch"])
     except CheckpointError:
-        return -1
+        return max(epoch_checkpoints(run_dir), default=-1)
 
 
 def epoch_checkpoints(out) -> dict:

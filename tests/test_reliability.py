@@ -556,8 +556,32 @@ def test_a_damaged_checkpoint_beside_kept_epoch_checkpoints_says_how_to_go_on(tm
     assert code == 2
     # epoch 2's checkpoint is the same file as the run's own (a hard link): not offered
     assert "the checkpoint of epoch 1 is kept beside it: --resume --from-epoch 1" in text
-    code, text = train(capsys, out, "--resume", "--epochs", "3", "--from-epoch", "1")
-    assert code == 0, text                     # and the advice works
+    code, text = train(capsys, out, "--resume", "--from-epoch", "1")
+    assert code == 0, text                     # and the advice works, as given
+    assert "training to epoch 2" in text       # the run's own goal, read from epoch 1's file
+    (out / "checkpoint.npz").unlink()          # gone altogether: a rollback still works
+    code, text = train(capsys, out, "--resume", "--from-epoch", "1")
+    assert code == 0, text
+
+
+def test_an_unreadable_checkpoint_gets_no_advice_to_roll_back(tmp_path, capsys, monkeypatch):
+    """Permission denied on an intact checkpoint: rolling back would throw epochs away; the
+    message says what is wrong with the file and nothing else."""
+    from pathlib import Path
+
+    out = tmp_path / "k"
+    assert train(capsys, out, "--epochs", "2", "--keep", "5")[0] == 0
+    real = Path.read_bytes
+
+    def denied(self):
+        if self.name == "checkpoint.npz":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    code, text = train(capsys, out, "--resume", "--epochs", "3")
+    assert code == 2 and "cannot be read (Permission denied)" in text
+    assert "--from-epoch" not in text
 
 
 def test_a_checkpoint_that_is_a_directory_is_named_as_one_on_resume(run1, capsys):
@@ -610,12 +634,16 @@ def test_a_checkpoint_with_a_bad_data_fingerprint_is_refused(run1, capsys):
     path = run1 / "checkpoint.npz"
     with np.load(path) as z:
         arrays = {k: z[k] for k in z.files}
-    meta = _json.loads(str(arrays.pop("meta")))
-    assert sorted(meta["data_fingerprint"]) == ["test", "train"]
-    meta["data_fingerprint"]["test"] = "not hex"
+    good = _json.loads(str(arrays.pop("meta")))
+    assert sorted(good["data_fingerprint"]) == ["test", "train"]
+    for bad in ({"train": good["data_fingerprint"]["train"], "test": "not hex"}, None, "ab" * 16):
+        meta = {**good, "data_fingerprint": bad}
+        np.savez(path, **arrays, meta=np.array(_json.dumps(meta)))
+        code, text = train(capsys, run1, "--resume", "--epochs", "3")
+        assert code == 2 and "'data_fingerprint' must be an object" in text
+    meta = {k: v for k, v in good.items() if k != "data_fingerprint"}    # an older minivae's
     np.savez(path, **arrays, meta=np.array(_json.dumps(meta)))
-    code, text = train(capsys, run1, "--resume", "--epochs", "3")
-    assert code == 2 and "'data_fingerprint' must be an object" in text
+    assert train(capsys, run1, "--resume", "--epochs", "3")[0] == 0
 
 
 def test_what_does_not_change_a_run_does_not_stop_it(tmp_path, capsys, monkeypatch):
@@ -669,3 +697,24 @@ def test_resume_on_a_dataset_given_in_python_names_it_so(run1, tmp_path):
     ds.x_test = 1.0 - ds.x_test
     with pytest.raises(DataChanged, match="the dataset given is not the data"):
         Trainer.resume(run1, dataset=ds, epochs=3, progress=False, figures=False)
+
+
+def test_a_home_relative_data_dir_is_named_where_it_is_read(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    _idx_dir(tmp_path / "home" / "dd", seed=0)
+    out = tmp_path / "run"
+    flags = ["--data", "mnist", "--data-dir", "~/dd", "--batch", "16"]
+    assert train(capsys, out, "--epochs", "1", *flags)[0] == 0
+    _idx_dir(tmp_path / "home" / "dd", seed=0, invert=True)
+    code, text = train(capsys, out, "--resume", "--epochs", "2")
+    assert code == 2 and f"mnist from ~/dd ({tmp_path / 'home' / 'dd'})" in text
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+def test_a_checkpoint_that_is_a_fifo_is_named_alike_everywhere(run1, capsys):
+    (run1 / "checkpoint.npz").unlink()
+    os.mkfifo(run1 / "checkpoint.npz")
+    code, text = train(capsys, run1, "--resume", "--epochs", "3")
+    assert code == 2 and "it is not a regular file" in text
+    assert main(["evaluate", str(run1), "--no-progress"]) == 2
+    assert "it is not a regular file" in capsys.readouterr().err

@@ -190,8 +190,9 @@ def _run(args, comm) -> int:
 
     from ..cli import UserError
     from ..engine.data_parallel import ReplicasDiffer, share_bytes
-    from ..train import (CheckpointError, Diverged, ResumeConflict, RunLocked, TrainConfig,
-                         Trainer, load_checkpoint, remove_made_dirs, run_lock)
+    from ..train import (CheckpointError, CheckpointUnreadable, Diverged, ResumeConflict,
+                         RunLocked, TrainConfig, Trainer, _missing, epoch_checkpoints,
+                         load_checkpoint, remove_made_dirs, run_lock)
 
     root = comm.rank == 0
     say = print if root else (lambda *a, **k: None)       # rank 0 alone speaks
@@ -220,12 +221,10 @@ def _run(args, comm) -> int:
 
     def look_at_out():
         """Rank 0 alone looks at --out and holds its lock; the others get what it found."""
-        if args.resume and not (out / "checkpoint.npz").is_file():
-            if (out / "checkpoint.npz").is_dir():
-                raise UserError(f"--resume: {out / 'checkpoint.npz'} is a directory, not a "
-                                f"checkpoint file")
+        # (a rollback reads its epoch's checkpoint: the run's own may be damaged or gone)
+        if args.resume and args.from_epoch is None and not (out / "checkpoint.npz").is_file():
             if (out / "checkpoint.npz").exists():
-                raise UserError(f"--resume: {out / 'checkpoint.npz'} is not a regular file")
+                raise UserError(f"--resume: {_missing(out / 'checkpoint.npz')}")
             raise UserError(f"--resume: no checkpoint.npz in {out}")
         made[:] = writable_dir(out)
         lock.enter_context(run_lock(out, made=made))
@@ -234,7 +233,12 @@ def _run(args, comm) -> int:
                             f"choose another --out")
         epochs = None
         if args.resume and args.from_epoch is not None and "epochs" not in given:
-            epochs = load_checkpoint(out)[1]["train_config"]["epochs"]  # a rollback trains to
+            try:
+                saved = load_checkpoint(out)[1]
+            except CheckpointError:        # damaged or gone: the epoch's own says the same
+                src = epoch_checkpoints(out).get(args.from_epoch)
+                saved = load_checkpoint(src)[1] if src is not None else None
+            epochs = saved and saved["train_config"]["epochs"]         # a rollback trains to
         return json.dumps({"epochs": epochs}).encode()                 # the run's goal
 
     with lock:
@@ -253,7 +257,8 @@ def _run(args, comm) -> int:
                 # the newest epoch's checkpoint is a hard link to the run's own: damaged alike
                 kept = sorted(p for p in out.glob("checkpoint-epoch*.npz")
                               if not (main_ckpt.exists() and os.path.samefile(p, main_ckpt)))
-                if args.from_epoch is not None or not kept:
+                if args.from_epoch is not None or not kept or \
+                        isinstance(e, CheckpointUnreadable):    # intact, maybe: fix access
                     raise
                 # the run's own checkpoint is damaged, but epoch checkpoints were kept (--keep)
                 digits = [p.name[len("checkpoint-epoch"):-len(".npz")] for p in kept]

@@ -103,7 +103,9 @@ def atomic_write(path, write, what="file") -> None:
     except OSError as e:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)   # never leave half a file lying about
-        kept = f"the previous {what} {path} is intact" if path.exists() else f"no {what} written"
+        kept = (f"{path} is a directory: move it away" if path.is_dir() else
+                f"the previous {what} {path} is intact" if path.exists() else
+                f"no {what} written")
         raise OSError(e.errno, f"could not write {path} ({e.strerror or e}); {kept}") from None
     except BaseException:
         with contextlib.suppress(OSError):

@@ -969,20 +969,18 @@ class Trainer:
                 data = src.read_bytes()
             except OSError as e:
                 raise CheckpointUnreadable(f"{src}: cannot be read ({e.strerror or e})") from None
-            latest = str(_latest_epoch(run_dir) if from_epoch is not None else -1)
-            return latest.encode().ljust(24) + data
+            return data
 
-        blob = share_bytes(comm, read_on_root, errors=(CheckpointError,))
-        latest, data = int(blob[:24]), blob[24:]
+        data = share_bytes(comm, read_on_root, errors=(CheckpointError,))
         try:
-            return cls._resume_state(src, data, latest, run_dir, dataset, log, from_epoch, comm,
+            return cls._resume_state(src, data, run_dir, dataset, log, from_epoch, comm,
                                      overrides)
         except (CheckpointError, ResumeConflict, DataChanged) as e:
             e.all_ranks = comm.size > 1   # refused on every rank alike: the same bytes were read
             raise
 
     @classmethod
-    def _resume_state(cls, src, data, latest, run_dir, dataset, log, from_epoch, comm, overrides):
+    def _resume_state(cls, src, data, run_dir, dataset, log, from_epoch, comm, overrides):
         """The rest of :meth:`resume`, from the checkpoint's bytes."""
         arrays, meta = load_checkpoint(src, data=data)   # the saved config is validated there
         saved = meta["train_config"]
@@ -1060,7 +1058,9 @@ class Trainer:
         t.changed = {k: (was[k], v) for k, v in overrides.items()   # progress and figures
                      if k not in ("out", "progress", "figures")      # are this invocation's
                      and _norm(v) != _norm(was[k])}                   # display, not the run
-        t.rolled_back = from_epoch is not None and from_epoch < latest
+        # a rollback writes the run's checkpoint from the epoch's at once and drops the later
+        # epochs (fit): also onto the newest epoch, whose copy may be all that is sound
+        t.rolled_back = from_epoch is not None
         t._saved_epoch = int(meta["epoch"])
         return t
 
@@ -1137,14 +1137,6 @@ def _effective(field, value, saved):
     if field == "optimizer" and isinstance(value, str):
         return value.lower()                     # any case names one optimizer
     return _norm(value)
-
-
-def _latest_epoch(run_dir) -> int:
-    """The run's epoch: its checkpoint's, or where that cannot be read, the newest kept."""
-    try:
-        return int(load_checkpoint(run_dir)[1]["epoch"])
-    except CheckpointError:
-        return max(epoch_checkpoints(run_dir), default=-1)
 
 
 def epoch_checkpoints(out) -> dict:

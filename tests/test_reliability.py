@@ -555,7 +555,8 @@ def test_a_damaged_checkpoint_beside_kept_epoch_checkpoints_says_how_to_go_on(tm
     code, text = train(capsys, out, "--resume", "--epochs", "3")
     assert code == 2
     # epoch 2's checkpoint is the same file as the run's own (a hard link): not offered
-    assert "the checkpoint of epoch 1 is kept beside it: --resume --from-epoch 1" in text
+    assert (f"the checkpoint of epoch 1 is kept beside it: minivae train --resume --out {out} "
+            f"--from-epoch 1") in text
     code, text = train(capsys, out, "--resume", "--from-epoch", "1")
     assert code == 0, text                     # and the advice works, as given
     assert "training to epoch 2" in text       # the run's own goal, read from epoch 1's file
@@ -718,3 +719,42 @@ def test_a_checkpoint_that_is_a_fifo_is_named_alike_everywhere(run1, capsys):
     assert code == 2 and "it is not a regular file" in text
     assert main(["evaluate", str(run1), "--no-progress"]) == 2
     assert "it is not a regular file" in capsys.readouterr().err
+
+
+def test_rolling_back_onto_the_newest_epoch_repairs_the_run(tmp_path, capsys):
+    """A finished run whose checkpoint.npz was replaced by junk (not written in place, so the
+    newest epoch's hard link survives), or deleted: the advice names the newest epoch, and
+    following it writes a sound checkpoint.npz (it used to say "nothing will be trained" and
+    leave the junk, so that the next --resume gave the same advice again). The rollback
+    trains to the run's goal as last raised (--resume --epochs), read from the newest epoch
+    checkpoint when checkpoint.npz is damaged."""
+    from minivae.train import load_checkpoint
+
+    out = tmp_path / "k"
+    assert train(capsys, out, "--epochs", "2", "--keep", "5")[0] == 0
+    assert train(capsys, out, "--resume", "--epochs", "3")[0] == 0    # the goal raised to 3
+    for damage in ("junk", "gone"):
+        main_ckpt = out / "checkpoint.npz"
+        main_ckpt.unlink()
+        if damage == "junk":
+            main_ckpt.write_bytes(os.urandom(3000))
+        code, text = train(capsys, out, "--resume")
+        assert code == 2 and f"--out {out} --from-epoch 3" in text, text
+        code, text = train(capsys, out, "--resume", "--from-epoch", "3")
+        assert code == 0, text
+        assert load_checkpoint(out)[1]["epoch"] == 3        # repaired
+        assert train(capsys, out, "--resume")[0] == 0
+    (out / "checkpoint.npz").unlink()
+    (out / "checkpoint.npz").write_bytes(b"x" * 500)
+    code, text = train(capsys, out, "--resume", "--from-epoch", "2")
+    assert code == 0 and "training to epoch 3" in text, text
+    assert load_checkpoint(out)[1]["epoch"] == 3
+
+
+def test_a_rollback_onto_a_directory_in_the_checkpoints_place_says_to_move_it(tmp_path, capsys):
+    out = tmp_path / "k"
+    assert train(capsys, out, "--epochs", "2", "--keep", "5")[0] == 0
+    (out / "checkpoint.npz").unlink()
+    (out / "checkpoint.npz").mkdir()
+    code, text = train(capsys, out, "--resume", "--from-epoch", "1")
+    assert code == 2 and "is a directory: move it away" in text and "intact" not in text

@@ -23,7 +23,6 @@ cannot be read or written (one line says which; also --out in use by another min
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from ..backend import NAMES as BACKENDS
@@ -183,6 +182,27 @@ def _categorical_only(given, latent_type):
             f"add --latent-type categorical (this run's latents are {latent_type})"))
 
 
+def _rollback_hint(out) -> str | None:
+    """Where the run's checkpoint.npz is damaged or gone but epoch checkpoints were kept
+    (--keep): the command that continues from the newest sound one, or None. The newest
+    epoch's checkpoint, when it is a hard link to checkpoint.npz, is damaged alike: left out."""
+    import os
+
+    from ..train import epoch_checkpoints
+
+    main = Path(out) / "checkpoint.npz"
+    kept = {e: p for e, p in epoch_checkpoints(out).items()
+            if not (main.is_file() and os.path.samefile(p, main))}
+    if not kept:
+        return None
+    epochs = sorted(kept)
+    listed = ", ".join(map(str, epochs))
+    many = len(epochs) > 1
+    return (f"the checkpoint{'s' if many else ''} of epoch{'s' if many else ''} {listed} "
+            f"{'are' if many else 'is'} kept beside it: minivae train --resume --out {out} "
+            f"--from-epoch {epochs[-1]} continues from {'the newest' if many else 'it'}")
+
+
 def _run(args, comm) -> int:
     import contextlib
     import json
@@ -223,9 +243,11 @@ def _run(args, comm) -> int:
         """Rank 0 alone looks at --out and holds its lock; the others get what it found."""
         # (a rollback reads its epoch's checkpoint: the run's own may be damaged or gone)
         if args.resume and args.from_epoch is None and not (out / "checkpoint.npz").is_file():
+            hint = _rollback_hint(out)
+            hint = f"; {hint}" if hint else ""
             if (out / "checkpoint.npz").exists():
-                raise UserError(f"--resume: {_missing(out / 'checkpoint.npz')}")
-            raise UserError(f"--resume: no checkpoint.npz in {out}")
+                raise UserError(f"--resume: {_missing(out / 'checkpoint.npz')}{hint}")
+            raise UserError(f"--resume: no checkpoint.npz in {out}{hint}")
         made[:] = writable_dir(out)
         lock.enter_context(run_lock(out, made=made))
         if not args.resume and (out / "checkpoint.npz").exists():
@@ -233,11 +255,16 @@ def _run(args, comm) -> int:
                             f"choose another --out")
         epochs = None
         if args.resume and args.from_epoch is not None and "epochs" not in given:
-            try:
-                saved = load_checkpoint(out)[1]
-            except CheckpointError:        # damaged or gone: the epoch's own says the same
-                src = epoch_checkpoints(out).get(args.from_epoch)
-                saved = load_checkpoint(src)[1] if src is not None else None
+            saved = None
+            # the run's goal: its checkpoint's, or where that is damaged or gone, the newest
+            # epoch checkpoint that can be read (a later --resume --epochs may have raised it)
+            kept = epoch_checkpoints(out)
+            for src in [out] + [kept[e] for e in sorted(kept, reverse=True)]:
+                try:
+                    saved = load_checkpoint(src)[1]
+                    break
+                except CheckpointError:
+                    continue
             epochs = saved and saved["train_config"]["epochs"]         # a rollback trains to
         return json.dumps({"epochs": epochs}).encode()                 # the run's goal
 
@@ -253,25 +280,11 @@ def _run(args, comm) -> int:
                                    progress=not args.no_progress, figures=not args.no_figures,
                                    comm=comm, **overrides)
             except CheckpointError as e:
-                main_ckpt = out / "checkpoint.npz"
-                # the newest epoch's checkpoint is a hard link to the run's own: damaged alike
-                kept = sorted(p for p in out.glob("checkpoint-epoch*.npz")
-                              if not (main_ckpt.exists() and os.path.samefile(p, main_ckpt)))
-                if args.from_epoch is not None or not kept or \
-                        isinstance(e, CheckpointUnreadable):    # intact, maybe: fix access
+                hint = None if args.from_epoch is not None or isinstance(
+                    e, CheckpointUnreadable) else _rollback_hint(out)   # unreadable: intact?
+                if hint is None:
                     raise
-                # the run's own checkpoint is damaged, but epoch checkpoints were kept (--keep)
-                digits = [p.name[len("checkpoint-epoch"):-len(".npz")] for p in kept]
-                epochs = sorted(int(d) for d in digits if d.isascii() and d.isdigit())
-                if not epochs:
-                    raise
-                listed = ", ".join(map(str, epochs))
-                hint = CheckpointError(
-                    f"{e}; the checkpoint{'s' if len(epochs) > 1 else ''} of epoch"
-                    f"{'s' if len(epochs) > 1 else ''} {listed} "
-                    f"{'are' if len(epochs) > 1 else 'is'} kept beside it: --resume "
-                    f"--from-epoch {epochs[-1]} continues from "
-                    f"{'the newest' if len(epochs) > 1 else 'it'}")
+                hint = CheckpointError(f"{e}; {hint}")
                 hint.all_ranks = getattr(e, "all_ranks", False)
                 raise hint from None
             except ResumeConflict as e:

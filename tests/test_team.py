@@ -329,10 +329,6 @@ def test_an_empty_setting_means_unset_for_every_variable(name):
     assert out.returncode == 0 and out.stderr == "", out.stderr
 
 
-def _minivae_workers():
-    return sum(t.name.startswith("minivae-") for t in threading.enumerate())
-
-
 def _wait_for(cond, seconds=5.0):
     import time
     end = time.monotonic() + seconds
@@ -348,10 +344,9 @@ def test_a_team_replaced_by_a_bigger_one_stops_its_workers():
     team still runs what it is given, in the caller."""
     from minivae.engine.threads import Team
 
-    base = _minivae_workers()
     old = Team(4)
     assert old.run([lambda i=i: i * i for i in range(4)]) == [0, 1, 4, 9]
-    assert _minivae_workers() == base + 3
+    assert len(old._threads) == 3 and all(t.is_alive() for t in old._threads)
     started, go = threading.Event(), threading.Event()
 
     def slow():
@@ -364,11 +359,11 @@ def test_a_team_replaced_by_a_bigger_one_stops_its_workers():
     runner.start()
     assert started.wait(5)
     old.retire()                         # a run is in progress: the workers stop as it ends
-    assert _minivae_workers() == base + 3
+    assert all(t.is_alive() for t in old._threads)
     go.set()
     runner.join(5)
     assert out == [["done", 1]]
-    assert _wait_for(lambda: _minivae_workers() == base)
+    assert _wait_for(lambda: not any(t.is_alive() for t in old._threads))
     assert old.run([lambda: 2, lambda: 3]) == [2, 3]          # in the caller now
     assert old.run([lambda: 2, lambda: 3], concurrent=True) is None
 
@@ -377,10 +372,11 @@ def test_growing_the_shared_team_retires_the_old_one():
     from minivae.engine import threads as T
 
     k = (T._team.k if T._team is not None else 1) + 2
-    T.team(k - 1)
-    base = _minivae_workers()
     old = T.team(k - 1)
+    assert all(t.is_alive() for t in old._threads) and len(old._threads) == k - 2
     new = T.team(k)
     assert new is not old and new.k == k
-    assert _wait_for(lambda: _minivae_workers() == base + 1)
+    # the old team's own workers end (other teams' threads come and go in a full test run)
+    assert _wait_for(lambda: not any(t.is_alive() for t in old._threads))
+    assert all(t.is_alive() for t in new._threads)
     assert new.run([lambda i=i: i for i in range(k)]) == list(range(k))

@@ -175,11 +175,13 @@ class Team:
         self._busy = threading.Lock()
         self._state = threading.Lock()   # guards _retired against a run ending at that moment
         self._retired = False
+        self._threads: list[threading.Thread] = []
         for i in range(self.k - 1):
             q: queue.SimpleQueue = queue.SimpleQueue()
             t = threading.Thread(target=self._work, args=(q,), name=f"minivae-{i + 1}", daemon=True)
             t.start()
             self._jobs.append(q)
+            self._threads.append(t)
 
     def _work(self, jobs):
         while True:

@@ -756,5 +756,20 @@ def test_a_rollback_onto_a_directory_in_the_checkpoints_place_says_to_move_it(tm
     assert train(capsys, out, "--epochs", "2", "--keep", "5")[0] == 0
     (out / "checkpoint.npz").unlink()
     (out / "checkpoint.npz").mkdir()
+    code, text = train(capsys, out, "--resume")          # the advice says so first
+    assert code == 2 and "move it away, then minivae train --resume" in text
     code, text = train(capsys, out, "--resume", "--from-epoch", "1")
     assert code == 2 and "is a directory: move it away" in text and "intact" not in text
+
+
+def test_the_rollback_advice_quotes_an_out_with_spaces(tmp_path, capsys):
+    import shlex
+
+    out = tmp_path / "run one"
+    assert train(capsys, out, "--epochs", "2", "--keep", "5")[0] == 0
+    (out / "checkpoint.npz").unlink()
+    code, text = train(capsys, out, "--resume")
+    assert code == 2 and f"--out {shlex.quote(str(out))} --from-epoch 2" in text
+    command = text[text.index("minivae train --resume"):text.index(" continues")]
+    args = shlex.split(command)[1:]
+    assert args[args.index("--out") + 1] == str(out)

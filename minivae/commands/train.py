@@ -187,6 +187,7 @@ def _rollback_hint(out) -> str | None:
     (--keep): the command that continues from the newest sound one, or None. The newest
     epoch's checkpoint, when it is a hard link to checkpoint.npz, is damaged alike: left out."""
     import os
+    import shlex
 
     from ..train import epoch_checkpoints
 
@@ -198,9 +199,11 @@ def _rollback_hint(out) -> str | None:
     epochs = sorted(kept)
     listed = ", ".join(map(str, epochs))
     many = len(epochs) > 1
+    then = "move it away, then " if main.is_dir() else ""     # else the rollback cannot save
     return (f"the checkpoint{'s' if many else ''} of epoch{'s' if many else ''} {listed} "
-            f"{'are' if many else 'is'} kept beside it: minivae train --resume --out {out} "
-            f"--from-epoch {epochs[-1]} continues from {'the newest' if many else 'it'}")
+            f"{'are' if many else 'is'} kept beside it: {then}minivae train --resume --out "
+            f"{shlex.quote(str(out))} --from-epoch {epochs[-1]} continues from "
+            f"{'the newest' if many else 'it'}")
 
 
 def _run(args, comm) -> int:

@@ -565,13 +565,11 @@ def test_a_damaged_checkpoint_beside_kept_epoch_checkpoints_says_how_to_go_on(tm
     assert code == 0, text
 
 
-def test_an_unreadable_checkpoint_gets_no_advice_to_roll_back(tmp_path, capsys, monkeypatch):
-    """Permission denied on an intact checkpoint: rolling back would throw epochs away; the
-    message says what is wrong with the file and nothing else."""
+def _deny_reading_checkpoints(monkeypatch):
+    """Reading a file named checkpoint.npz raises PermissionError, as for a file of another
+    user without read access (root, which runs these tests, could read it anyway)."""
     from pathlib import Path
 
-    out = tmp_path / "k"
-    assert train(capsys, out, "--epochs", "2", "--keep", "5")[0] == 0
     real = Path.read_bytes
 
     def denied(self):
@@ -580,6 +578,14 @@ def test_an_unreadable_checkpoint_gets_no_advice_to_roll_back(tmp_path, capsys, 
         return real(self)
 
     monkeypatch.setattr(Path, "read_bytes", denied)
+
+
+def test_an_unreadable_checkpoint_gets_no_advice_to_roll_back(tmp_path, capsys, monkeypatch):
+    """Permission denied on an intact checkpoint: rolling back would throw epochs away; the
+    message says what is wrong with the file and nothing else."""
+    out = tmp_path / "k"
+    assert train(capsys, out, "--epochs", "2", "--keep", "5")[0] == 0
+    _deny_reading_checkpoints(monkeypatch)
     code, text = train(capsys, out, "--resume", "--epochs", "3")
     assert code == 2 and "cannot be read (Permission denied)" in text
     assert "--from-epoch" not in text
@@ -673,18 +679,7 @@ def test_what_does_not_change_a_run_does_not_stop_it(tmp_path, capsys, monkeypat
 def test_a_checkpoint_that_cannot_be_read_is_not_called_damaged(run1, monkeypatch):
     """Permission denied is not corruption: the error says the file cannot be read, and why
     (a helper's find: 'corrupt or truncated (PermissionError: [Errno 13] ...)')."""
-    from pathlib import Path
-
-    from minivae.train import CheckpointError, load_checkpoint
-
-    real = Path.read_bytes
-
-    def denied(self):
-        if self.name == "checkpoint.npz":
-            raise PermissionError(13, "Permission denied", str(self))
-        return real(self)
-
-    monkeypatch.setattr(Path, "read_bytes", denied)
+    _deny_reading_checkpoints(monkeypatch)
     with pytest.raises(CheckpointError, match=r"checkpoint.npz: cannot be read \(Permission "
                                                r"denied\)$"):
         load_checkpoint(run1)

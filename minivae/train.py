@@ -1140,11 +1140,13 @@ def _effective(field, value, saved):
 
 
 def epoch_checkpoints(out) -> dict:
-    """{epoch: path} of the epoch checkpoints kept in run directory ``out``."""
+    """{epoch: path} of the epoch checkpoints kept in run directory ``out``: regular files
+    named checkpoint-epochNNNN.npz with ASCII digits (not a directory of that name, nor
+    '²', which str.isdigit takes and int() refuses)."""
     found = {}
     for p in Path(out).glob("checkpoint-epoch*.npz"):
         digits = p.name[len("checkpoint-epoch"):-len(".npz")]
-        if digits.isdigit():
+        if digits.isascii() and digits.isdigit() and p.is_file():
             found[int(digits)] = p
     return found
 

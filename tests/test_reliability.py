@@ -768,3 +768,21 @@ def test_the_rollback_advice_quotes_an_out_with_spaces(tmp_path, capsys):
     command = text[text.index("minivae train --resume"):text.index(" continues")]
     args = shlex.split(command)[1:]
     assert args[args.index("--out") + 1] == str(out)
+
+
+def test_only_epoch_checkpoint_files_count_as_kept_epochs(tmp_path, capsys):
+    """A directory named like an epoch checkpoint, or a name with non-ASCII digits, is not
+    one: not offered in the advice, not rolled back to, not pruned (it used to be offered,
+    and '²' made int() raise)."""
+    from minivae.train import epoch_checkpoints
+
+    out = tmp_path / "k"
+    assert train(capsys, out, "--epochs", "2", "--keep", "5")[0] == 0
+    (out / "checkpoint-epoch0009.npz").mkdir()
+    (out / "checkpoint-epoch\u00b2.npz").write_bytes(b"x")
+    assert sorted(epoch_checkpoints(out)) == [1, 2]
+    (out / "checkpoint.npz").unlink()
+    code, text = train(capsys, out, "--resume")
+    assert code == 2 and "--from-epoch 2 continues" in text
+    assert train(capsys, out, "--resume", "--from-epoch", "2", "--epochs", "3")[0] == 0
+    assert (out / "checkpoint-epoch0009.npz").is_dir()

@@ -97,17 +97,19 @@ def data_source(cfg: "TrainConfig") -> str:
 
 
 def data_mismatch(cfg: "TrainConfig", ds, meta: dict, what: str,
-                  splits=("train", "test"), source: str | None = None) -> str | None:
+                  splits=("train", "test"), source: str | None = None,
+                  now=None) -> str | None:
     """Why ``ds`` is not the data of the run whose checkpoint header is ``meta`` (other image
     sizes, or other images in one of ``splits``: their fingerprints), or None. ``what``
-    names the run in the message, ``source`` the data (default: :func:`data_source`)."""
+    names the run in the message, ``source`` the data (default: :func:`data_source`);
+    ``now``: ``ds``'s fingerprint where the caller has it already."""
     d_in = meta["model"].get("d_in")
     if isinstance(d_in, int) and d_in != ds.dim:
         return (f"{source or data_source(cfg)} has {ds.dim} pixels an image, but {what} was "
                 f"trained on {d_in}: the data changed since")
     saved = meta.get("data_fingerprint")
     if isinstance(saved, dict):
-        now = fingerprint(ds)
+        now = fingerprint(ds) if now is None else now
         changed = [k for k in splits if k in saved and saved[k] != now[k]]
         if changed:
             return (f"{source or data_source(cfg)} is not the data {what} was trained on (the "
@@ -381,13 +383,8 @@ def load_checkpoint(path, data: bytes | None = None) -> tuple[dict, dict]:
     path = Path(path)
     if data is None and path.is_dir():
         path = path / CHECKPOINT
-    if data is None and not path.is_file():
-        raise CheckpointError(_missing(path))
-    if data is None:     # read first: a file that cannot be read is not a damaged checkpoint
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise CheckpointUnreadable(f"{path}: cannot be read ({e.strerror or e})") from None
+    if data is None:
+        data = _checkpoint_bytes(path)
     try:
         z = np.load(io.BytesIO(data), allow_pickle=False)
         if not isinstance(z, np.lib.npyio.NpzFile):     # an .npy array: no header, no state
@@ -514,13 +511,13 @@ def _check_meta(meta: dict, path) -> None:
         v = meta.get(key)
         if not isinstance(v, typ) or (typ is int and (isinstance(v, bool) or v < 0)):
             bad(key, what)
-    fp = meta.get("data_fingerprint")      # absent in checkpoints of an earlier minivae
-    present = "data_fingerprint" in meta
-    hexes = lambda v: isinstance(v, str) and len(v) == 32 and \
-        all(c in "0123456789abcdef" for c in v)                             # noqa: E731
-    if present and not (isinstance(fp, dict) and sorted(fp) == ["test", "train"]
-                               and all(hexes(v) for v in fp.values())):
-        bad("data_fingerprint", 'an object {"train": ..., "test": ...} of 32 hex digits each')
+    if "data_fingerprint" in meta:         # absent in checkpoints of an earlier minivae
+        fp = meta["data_fingerprint"]
+        if not (isinstance(fp, dict) and sorted(fp) == ["test", "train"] and all(
+                isinstance(v, str) and len(v) == 32 and set(v) <= set("0123456789abcdef")
+                for v in fp.values())):
+            bad("data_fingerprint", 'an object {"train": ..., "test": ...} of 32 hex digits '
+                                    'each')
     if meta["dtype"] not in ("float32", "float64"):
         bad("dtype", _META["dtype"][1])
     if meta["backend"] not in BACKEND_NAMES:
@@ -924,8 +921,9 @@ class Trainer:
         return path
 
     @property
-    def data_fingerprint(self) -> str:
-        """:func:`minivae.data.fingerprint` of the run's data, saved with each checkpoint."""
+    def data_fingerprint(self) -> dict:
+        """:func:`minivae.data.fingerprint` of the run's data (once), saved with each
+        checkpoint."""
         if self._fingerprint is None:
             self._fingerprint = fingerprint(self.ds)
         return self._fingerprint
@@ -963,13 +961,7 @@ class Trainer:
                 have = ", ".join(map(str, sorted(kept))) or "none"
                 raise CheckpointError(f"{run_dir} keeps no checkpoint of epoch {from_epoch} "
                                       f"(kept epochs: {have})")
-            if not src.is_file():
-                raise CheckpointError(_missing(src))
-            try:
-                data = src.read_bytes()
-            except OSError as e:
-                raise CheckpointUnreadable(f"{src}: cannot be read ({e.strerror or e})") from None
-            return data
+            return _checkpoint_bytes(src)
 
         data = share_bytes(comm, read_on_root, errors=(CheckpointError,))
         try:
@@ -1001,7 +993,8 @@ class Trainer:
         cfg = TrainConfig.from_json({**saved, "out": str(run_dir), **overrides})
         t = cls(cfg, dataset=dataset, log=log, comm=comm)
         why = data_mismatch(cfg, t.ds, meta, f"the run in {run_dir}",
-                            source="the dataset given" if dataset is not None else None)
+                            source="the dataset given" if dataset is not None else None,
+                            now=t.data_fingerprint)       # computed once: the saves need it
         if why:
             raise DataChanged(f"{why}. Resume it on the data it was trained on, or start a "
                               f"new run (another --out)")
@@ -1110,6 +1103,18 @@ EPOCH_CHECKPOINT = "checkpoint-epoch{:04d}.npz"
 
 def _norm(v):
     return list(v) if isinstance(v, tuple) else v
+
+
+def _checkpoint_bytes(path: Path) -> bytes:
+    """The bytes of the checkpoint file ``path``: CheckpointError where there is none, and
+    CheckpointUnreadable where it exists but cannot be read (read first: a file that cannot
+    be read is not a damaged checkpoint)."""
+    if not path.is_file():
+        raise CheckpointError(_missing(path))
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise CheckpointUnreadable(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
 def _missing(path: Path) -> str:

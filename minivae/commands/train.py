@@ -287,9 +287,9 @@ def _run(args, comm) -> int:
                     e, CheckpointUnreadable) else _rollback_hint(out)   # unreadable: intact?
                 if hint is None:
                     raise
-                hint = CheckpointError(f"{e}; {hint}")
-                hint.all_ranks = getattr(e, "all_ranks", False)
-                raise hint from None
+                advised = CheckpointError(f"{e}; {hint}")
+                advised.all_ranks = getattr(e, "all_ranks", False)
+                raise advised from None
             except ResumeConflict as e:
                 raise _everywhere(UserError(
                     f"{FLAG[e.field]} {_show(e.asked)} differs from this run's "

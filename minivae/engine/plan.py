@@ -239,11 +239,8 @@ class Plan:
     def run(self, model, x, eps, n):
         """-> (loss_b, recon, kl); the gradient written into the Params' grad buffer."""
         B, c = self.B, kernels._c
-        if self.vae:                  # eps was checked by forward_backward
-            L = self.L
-            s = model.beta / n
-            if type(s) is not float:
-                return None
+        if self.vae:                  # eps and beta / n were checked by forward_backward
+            L, s = self.L, model.beta / n
         parts = kernels.current_parts()
         enc_in = self._forward(self.enc, x, parts)
         h = self.enc[-1].out

@@ -30,12 +30,25 @@ class UserError(Exception):
 
 
 class Terminated(BaseException):
-    """SIGTERM (``timeout``, a scheduler) reached a command that has no handler of its own
-    (all but ``train``): raised where Python runs next, so that the ``finally`` and
-    ``except`` blocks on the way up (a half-written file's clean-up) run; exit status 143."""
+    """SIGTERM (``timeout``, a scheduler) reached a command outside a handler of its own
+    (``train`` has one while it trains): raised where Python runs next, so that the
+    ``finally`` and ``except`` blocks on the way up (a half-written file's clean-up) run;
+    exit status 143."""
 
 
-def _on_sigterm(signum, frame):
+#: the signal that reached a command run under :func:`_signals_raise`, else None. The
+#: exception its handler raises can be swallowed on the way up: C++ code converting
+#: arguments clears the error and raises its own (matplotlib's pybind11
+#: ``affine_transform`` in ``savefig``: a TypeError, "incompatible function arguments").
+#: The exit then follows the signal, not the exception that surfaced.
+_received: "signal.Signals | None" = None
+
+
+def _on_signal(signum, frame):
+    global _received
+    _received = signal.Signals(signum)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt()
     raise Terminated()
 
 
@@ -82,18 +95,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
-def _sigterm_raises(wanted: bool):
-    """Inside the block, SIGTERM raises :class:`Terminated` (in the main thread, where Python
-    lets a handler be set); the previous handler is restored after. ``train`` keeps its own
-    (the Trainer saves, then exits 143)."""
-    if not wanted or threading.current_thread() is not threading.main_thread():
+def _signals_raise():
+    """Inside the block, SIGTERM raises :class:`Terminated` and Ctrl-C (SIGINT)
+    ``KeyboardInterrupt`` (in the main thread, where Python lets a handler be set), and
+    :data:`_received` records which arrived; the previous handlers are restored after.
+    ``train``'s Trainer sets its own while it trains (it saves, then exits 143 or 130); these
+    cover the rest, as the figures it writes after (before, SIGTERM there killed the process
+    with a half-written ``*.png.*.tmp`` left in the run directory)."""
+    global _received
+    _received = None
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    signals = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signals.append(signal.SIGINT)           # not where Ctrl-C was set to be ignored
+    previous = {s: signal.signal(s, _on_signal) for s in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _run_command(args) -> int:
+    """The command's exit status. Where a signal arrived and C code swallowed the exception
+    its handler raised, replacing it with an error of its own, the signal's exception is
+    raised instead (exit 143 or 130, not 2 with the C code's words)."""
+    try:
+        with _signals_raise():
+            return int(args._run(args) or 0)
+    except BaseException as e:
+        if _received == signal.SIGTERM and not isinstance(e, Terminated):
+            raise Terminated() from e
+        if _received == signal.SIGINT and not isinstance(e, KeyboardInterrupt):
+            raise KeyboardInterrupt() from e
+        raise
 
 
 def _one_line(e: BaseException) -> str:
@@ -139,8 +176,8 @@ def main(argv=None) -> int:
         kernels.check_env()
         blas.team_wanted()
         threads.get_num_threads()
-        with one_blas_thread(), _sigterm_raises(args.command != "train"):
-            return int(args._run(args) or 0)
+        with one_blas_thread():
+            return _run_command(args)
     except BrokenPipeError:  # output piped into `head` and closed early: not an error
         sys.stderr.close()
         return 0
@@ -152,8 +189,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"minivae {args.command}: interrupted", file=sys.stderr)
         return 130
-    except Terminated:
-        print(f"minivae {args.command}: terminated (SIGTERM)", file=sys.stderr)
+    except Terminated as e:
+        said = f": {e}" if str(e) else ""          # what the command adds (train: what's saved)
+        print(f"minivae {args.command}: terminated (SIGTERM){said}", file=sys.stderr)
         return 143
 
 

@@ -209,9 +209,10 @@ def _rollback_hint(out) -> str | None:
 def _run(args, comm) -> int:
     import contextlib
     import json
+    import shlex
     import sys
 
-    from ..cli import UserError
+    from ..cli import Terminated, UserError
     from ..engine.data_parallel import ReplicasDiffer, share_bytes
     from ..train import (CheckpointError, CheckpointUnreadable, Diverged, ResumeConflict,
                          RunLocked, TrainConfig, Trainer, _missing, epoch_checkpoints,
@@ -325,6 +326,12 @@ def _run(args, comm) -> int:
                 f"{_ranks(comm)}")
         try:
             status = t.fit()
+        except Terminated:
+            if t.epoch < t.cfg.epochs:
+                raise
+            raise Terminated(f"training is done and saved in {out}; the figures may be "
+                             f"missing: 'minivae train --resume --out "
+                             f"{shlex.quote(str(out))}' draws them") from None
         except Diverged as e:
             if root:                  # an error: on stderr, once
                 print(f"minivae train: {e}", file=sys.stderr, flush=True)

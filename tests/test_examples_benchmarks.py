@@ -186,6 +186,17 @@ def test_save_writes_where_asked(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads((tmp_path / "results" / "step_time_cpu_b16.json").read_text())
     assert res["batch"] == 16 and res["minivae_ms"] > 0
+    from minivae.engine import kernels
+
+    if kernels.available():     # the products then one Adam pass: the floor plus that pass
+        assert res["adam_pass_ms"] > 0
+        assert res["products_and_adam_floor_ms"] == pytest.approx(
+            res["gemm_floor_ms"] + res["adam_pass_ms"])
+        assert res["ratio_products_and_adam_floor_to_gemm_floor"] > 1
+        assert res["ratio_torch_to_gemm_floor"] == pytest.approx(
+            res["torch_ms"] / res["gemm_floor_ms"])
+    else:
+        assert res["adam_pass_ms"] is None and "products_and_adam_floor_ms" not in res
     # sweep.py --out STEM: both files at that stem
     proc = _run([ROOT / "benchmarks" / "sweep.py", *BENCH_SMALL["sweep"], "--out", tmp_path / "s"],
                 cwd=tmp_path, timeout=120)

@@ -662,7 +662,9 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------
     def fit(self) -> str:
         """Train until ``cfg.epochs``. -> "done", or "interrupted" after Ctrl-C or SIGTERM
-        (state saved; ``self.stopped_by`` says which).
+        (state saved; ``self.stopped_by`` says which). A signal that arrives after the last
+        step, while the last epoch is evaluated and saved, leaves the run complete and saved,
+        and skips the figures (a later ``resume`` + ``fit`` draws them): "interrupted" too.
 
         Holds the run directory's lock (:func:`run_lock`) throughout. Raises :class:`Diverged`
         if a loss turns NaN/Inf (the last good checkpoint stays), :class:`RunLocked` if another
@@ -704,6 +706,13 @@ class Trainer:
                 self.log(f"epoch {row['epoch']}: train loss {row['train_loss']:.2f}  "
                          f"test loss {row['test_loss']:.2f} (recon {row['test_recon']:.2f}, "
                          f"KL {row['test_kl']:.2f})  {row['seconds']:.1f} s")
+            if self._stop and self.root and self.cfg.figures:
+                # the signal came after the last step, while the last epoch was evaluated and
+                # saved: the run is complete; stop before the figures, as it asked
+                self.write_metrics()
+                self.log(f"{self._stop}: training is done and saved in {self.out}; the "
+                         f"figures were not drawn: --resume draws them")
+                return "interrupted"
         self.write_metrics()
         if self.cfg.figures and self.root:
             from . import plots

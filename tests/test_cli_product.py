@@ -365,3 +365,33 @@ def test_sigterm_while_train_writes_a_figure_leaves_no_temp_file(tmp_path):
         pytest.skip("the figures were written before the signal arrived")
     assert p.returncode == 143 and "terminated (SIGTERM): training is done" in err, err
     assert not list(out.glob("*.tmp")) and (out / "checkpoint.npz").is_file()
+
+
+def test_sigterm_while_the_last_epoch_is_saved_skips_the_figures(monkeypatch, capsys, tmp_path):
+    """SIGTERM after the last step, while the last epoch is evaluated and saved (inside the
+    Trainer's own handler): before, the Trainer said "saving a checkpoint after this step",
+    then drew every figure and exited 0, as if no signal had come. Now it stops before the
+    figures: exit 143, the run complete and saved, and --resume draws them."""
+    import os
+    import signal
+
+    from minivae.train import Trainer
+
+    keep = Trainer._keep_epoch_checkpoint
+
+    def signalled(self):
+        keep(self)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(Trainer, "_keep_epoch_checkpoint", signalled)
+    assert cli.main(["train", "--epochs", "1", "--hidden", "8", "--latent", "2", "--out",
+                     str(out), "--no-progress"]) == 143
+    err = capsys.readouterr()
+    assert (f"SIGTERM: training is done and saved in {out}; the figures were not drawn: "
+            f"--resume draws them") in err.out + err.err
+    assert not list(out.glob("*.png")) and not list(out.glob("*.tmp"))
+    monkeypatch.setattr(Trainer, "_keep_epoch_checkpoint", keep)
+    assert cli.main(["train", "--resume", "--out", str(out), "--no-progress"]) == 0
+    assert len(list(out.glob("*.png"))) >= 4
+    assert json.loads((out / "metrics.json").read_text())["epochs"][-1]["epoch"] == 1

@@ -364,3 +364,34 @@ def test_the_scaling_benchmark_runs_and_writes_nothing_unless_asked(tmp_path):
     assert list(tmp_path.iterdir()) == []
     after = {p: p.stat().st_mtime_ns for p in results.rglob("*")} if results.exists() else {}
     assert after == before
+
+
+@pytest.mark.parametrize("exc, code, words", [
+    ("Terminated", 143, "terminated (SIGTERM): training is done"),
+    ("KeyboardInterrupt", 130, "KeyboardInterrupt"),
+    ("RuntimeError", 2, "RuntimeError: boom")])
+def test_a_rank_stopped_by_a_signal_outside_training_aborts_with_the_signals_status(
+        capsys, exc, code, words):
+    """SIGTERM outside the Trainer's own handler (rank 0 drawing the figures) raises the CLI's
+    Terminated; under several ranks that ends the job through MPI_Abort with status 143, as
+    SIGTERM elsewhere does (before: status 2 and 'Terminated: ...' as if it were an error).
+    A fake communicator records the abort; the real launch is in the tests above."""
+    from minivae import cli
+    from minivae.engine.mpi import run_on_all_ranks
+
+    class Comm:
+        size, rank, aborted = 2, 0, None
+
+        def abort(self, c):
+            self.aborted = c
+
+    errors = {"Terminated": cli.Terminated("training is done and saved in r"),
+              "KeyboardInterrupt": KeyboardInterrupt(), "RuntimeError": RuntimeError("boom")}
+
+    def fn():
+        raise errors[exc]
+
+    comm = Comm()
+    assert run_on_all_ranks(comm, "minivae train", fn) == code and comm.aborted == code
+    err = capsys.readouterr().err
+    assert f"minivae train: error on rank 0 of 2: {words}" in err, err

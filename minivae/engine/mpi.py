@@ -278,7 +278,8 @@ def run_on_all_ranks(comm, prog: str, fn) -> int:
       return 2 silently;
     - any other exception (or Ctrl-C pressed twice): this rank prints
       ``<prog>: error on rank R of N: <message>`` to stderr and calls ``MPI_Abort`` (exit 2,
-      130 for KeyboardInterrupt), which ends every rank within seconds.
+      130 for KeyboardInterrupt, 143 for the CLI's Terminated), which ends every rank within
+      seconds.
     In one process ``fn()`` runs as it is."""
     if comm.size == 1:
         return fn()
@@ -291,15 +292,18 @@ def run_on_all_ranks(comm, prog: str, fn) -> int:
             if comm.rank == 0:
                 raise
             return 2
-        from ..cli import UserError
+        from ..cli import Terminated, UserError
 
-        code = 130 if isinstance(e, KeyboardInterrupt) else 2
+        code = 130 if isinstance(e, KeyboardInterrupt) else 143 if isinstance(
+            e, Terminated) else 2
         expected = isinstance(e, (UserError, ValueError, TypeError, OSError, MemoryError,
                                   KeyboardInterrupt)) or type(e).__module__.startswith("minivae")
         if not expected:                # a bug: its traceback helps more than its message
             traceback.print_exc(file=sys.stderr)
         what = str(e) or type(e).__name__
-        if not isinstance(e, (UserError, ValueError, OSError)):
+        if isinstance(e, Terminated):   # SIGTERM outside the Trainer's handler (its figures)
+            what = "terminated (SIGTERM)" + (f": {e}" if str(e) else "")
+        elif not isinstance(e, (UserError, ValueError, OSError)):
             what = f"{type(e).__name__}: {what}"
         print(f"{prog}: error on rank {comm.rank} of {comm.size}: {what}", file=sys.stderr,
               flush=True)

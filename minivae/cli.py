@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -37,19 +38,45 @@ class Terminated(BaseException):
 
 
 #: the signal that reached a command run under :func:`_signals_raise`, else None. The
-#: exception its handler raises can be swallowed on the way up: C++ code converting
-#: arguments clears the error and raises its own (matplotlib's pybind11
-#: ``affine_transform`` in ``savefig``: a TypeError, "incompatible function arguments").
-#: The exit then follows the signal, not the exception that surfaced.
+#: exception its handler raises can be lost on the way up: C++ code converting arguments
+#: clears it and raises its own (matplotlib's pybind11 ``affine_transform`` in ``savefig``: a
+#: TypeError, "incompatible function arguments"), and a garbage-collector callback or
+#: ``__del__`` that it lands in swallows it (JAX's ``_xla_gc_callback``). The exit then
+#: follows the signal, not what surfaced.
 _received: "signal.Signals | None" = None
+_raised: list = []                  # the exceptions the handler raised (told from others)
+_resend: list = []                  # timers delivering a deferred signal again
+
+
+def _in_import(frame) -> bool:
+    """Whether Python is importing a module somewhere down the stack of ``frame``."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _on_signal(signum, frame):
     global _received
     _received = signal.Signals(signum)
-    if signum == signal.SIGINT:
-        raise KeyboardInterrupt()
-    raise Terminated()
+    if _in_import(frame):
+        # Raised inside an import, the exception can end the process: a C++ extension being
+        # initialised (torch._C) turns it into std::terminate, SIGABRT and a core dump. The
+        # signal is delivered again in 20 ms, until the import is over.
+        t = threading.Timer(0.02, os.kill, (os.getpid(), signum))
+        t.daemon = True
+        _resend.append(t)
+        t.start()
+        return
+    e = KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+    _raised.append(e)
+    raise e
+
+
+def _signal_exception():
+    """A fresh exception for the signal in :data:`_received`."""
+    return Terminated() if _received == signal.SIGTERM else KeyboardInterrupt()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -101,36 +128,54 @@ def _signals_raise():
     :data:`_received` records which arrived; the previous handlers are restored after.
     ``train``'s Trainer sets its own while it trains (it saves, then exits 143 or 130); these
     cover the rest, as the figures it writes after (before, SIGTERM there killed the process
-    with a half-written ``*.png.*.tmp`` left in the run directory)."""
+    with a half-written ``*.png.*.tmp`` left in the run directory). A signal's exception that
+    a garbage-collector callback swallowed is not printed as "Exception ignored in ..."."""
     global _received
     _received = None
+    _raised.clear()
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     signals = [signal.SIGTERM]
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signals.append(signal.SIGINT)           # not where Ctrl-C was set to be ignored
+    previous_hook = sys.unraisablehook
+
+    def hook(unraisable):
+        if not any(unraisable.exc_value is e for e in _raised):
+            previous_hook(unraisable)
+
     previous = {s: signal.signal(s, _on_signal) for s in signals}
+    sys.unraisablehook = hook
     try:
         yield
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        sys.unraisablehook = previous_hook
+        for t in _resend:
+            t.cancel()
+        _resend.clear()
 
 
 def _run_command(args) -> int:
-    """The command's exit status. Where a signal arrived and C code swallowed the exception
-    its handler raised, replacing it with an error of its own, the signal's exception is
-    raised instead (exit 143 or 130, not 2 with the C code's words)."""
+    """The command's exit status. Where a signal arrived, the exit follows it (143 or 130),
+    whatever became of the exception its handler raised: replaced by C code with an error of
+    its own (not exit 2 with the C code's words), or swallowed where Python cannot raise it
+    (not exit 0 as if no signal had come)."""
     try:
-        with _signals_raise():
-            return int(args._run(args) or 0)
+        status = int(args._run(args) or 0)
     except BaseException as e:
-        if _received == signal.SIGTERM and not isinstance(e, Terminated):
-            raise Terminated() from e
-        if _received == signal.SIGINT and not isinstance(e, KeyboardInterrupt):
-            raise KeyboardInterrupt() from e
-        raise
+        if _received is None:
+            raise
+        want = Terminated if _received == signal.SIGTERM else KeyboardInterrupt
+        if isinstance(e, want):
+            raise
+        said = e.args if isinstance(e, (Terminated, KeyboardInterrupt)) else ()
+        raise want(*said) from None        # a signal's exception keeps what the command added
+    if _received is not None:
+        raise _signal_exception()
+    return status
 
 
 def _one_line(e: BaseException) -> str:
@@ -143,6 +188,28 @@ def _one_line(e: BaseException) -> str:
 
 
 def main(argv=None) -> int:
+    """``minivae ...``: the exit status. The signal handlers (:func:`_signals_raise`) cover it
+    from the first line, so that Ctrl-C or SIGTERM while the commands' modules (NumPy, ...)
+    import is one line too (the package imports them on first use only); a command's own
+    signal is reported under its name, one before the command is known as ``minivae``."""
+    try:
+        with _signals_raise():
+            status = _main(argv)
+    except KeyboardInterrupt:
+        print("minivae: interrupted", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("minivae: terminated (SIGTERM)", file=sys.stderr)
+        return 143
+    if _received is not None and status not in (130, 143):
+        # a signal deferred past an import, or swallowed, after the command's own report
+        print(f"minivae: {'terminated (SIGTERM)' if _received == signal.SIGTERM else 'interrupted'}",
+              file=sys.stderr)
+        return 143 if _received == signal.SIGTERM else 130
+    return status
+
+
+def _main(argv) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:         # named by the command's parser: 'minivae train: error: unrecognized ...'
@@ -186,8 +253,9 @@ def main(argv=None) -> int:
         # NaN/Inf step (minivae.NonFiniteStep) outside the trainer, which reports its own
         print(f"minivae {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"minivae {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        said = f": {e}" if str(e) else ""          # what the command adds (train: what's saved)
+        print(f"minivae {args.command}: interrupted{said}", file=sys.stderr)
         return 130
     except Terminated as e:
         said = f": {e}" if str(e) else ""          # what the command adds (train: what's saved)

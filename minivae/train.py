@@ -706,12 +706,13 @@ class Trainer:
                 self.log(f"epoch {row['epoch']}: train loss {row['train_loss']:.2f}  "
                          f"test loss {row['test_loss']:.2f} (recon {row['test_recon']:.2f}, "
                          f"KL {row['test_kl']:.2f})  {row['seconds']:.1f} s")
-            if self._stop and self.root and self.cfg.figures:
+            if self._stop and self.root:
                 # the signal came after the last step, while the last epoch was evaluated and
                 # saved: the run is complete; stop before the figures, as it asked
                 self.write_metrics()
-                self.log(f"{self._stop}: training is done and saved in {self.out}; the "
-                         f"figures were not drawn: --resume draws them")
+                figures = ("; the figures were not drawn: --resume draws them"
+                           if self.cfg.figures else "")
+                self.log(f"{self._stop}: training is done and saved in {self.out}{figures}")
                 return "interrupted"
         self.write_metrics()
         if self.cfg.figures and self.root:
@@ -866,14 +867,19 @@ class Trainer:
     @contextlib.contextmanager
     def _catch_signals(self):
         """First Ctrl-C (SIGINT) or SIGTERM (what ``timeout`` and schedulers send): finish the
-        current step, save, return "interrupted". A second one: the usual KeyboardInterrupt,
-        an abort. (Only the main thread may install signal handlers.)"""
+        current step, save, return "interrupted". A second one aborts: KeyboardInterrupt, or
+        for SIGTERM the CLI's ``Terminated`` (exit 143, as the signal says). (Only the main
+        thread may install signal handlers.)"""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
 
         def handler(signum, frame):
-            if self._stop:
+            if self._stop:              # the second signal aborts, as the one it is
+                if signum == signal.SIGTERM:
+                    from .cli import Terminated   # (a light module: argparse and the like)
+
+                    raise Terminated()
                 raise KeyboardInterrupt
             self._stop = signal.Signals(signum).name
             what = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"

@@ -314,11 +314,15 @@ def test_a_signal_whose_exception_c_code_swallowed_still_decides_the_exit(monkey
     assert cli.main(["info"]) == 0
 
 
-def test_sigterm_while_train_draws_its_figures_says_what_is_saved(monkeypatch, capsys, tmp_path):
-    """SIGTERM after training, while the figures are drawn (outside the Trainer's own
-    handler): before, the process died by the signal with no word and a half-written
-    '*.png.*.tmp' left in the run directory. Now: exit 143, one line that says the training
-    is saved and which command draws the figures, and that command draws them."""
+@pytest.mark.parametrize("signame, status, words", [("SIGTERM", 143, "terminated (SIGTERM)"),
+                                                    ("SIGINT", 130, "interrupted")])
+def test_a_signal_while_train_draws_its_figures_says_what_is_saved(monkeypatch, capsys, tmp_path,
+                                                                    signame, status, words):
+    """SIGTERM or Ctrl-C after training, while the figures are drawn (outside the Trainer's
+    own handler): before, SIGTERM killed the process with no word and a half-written
+    '*.png.*.tmp' left in the run directory, and Ctrl-C said only "interrupted". Now: exit
+    143 / 130, one line that says the training is saved and which command draws the figures,
+    and that command draws them."""
     import os
     import signal
     import time
@@ -328,20 +332,21 @@ def test_sigterm_while_train_draws_its_figures_says_what_is_saved(monkeypatch, c
     real = plots.save_all
 
     def interrupted(*a, **k):
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), getattr(signal, signame))
         time.sleep(10)
 
     out = tmp_path / "run"
     monkeypatch.setattr(plots, "save_all", interrupted)
     assert cli.main(["train", "--epochs", "1", "--hidden", "8", "--latent", "2", "--out",
-                     str(out), "--no-progress"]) == 143
+                     str(out), "--no-progress"]) == status
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == (f"minivae train: terminated (SIGTERM): training is done and saved in "
+    assert err[-1] == (f"minivae train: {words}: training is done and saved in "
                        f"{out}; the figures may be missing: 'minivae train --resume --out "
                        f"{out}' draws them"), err
     assert not list(out.glob("*.png"))
     monkeypatch.setattr(plots, "save_all", real)
     assert cli.main(["train", "--resume", "--out", str(out), "--no-progress"]) == 0
+    assert "its figures are drawn again" in capsys.readouterr().out
     assert len(list(out.glob("*.png"))) >= 4 and not list(out.glob("*.tmp"))
 
 
@@ -367,11 +372,14 @@ def test_sigterm_while_train_writes_a_figure_leaves_no_temp_file(tmp_path):
     assert not list(out.glob("*.tmp")) and (out / "checkpoint.npz").is_file()
 
 
-def test_sigterm_while_the_last_epoch_is_saved_skips_the_figures(monkeypatch, capsys, tmp_path):
+@pytest.mark.parametrize("figures", [True, False])
+def test_sigterm_while_the_last_epoch_is_saved_stops_there(monkeypatch, capsys, tmp_path,
+                                                           figures):
     """SIGTERM after the last step, while the last epoch is evaluated and saved (inside the
     Trainer's own handler): before, the Trainer said "saving a checkpoint after this step",
-    then drew every figure and exited 0, as if no signal had come. Now it stops before the
-    figures: exit 143, the run complete and saved, and --resume draws them."""
+    then drew every figure and exited 0, as if no signal had come (with --no-figures too).
+    Now it stops there: exit 143, the run complete and saved, and --resume draws the
+    figures."""
     import os
     import signal
 
@@ -386,12 +394,148 @@ def test_sigterm_while_the_last_epoch_is_saved_skips_the_figures(monkeypatch, ca
     out = tmp_path / "run"
     monkeypatch.setattr(Trainer, "_keep_epoch_checkpoint", signalled)
     assert cli.main(["train", "--epochs", "1", "--hidden", "8", "--latent", "2", "--out",
-                     str(out), "--no-progress"]) == 143
+                     str(out), "--no-progress"] + ([] if figures else ["--no-figures"])) == 143
     err = capsys.readouterr()
-    assert (f"SIGTERM: training is done and saved in {out}; the figures were not drawn: "
-            f"--resume draws them") in err.out + err.err
+    said = (f"SIGTERM: training is done and saved in {out}" +
+            ("; the figures were not drawn: --resume draws them" if figures else ""))
+    assert said in (err.out + err.err).splitlines(), err
     assert not list(out.glob("*.png")) and not list(out.glob("*.tmp"))
     monkeypatch.setattr(Trainer, "_keep_epoch_checkpoint", keep)
     assert cli.main(["train", "--resume", "--out", str(out), "--no-progress"]) == 0
     assert len(list(out.glob("*.png"))) >= 4
     assert json.loads((out / "metrics.json").read_text())["epochs"][-1]["epoch"] == 1
+
+
+def test_a_second_sigterm_during_training_aborts_with_143(monkeypatch, capsys, tmp_path):
+    """Two SIGTERMs during training: the first saves after the step, the second aborts, as
+    documented; before, the abort was a KeyboardInterrupt, exit 130 "interrupted", for a
+    run that Ctrl-C never touched."""
+    import os
+    import signal
+
+    from minivae.train import Trainer
+
+    keep = Trainer._keep_epoch_checkpoint
+
+    def signalled_twice(self):
+        keep(self)
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(Trainer, "_keep_epoch_checkpoint", signalled_twice)
+    assert cli.main(["train", "--epochs", "2", "--hidden", "8", "--latent", "2", "--out",
+                     str(out), "--no-progress"]) == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "minivae train: terminated (SIGTERM)"
+
+
+def test_a_signal_that_a_garbage_collector_callback_swallowed_still_decides_the_exit(
+        monkeypatch, capsys):
+    """The helper's find after the CI fix: JAX's _xla_gc_callback swallowed the exception our
+    SIGTERM handler raised in it; Python printed a 7-line 'Exception ignored in' report and
+    `minivae info` exited 0, as if no signal had come. Now: exit 143, one line."""
+    import gc
+    import os
+    import signal
+    import time
+
+    import minivae.commands.info as info
+
+    class Collected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)                       # the handler raises here, inside __del__
+
+    def run(args):
+        Collected()                              # freed at once: its __del__ eats the raise
+        gc.collect()
+        return 0
+
+    monkeypatch.setattr(info, "run", run)
+    assert cli.main(["info"]) == 143
+    assert capsys.readouterr().err.strip() == "minivae info: terminated (SIGTERM)"
+
+
+def test_a_signal_during_an_import_is_delivered_when_the_import_is_over(monkeypatch, capsys,
+                                                                        tmp_path):
+    """The helper's find: Ctrl-C or SIGTERM while torch was being imported (by `info`,
+    `compare`) raised inside the initialisation of its C++ extension, which turned it into
+    std::terminate: SIGABRT and a core dump. Now the handler, called inside an import, defers
+    the signal until the import is over, then it stops the command as any other."""
+    import signal
+
+    import minivae.commands.info as info
+
+    (tmp_path / "slow_to_import_for_minivae.py").write_text(
+        "import os, signal, time\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(0.3)                  # the handler runs here, inside the import\n"
+        "FINISHED = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reached = []
+
+    def run(args):
+        import slow_to_import_for_minivae as m
+        reached.append(m.FINISHED)
+        import time
+        time.sleep(10)                           # the deferred signal arrives here
+        return 0
+
+    monkeypatch.setattr(info, "run", run)
+    try:
+        assert cli.main(["info"]) == 143
+    finally:
+        sys.modules.pop("slow_to_import_for_minivae", None)
+    assert reached == [True]                     # the import ran to its end
+    assert capsys.readouterr().err.strip() == "minivae info: terminated (SIGTERM)"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(
+        signal.getsignal(signal.SIGTERM))
+
+
+def test_sample_refuses_an_unwritable_out_before_the_work(run_dir, capsys):
+    """`minivae sample` into a directory it cannot write: before, it drew every sample, then
+    failed on the write; now the directory is tried first (/proc: no file can be made there,
+    even as root)."""
+    assert cli.main(["sample", str(run_dir), "--out", "/proc/samples.png"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write there" in err[0], err
+
+
+def test_the_package_and_the_cli_import_nothing_heavy_until_used():
+    """`minivae` on the command line installs its signal handlers first thing in main(); for
+    that to cover the start-up, importing the package and its CLI must not import NumPy (the
+    package's names load on first use, PEP 562). Every public name still resolves."""
+    code = ("import sys; import minivae.cli; heavy = [m for m in ('numpy', 'matplotlib') "
+            "if m in sys.modules]; assert not heavy, heavy; import minivae; "
+            "ns = {}; exec('from minivae import *', ns); "
+            "missing = [n for n in minivae.__all__ if n not in ns]; assert not missing, missing; "
+            "assert set(minivae.__all__) <= set(dir(minivae)); "
+            "assert minivae.engine.DataParallel is minivae.DataParallel; "
+            "assert not hasattr(minivae, 'no_such_name'); print('ok')")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr
+
+
+@pytest.mark.parametrize("signame, status, words", [("SIGTERM", 143, "terminated (SIGTERM)"),
+                                                    ("SIGINT", 130, "interrupted")])
+def test_a_signal_while_the_commands_load_is_one_line(monkeypatch, capsys, signame, status,
+                                                      words):
+    """Ctrl-C or SIGTERM while main() imports the commands' modules (before the command is
+    known): before, a traceback of the import (Ctrl-C) or death by the signal with no word
+    (SIGTERM); now one line. Measured with real signals 0.05-0.4 s after start, `info` and
+    `compare --against torch`: every one gave one line and 130/143, except those in the
+    first ~40 ms, while Python itself starts."""
+    import os
+    import signal
+    import time
+
+    real = cli.build_parser
+
+    def slow_parser():
+        os.kill(os.getpid(), getattr(signal, signame))
+        time.sleep(10)
+        return real()
+
+    monkeypatch.setattr(cli, "build_parser", slow_parser)
+    assert cli.main(["info"]) == status
+    assert capsys.readouterr().err.strip() == f"minivae: {words}"

@@ -27,6 +27,7 @@ def run(args) -> int:
 
     from ..cli import UserError
     from ..plots import samples
+    from . import writable_dir
     from ..train import load_model
 
     model, meta = load_model(args.checkpoint, backend=args.device)
@@ -38,6 +39,7 @@ def run(args) -> int:
         raise UserError(f"--out must name a .png file, got {out}")
     if not out.parent.is_dir():
         raise UserError(f"directory {out.parent} does not exist")
+    writable_dir(out.parent, "--out's directory")   # before the work, not after it
     side = int(round(math.sqrt(model.d_in)))
     if side * side != model.d_in:
         raise UserError(f"cannot draw {model.d_in}-pixel examples as square images")

@@ -305,8 +305,10 @@ def _run(args, comm) -> int:
                      if args.from_epoch is not None else f"at epoch {t.epoch} (step {t.step})")
             say(f"resuming {out} {where}, training to epoch {t.cfg.epochs}{_ranks(comm)}")
             if t.cfg.epochs == t.epoch:
+                figures = ("; its figures are drawn again" if not args.no_figures
+                           else "")
                 say(f"  note: the run has already completed {t.epoch} epochs, so nothing will "
-                    f"be trained: give --epochs {t.epoch + 1} or more to train longer")
+                    f"be trained{figures}: give --epochs {t.epoch + 1} or more to train longer")
             for field, (old, new) in t.changed.items():
                 say(f"  changed: {FLAG.get(field, field)} {_show(old)} -> {_show(new)}")
         else:
@@ -326,12 +328,14 @@ def _run(args, comm) -> int:
                 f"{_ranks(comm)}")
         try:
             status = t.fit()
-        except Terminated:
-            if t.epoch < t.cfg.epochs:
+        except (Terminated, KeyboardInterrupt) as e:
+            # a signal outside the Trainer's handler: while it drew the figures, after the
+            # last epoch was saved (a second signal during training aborts: unsaved, as said)
+            if t.epoch < t.cfg.epochs or not t.cfg.figures or t.stopped_by:
                 raise
-            raise Terminated(f"training is done and saved in {out}; the figures may be "
-                             f"missing: 'minivae train --resume --out "
-                             f"{shlex.quote(str(out))}' draws them") from None
+            raise type(e)(f"training is done and saved in {out}; the figures may be "
+                          f"missing: 'minivae train --resume --out "
+                          f"{shlex.quote(str(out))}' draws them") from None
         except Diverged as e:
             if root:                  # an error: on stderr, once
                 print(f"minivae train: {e}", file=sys.stderr, flush=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.machinery
 import os
 import signal
 import sys
@@ -48,26 +49,35 @@ _raised: list = []                  # the exceptions the handler raised (told fr
 _resend: list = []                  # timers delivering a deferred signal again
 
 
-def _in_import(frame) -> bool:
-    """Whether Python is importing a module somewhere down the stack of ``frame``."""
+def _in_extension_init(frame) -> bool:
+    """Whether a compiled extension module is being initialised somewhere down the stack of
+    ``frame`` (Python code that its init function runs: torch._C imports and calls Python)."""
     while frame is not None:
         if frame.f_code.co_filename.startswith("<frozen importlib"):
-            return True
+            loader = getattr(frame.f_locals.get("spec"), "loader", None)
+            if isinstance(loader, importlib.machinery.ExtensionFileLoader):
+                return True
         frame = frame.f_back
     return False
+
+
+def _resend_soon(signum) -> None:
+    """Deliver ``signum`` to this process again in 20 ms (cancelled when the command ends)."""
+    t = threading.Timer(0.02, os.kill, (os.getpid(), signum))
+    t.daemon = True
+    _resend.append(t)
+    t.start()
 
 
 def _on_signal(signum, frame):
     global _received
     _received = signal.Signals(signum)
-    if _in_import(frame):
-        # Raised inside an import, the exception can end the process: a C++ extension being
-        # initialised (torch._C) turns it into std::terminate, SIGABRT and a core dump. The
-        # signal is delivered again in 20 ms, until the import is over.
-        t = threading.Timer(0.02, os.kill, (os.getpid(), signum))
-        t.daemon = True
-        _resend.append(t)
-        t.start()
+    if _in_extension_init(frame):
+        # Raised while a compiled extension initialises, the exception can end the process:
+        # torch._C's C++ turns it into std::terminate, SIGABRT and a core dump. The signal
+        # comes again in 20 ms, until the initialisation is over (a pure-Python import is
+        # stopped where it is, as Python does).
+        _resend_soon(signum)
         return
     e = KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
     _raised.append(e)
@@ -142,7 +152,11 @@ def _signals_raise():
     previous_hook = sys.unraisablehook
 
     def hook(unraisable):
-        if not any(unraisable.exc_value is e for e in _raised):
+        # our exception, swallowed where Python cannot raise it (a garbage-collector callback,
+        # __del__): not reported, and the signal comes again to stop the command
+        if any(unraisable.exc_value is e for e in _raised):
+            _resend_soon(_received)
+        else:
             previous_hook(unraisable)
 
     previous = {s: signal.signal(s, _on_signal) for s in signals}
@@ -189,9 +203,10 @@ def _one_line(e: BaseException) -> str:
 
 def main(argv=None) -> int:
     """``minivae ...``: the exit status. The signal handlers (:func:`_signals_raise`) cover it
-    from the first line, so that Ctrl-C or SIGTERM while the commands' modules (NumPy, ...)
-    import is one line too (the package imports them on first use only); a command's own
-    signal is reported under its name, one before the command is known as ``minivae``."""
+    from its first line, so that Ctrl-C or SIGTERM while the commands' modules load is one
+    line too; a command's own signal is reported under its name, one before the command is
+    known (or in argparse's exit) as ``minivae``. Not covered: Python's start and the
+    package's import (``import minivae``, about 0.25 s), before ``main`` runs."""
     try:
         with _signals_raise():
             status = _main(argv)
@@ -201,10 +216,14 @@ def main(argv=None) -> int:
     except Terminated:
         print("minivae: terminated (SIGTERM)", file=sys.stderr)
         return 143
+    except SystemExit:              # argparse's --help, --version or usage error
+        if _received is None:
+            raise
+        status = None
     if _received is not None and status not in (130, 143):
-        # a signal deferred past an import, or swallowed, after the command's own report
-        print(f"minivae: {'terminated (SIGTERM)' if _received == signal.SIGTERM else 'interrupted'}",
-              file=sys.stderr)
+        # a signal deferred past an extension's initialisation or swallowed, not yet raised
+        said = "terminated (SIGTERM)" if _received == signal.SIGTERM else "interrupted"
+        print(f"minivae: {said}", file=sys.stderr)
         return 143 if _received == signal.SIGTERM else 130
     return status
 

@@ -40,6 +40,8 @@ def writable_dir(out, flag="--out") -> list:
     """Refuse a directory flag that names a file or a place that cannot be written, before any
     work. -> the directories made for it (train.make_run_dir), for
     ``train.remove_made_dirs`` to remove again if the work fails before writing there."""
+    import os
+    import tempfile
     from pathlib import Path
 
     from ..cli import UserError
@@ -53,9 +55,11 @@ def writable_dir(out, flag="--out") -> list:
     made = []
     try:
         made = make_run_dir(out)
-        probe = out / ".minivae-write-test"
-        probe.write_bytes(b"ok")
-        probe.unlink()
+        # a name of its own: two processes probing one directory do not remove each other's
+        # probe, and a user's file is never touched
+        fd, probe = tempfile.mkstemp(prefix=".minivae-write-test.", dir=out)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
         remove_made_dirs(made)
         raise UserError(f"{flag} {out}: cannot write there ({e.strerror or e})") from None

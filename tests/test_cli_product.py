@@ -258,26 +258,34 @@ def test_sgd_momentum_from_the_command_line_trains_and_may_change_on_resume(tmp_
         assert len(err) == 1 and "momentum" in err[0], err
 
 
+def _sigterm_when_a_temp_file_appears(args, where, pattern):
+    """Run `python -m minivae ARGS`, send it SIGTERM as soon as a file matching ``pattern``
+    appears in ``where`` -> (exit status, stderr); skipped if it finished first."""
+    import signal
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "minivae", *map(str, args)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    while not list(where.glob(pattern)) and p.poll() is None:
+        assert time.monotonic() < deadline, f"no {pattern} appeared"
+        time.sleep(0.005)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    if p.returncode == 0:                   # it finished first: nothing to test this time
+        pytest.skip(f"the {pattern} was renamed into place before the signal arrived")
+    return p.returncode, err
+
+
 def test_sigterm_during_a_write_leaves_no_temp_file(run_dir, tmp_path):
     """SIGTERM (what `timeout` sends) while `minivae sample` writes its PNG: exit 143 with one
     line, the temp file removed, no PNG half-written (before, each run left a
     'samples.png.<host>.<pid>.<thread>.tmp' behind)."""
-    import signal
-    import time
 
     out = tmp_path / "s.png"
-    p = subprocess.Popen([sys.executable, "-m", "minivae", "sample", str(run_dir), "-n", "10000",
-                          "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
-    deadline = time.monotonic() + 90
-    while not list(tmp_path.glob("s.png.*.tmp")) and p.poll() is None:
-        assert time.monotonic() < deadline, "the temp file never appeared"
-        time.sleep(0.02)
-    p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=60)
-    if p.returncode == 0:                   # it finished first: nothing to test this time
-        pytest.skip("the PNG was written before the signal arrived")
-    assert p.returncode == 143 and err.strip() == "minivae sample: terminated (SIGTERM)", err
+    rc, err = _sigterm_when_a_temp_file_appears(
+        ["sample", run_dir, "-n", "10000", "--out", out], tmp_path, "s.png.*.tmp")
+    assert rc == 143 and err.strip() == "minivae sample: terminated (SIGTERM)", err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -353,22 +361,12 @@ def test_a_signal_while_train_draws_its_figures_says_what_is_saved(monkeypatch, 
 def test_sigterm_while_train_writes_a_figure_leaves_no_temp_file(tmp_path):
     """The same with a real signal from outside, sent when the first figure's temp file
     appears."""
-    import signal
-    import time
 
     out = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "-m", "minivae", "train", "--epochs", "1", "--hidden",
-                          "8", "--latent", "2", "--out", str(out), "--no-progress"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 90
-    while not list(out.glob("*.png.*.tmp")) and p.poll() is None:
-        assert time.monotonic() < deadline, "no figure's temp file appeared"
-        time.sleep(0.005)
-    p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=60)
-    if p.returncode == 0:                   # it finished first: nothing to test this time
-        pytest.skip("the figures were written before the signal arrived")
-    assert p.returncode == 143 and "terminated (SIGTERM): training is done" in err, err
+    rc, err = _sigterm_when_a_temp_file_appears(
+        ["train", "--epochs", "1", "--hidden", "8", "--latent", "2", "--out", out,
+         "--no-progress"], out, "*.png.*.tmp")
+    assert rc == 143 and "terminated (SIGTERM): training is done" in err, err
     assert not list(out.glob("*.tmp")) and (out / "checkpoint.npz").is_file()
 
 

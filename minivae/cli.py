@@ -7,9 +7,9 @@ heavy things (matplotlib, torch) inside ``run`` so that ``minivae --help`` stays
 from __future__ import annotations
 
 import argparse
+import builtins
 import contextlib
 import importlib
-import importlib.machinery
 import os
 import signal
 import sys
@@ -46,19 +46,9 @@ class Terminated(BaseException):
 #: follows the signal, not what surfaced.
 _received: "signal.Signals | None" = None
 _raised: list = []                  # the exceptions the handler raised (told from others)
-_resend: list = []                  # timers delivering a deferred signal again
-
-
-def _in_extension_init(frame) -> bool:
-    """Whether a compiled extension module is being initialised somewhere down the stack of
-    ``frame`` (Python code that its init function runs: torch._C imports and calls Python)."""
-    while frame is not None:
-        if frame.f_code.co_filename.startswith("<frozen importlib"):
-            loader = getattr(frame.f_locals.get("spec"), "loader", None)
-            if isinstance(loader, importlib.machinery.ExtensionFileLoader):
-                return True
-        frame = frame.f_back
-    return False
+_resend: list = []                  # timers delivering a swallowed signal again
+_exiting = False                    # main() runs as the program (entry): it exits after
+_real_import = builtins.__import__
 
 
 def _resend_soon(signum) -> None:
@@ -69,17 +59,39 @@ def _resend_soon(signum) -> None:
     t.start()
 
 
+# Imports are whole to a signal: one that arrives while the main thread imports is raised
+# when the outermost import statement returns. Raised inside an import, the exception can end
+# the process: torch's C++ (torch._C's init, torch.distributed's _c10d_init) calls back into
+# Python, and pybind11 turns an exception there into std::terminate, SIGABRT and a core
+# dump. builtins.__import__ is wrapped while the handlers are in place (`import x`, and
+# __import__, go through it).
+_import_depth = 0
+_deferred = False
+
+
+def _counting_import(*args, **kwargs):
+    global _import_depth, _deferred
+    if threading.get_ident() != threading.main_thread().ident:
+        return _real_import(*args, **kwargs)
+    _import_depth += 1
+    try:
+        return _real_import(*args, **kwargs)
+    finally:
+        _import_depth -= 1
+        if _import_depth == 0 and _deferred:
+            _deferred = False
+            e = _signal_exception()
+            _raised.append(e)
+            raise e
+
+
 def _on_signal(signum, frame):
-    global _received
+    global _received, _deferred
     _received = signal.Signals(signum)
-    if _in_extension_init(frame):
-        # Raised while a compiled extension initialises, the exception can end the process:
-        # torch._C's C++ turns it into std::terminate, SIGABRT and a core dump. The signal
-        # comes again in 20 ms, until the initialisation is over (a pure-Python import is
-        # stopped where it is, as Python does).
-        _resend_soon(signum)
+    if _import_depth > 0:               # raised when the outermost import returns
+        _deferred = True
         return
-    e = KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+    e = _signal_exception()
     _raised.append(e)
     raise e
 
@@ -159,17 +171,23 @@ def _signals_raise():
         else:
             previous_hook(unraisable)
 
+    global _real_import, _import_depth, _deferred
+    _real_import, _import_depth, _deferred = builtins.__import__, 0, False
     previous = {s: signal.signal(s, _on_signal) for s in signals}
     sys.unraisablehook = hook
+    builtins.__import__ = _counting_import
     try:
         yield
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-        sys.unraisablehook = previous_hook
-        for t in _resend:
+        builtins.__import__ = _real_import
+        for t in _resend:               # first: a timer firing later would find no handler
             t.cancel()
         _resend.clear()
+        for s, h in previous.items():
+            # the program on its way out because of a signal: a second one does not kill it
+            # before it exits with the first one's status
+            signal.signal(s, signal.SIG_IGN if _exiting and _received is not None else h)
+        sys.unraisablehook = previous_hook
 
 
 def _run_command(args) -> int:
@@ -226,6 +244,16 @@ def main(argv=None) -> int:
         print(f"minivae: {said}", file=sys.stderr)
         return 143 if _received == signal.SIGTERM else 130
     return status
+
+
+def entry() -> None:
+    """The program (``minivae``, ``python -m minivae``): :func:`main`, then exit with its
+    status. Once a signal has decided the exit, another is ignored on the way out (Python's
+    exit with torch and JAX loaded takes up to a second; a second SIGTERM there killed the
+    process by the signal instead of letting it exit 143)."""
+    global _exiting
+    _exiting = True
+    sys.exit(main())
 
 
 def _main(argv) -> int:

@@ -886,7 +886,9 @@ class Trainer:
             self.log(f"\n{what}: saving a checkpoint after this step (press Ctrl-C again to "
                      f"abort)")
 
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        wanted = [s for s in (signal.SIGINT, signal.SIGTERM)      # not one set to be ignored
+                  if signal.getsignal(s) is not signal.SIG_IGN]       # (a background job's)
+        previous = {s: signal.signal(s, handler) for s in wanted}
         try:
             yield
         finally:

@@ -370,14 +370,9 @@ def test_sigterm_while_train_writes_a_figure_leaves_no_temp_file(tmp_path):
     assert not list(out.glob("*.tmp")) and (out / "checkpoint.npz").is_file()
 
 
-@pytest.mark.parametrize("figures", [True, False])
-def test_sigterm_while_the_last_epoch_is_saved_stops_there(monkeypatch, capsys, tmp_path,
-                                                           figures):
-    """SIGTERM after the last step, while the last epoch is evaluated and saved (inside the
-    Trainer's own handler): before, the Trainer said "saving a checkpoint after this step",
-    then drew every figure and exited 0, as if no signal had come (with --no-figures too).
-    Now it stops there: exit 143, the run complete and saved, and --resume draws the
-    figures."""
+def _signal_after_each_epoch_is_kept(monkeypatch, *signames):
+    """Send these signals to this process right after each epoch's checkpoint is kept
+    (inside the Trainer's handler, after the epoch's last step)."""
     import os
     import signal
 
@@ -387,10 +382,25 @@ def test_sigterm_while_the_last_epoch_is_saved_stops_there(monkeypatch, capsys, 
 
     def signalled(self):
         keep(self)
-        os.kill(os.getpid(), signal.SIGTERM)
+        for name in signames:
+            os.kill(os.getpid(), getattr(signal, name))
 
-    out = tmp_path / "run"
     monkeypatch.setattr(Trainer, "_keep_epoch_checkpoint", signalled)
+    return keep
+
+
+@pytest.mark.parametrize("figures", [True, False])
+def test_sigterm_while_the_last_epoch_is_saved_stops_there(monkeypatch, capsys, tmp_path,
+                                                           figures):
+    """SIGTERM after the last step, while the last epoch is evaluated and saved (inside the
+    Trainer's own handler): before, the Trainer said "saving a checkpoint after this step",
+    then drew every figure and exited 0, as if no signal had come (with --no-figures too).
+    Now it stops there: exit 143, the run complete and saved, and --resume draws the
+    figures."""
+    from minivae.train import Trainer
+
+    keep = _signal_after_each_epoch_is_kept(monkeypatch, "SIGTERM")
+    out = tmp_path / "run"
     assert cli.main(["train", "--epochs", "1", "--hidden", "8", "--latent", "2", "--out",
                      str(out), "--no-progress"] + ([] if figures else ["--no-figures"])) == 143
     err = capsys.readouterr()
@@ -408,20 +418,8 @@ def test_a_second_sigterm_during_training_aborts_with_143(monkeypatch, capsys, t
     """Two SIGTERMs during training: the first saves after the step, the second aborts, as
     documented; before, the abort was a KeyboardInterrupt, exit 130 "interrupted", for a
     run that Ctrl-C never touched."""
-    import os
-    import signal
-
-    from minivae.train import Trainer
-
-    keep = Trainer._keep_epoch_checkpoint
-
-    def signalled_twice(self):
-        keep(self)
-        os.kill(os.getpid(), signal.SIGTERM)
-        os.kill(os.getpid(), signal.SIGTERM)
-
+    _signal_after_each_epoch_is_kept(monkeypatch, "SIGTERM", "SIGTERM")
     out = tmp_path / "run"
-    monkeypatch.setattr(Trainer, "_keep_epoch_checkpoint", signalled_twice)
     assert cli.main(["train", "--epochs", "2", "--hidden", "8", "--latent", "2", "--out",
                      str(out), "--no-progress"]) == 143
     assert capsys.readouterr().err.strip().splitlines()[-1] == "minivae train: terminated (SIGTERM)"
@@ -562,19 +560,10 @@ def test_train_leaves_an_ignored_ctrl_c_ignored(monkeypatch, capsys, tmp_path):
     """The third helper's find: in a background job (SIGINT ignored), the CLI left Ctrl-C
     ignored but the Trainer installed its own handler anyway: SIGINT stopped the training but
     not the figures. The Trainer now leaves an ignored signal ignored."""
-    import os
     import signal
 
-    from minivae.train import Trainer
-
-    keep = Trainer._keep_epoch_checkpoint
-
-    def signalled(self):
-        keep(self)
-        os.kill(os.getpid(), signal.SIGINT)
-
+    _signal_after_each_epoch_is_kept(monkeypatch, "SIGINT")
     out = tmp_path / "run"
-    monkeypatch.setattr(Trainer, "_keep_epoch_checkpoint", signalled)
     before = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         assert cli.main(["train", "--epochs", "2", "--hidden", "8", "--latent", "2", "--out",

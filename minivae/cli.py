@@ -80,9 +80,7 @@ def _counting_import(*args, **kwargs):
         _import_depth -= 1
         if _import_depth == 0 and _deferred:
             _deferred = False
-            e = _signal_exception()
-            _raised.append(e)
-            raise e
+            _raise_signal()
 
 
 def _on_signal(signum, frame):
@@ -91,14 +89,33 @@ def _on_signal(signum, frame):
     if _import_depth > 0:               # raised when the outermost import returns
         _deferred = True
         return
-    e = _signal_exception()
-    _raised.append(e)
-    raise e
+    _raise_signal()
 
 
 def _signal_exception():
     """A fresh exception for the signal in :data:`_received`."""
     return Terminated() if _received == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _raise_signal():
+    """Raise the exception for the signal in :data:`_received`, known as the handler's own
+    (:data:`_raised`: the unraisable hook tells it from others)."""
+    e = _signal_exception()
+    _raised.append(e)
+    raise e
+
+
+def signal_exit(e: BaseException):
+    """(exit status, words) for an exception that a signal raised: KeyboardInterrupt (130,
+    "interrupted") or :class:`Terminated` (143, "terminated (SIGTERM)"), with what the
+    command added after a colon (train: what is saved); None for any other."""
+    if isinstance(e, Terminated):
+        status, words = 143, "terminated (SIGTERM)"
+    elif isinstance(e, KeyboardInterrupt):
+        status, words = 130, "interrupted"
+    else:
+        return None
+    return status, words + (f": {e}" if str(e) else "")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -152,7 +169,7 @@ def _signals_raise():
     cover the rest, as the figures it writes after (before, SIGTERM there killed the process
     with a half-written ``*.png.*.tmp`` left in the run directory). A signal's exception that
     a garbage-collector callback swallowed is not printed as "Exception ignored in ..."."""
-    global _received
+    global _received, _real_import, _import_depth, _deferred
     _received = None
     _raised.clear()
     if threading.current_thread() is not threading.main_thread():
@@ -171,7 +188,6 @@ def _signals_raise():
         else:
             previous_hook(unraisable)
 
-    global _real_import, _import_depth, _deferred
     _real_import, _import_depth, _deferred = builtins.__import__, 0, False
     previous = {s: signal.signal(s, _on_signal) for s in signals}
     sys.unraisablehook = hook
@@ -226,23 +242,18 @@ def main(argv=None) -> int:
     known (or in argparse's exit) as ``minivae``. Not covered: Python's start and the
     package's import (``import minivae``, about 0.25 s), before ``main`` runs."""
     try:
-        with _signals_raise():
-            status = _main(argv)
-    except KeyboardInterrupt:
-        print("minivae: interrupted", file=sys.stderr)
-        return 130
-    except Terminated:
-        print("minivae: terminated (SIGTERM)", file=sys.stderr)
-        return 143
-    except SystemExit:              # argparse's --help, --version or usage error
-        if _received is None:
-            raise
-        status = None
-    if _received is not None and status not in (130, 143):
-        # a signal deferred past an extension's initialisation or swallowed, not yet raised
-        said = "terminated (SIGTERM)" if _received == signal.SIGTERM else "interrupted"
-        print(f"minivae: {said}", file=sys.stderr)
-        return 143 if _received == signal.SIGTERM else 130
+        try:
+            with _signals_raise():
+                status = _main(argv)
+        except SystemExit:          # argparse's --help, --version or usage error
+            if _received is None:
+                raise
+            status = None
+        if _received is not None and status not in (130, 143):
+            raise _signal_exception()   # a signal swallowed and not yet raised
+    except (KeyboardInterrupt, Terminated) as e:
+        status, words = signal_exit(e)
+        print(f"minivae: {words}", file=sys.stderr)
     return status
 
 
@@ -300,15 +311,11 @@ def _main(argv) -> int:
         # NaN/Inf step (minivae.NonFiniteStep) outside the trainer, which reports its own
         print(f"minivae {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:
-        said = f": {e}" if str(e) else ""          # what the command adds (train: what's saved)
-        print(f"minivae {args.command}: interrupted{said}", file=sys.stderr)
-        return 130
-    except Terminated as e:
-        said = f": {e}" if str(e) else ""          # what the command adds (train: what's saved)
-        print(f"minivae {args.command}: terminated (SIGTERM){said}", file=sys.stderr)
-        return 143
+    except (KeyboardInterrupt, Terminated) as e:
+        status, words = signal_exit(e)
+        print(f"minivae {args.command}: {words}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

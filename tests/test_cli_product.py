@@ -613,7 +613,7 @@ def test_the_write_probe_is_safe_for_two_writers_and_a_users_file(tmp_path):
     `minivae sample` into the working directory) removed each other's and failed at random
     ("cannot write there (No such file or directory)": 103 and 81 of 3000), and a user's file
     of that name was overwritten and deleted."""
-    import threading
+    from concurrent.futures import ThreadPoolExecutor
 
     from minivae.commands import writable_dir
 
@@ -628,11 +628,9 @@ def test_the_write_probe_is_safe_for_two_writers_and_a_users_file(tmp_path):
             except Exception as e:               # noqa: BLE001
                 errors.append(e)
 
-    threads = [threading.Thread(target=probe) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ThreadPoolExecutor(2) as pool:                  # two writers at once
+        for _ in range(2):
+            pool.submit(probe)
     assert errors == []
     assert mine.read_text() == "the user's"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".minivae-write-test"]

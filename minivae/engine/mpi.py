@@ -292,17 +292,16 @@ def run_on_all_ranks(comm, prog: str, fn) -> int:
             if comm.rank == 0:
                 raise
             return 2
-        from ..cli import Terminated, UserError
+        from ..cli import Terminated, UserError, signal_exit
 
-        code = 130 if isinstance(e, KeyboardInterrupt) else 143 if isinstance(
-            e, Terminated) else 2
+        code = (signal_exit(e) or (2,))[0]
         expected = isinstance(e, (UserError, ValueError, TypeError, OSError, MemoryError,
                                   KeyboardInterrupt)) or type(e).__module__.startswith("minivae")
         if not expected:                # a bug: its traceback helps more than its message
             traceback.print_exc(file=sys.stderr)
         what = str(e) or type(e).__name__
         if isinstance(e, Terminated):   # SIGTERM outside the Trainer's handler (its figures)
-            what = "terminated (SIGTERM)" + (f": {e}" if str(e) else "")
+            what = signal_exit(e)[1]
         elif not isinstance(e, (UserError, ValueError, OSError)):
             what = f"{type(e).__name__}: {what}"
         print(f"{prog}: error on rank {comm.rank} of {comm.size}: {what}", file=sys.stderr,

@@ -92,6 +92,31 @@ def test_compiled_adam_keeps_no_subnormal_first_moment(rng, dtype):
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("parts", [1, 2, 3])
+@pytest.mark.parametrize("bad", [None, "nan first", "inf last", "nan in the second part",
+                                 "-inf in the third part"])
+def test_checked_adam_is_the_gradient_check_then_adam(rng, dtype, parts, bad):
+    """adam_checked (the training step's check and update in one team job): where the
+    gradient is finite, Adam's numbers to the bit and True; where any part of it holds NaN or
+    Inf, False and not one number written, whichever part found it."""
+    n = 3 * 2**15 + 37                # three parts of at least MIN_PART numbers
+    (g,), p, m, v = buffers(rng, n, 1, dtype)
+    where = {"nan first": (0, np.nan), "inf last": (n - 1, np.inf),
+             "nan in the second part": (n // 2, np.nan),
+             "-inf in the third part": (n - 100, -np.inf)}.get(bad)
+    if where:
+        g[where[0]] = where[1]
+    before = [a.copy() for a in (g, p, m, v)]
+    want = [a.copy() for a in (g, p, m, v)]
+    kernels.adam((want[0],), *want[1:], *HYPER.values())
+    applied = kernels._c.adam_checked(g, p, m, v, *HYPER.values(), parts)
+    assert applied is (where is None)
+    for got, exp, was in zip((g, p, m, v), want, before):
+        np.testing.assert_array_equal(got, was if where else exp)
+
+
+@needs_kernels
 def test_compiled_adam_on_two_threads_equals_one_call(rng):
     """The GIL is released inside; threads updating disjoint slices do not disturb each other."""
     n = 300_000

@@ -137,6 +137,39 @@ def test_train_step_is_loss_and_grads_then_step(monkeypatch, rng, opt_name, thre
 
 
 @needs_pinnable_blas
+@pytest.mark.parametrize("opt_name", ["adam", "adamw", "adam_l2", "sgd_momentum"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_checked_update_is_the_check_then_the_update_to_the_bit(monkeypatch, rng, opt_name,
+                                                                    threads):
+    """A batch too small to split (one pass, products on the BLAS's threads): where the
+    optimizer has one (Adam, AdamW with the kernels), train_step checks the gradient and
+    updates in one compiled call (engine/optim.py: checked_step). The parameters, the
+    optimizer's state and its count are those of the same pass followed by the check and
+    the update apart (loss_and_grads, then optimizer_step), to the bit."""
+    parallel.set_num_threads(threads)
+    from minivae.engine import data_parallel, kernels
+    checked, real = [], data_parallel.checked_step
+    monkeypatch.setattr(data_parallel, "checked_step",
+                        lambda opt, parts: checked.append(real(opt, parts)) or checked[-1])
+    xs = [(rng.random((64, 784)) < 0.3).astype(np.float32) for _ in range(4)]
+    a_m, b_m = VAE(seed=2), VAE(seed=2)
+    a_o, b_o = OPTIMIZERS[opt_name](a_m.params), OPTIMIZERS[opt_name](b_m.params)
+    a_dp, b_dp = DataParallel(a_m), DataParallel(b_m)
+    for x in xs:
+        eps = rng.standard_normal((64, a_m.latent)).astype(np.float32)
+        a_dp.train_step(a_o, x, eps)
+        b_dp.loss_and_grads(x, eps)
+        b_dp.optimizer_step(b_o)
+    assert a_o.t == b_o.t == len(xs)
+    fused = kernels.enabled() and opt_name in ("adam", "adamw")
+    assert checked == [True] * len(xs) if fused else not any(checked)
+    for name in ("data", "grad"):
+        np.testing.assert_array_equal(getattr(a_m.params, name), getattr(b_m.params, name))
+    for name in a_o.state_names:
+        np.testing.assert_array_equal(getattr(a_o, name), getattr(b_o, name))
+
+
+@needs_pinnable_blas
 def test_train_step_reports_a_worker_error_and_takes_no_step(monkeypatch, rng):
     _small_rows(monkeypatch)
     parallel.set_num_threads(2)

@@ -21,12 +21,14 @@ def _data(rng, B, D, L, dtype):
     return x, eps
 
 
-def _train(cls, kw, xs, epss, threads, use_plan, steps=3):
+def _train(cls, kw, xs, epss, threads, use_plan, steps=3, compiled=True):
     """steps of DataParallel.train_step -> (per-step loss, recon, kl arrays, grad, params,
-    Adam's m and v, and whether a plan was kept for the model's Params or a replica)."""
+    Adam's m and v, whether a plan was kept for the model's Params or a replica, and whether
+    one ran as one compiled call)."""
     m = cls(**kw)
     opt, dp = Adam(m.params, lr=3e-3), DataParallel(m, threads=threads)
     previous, plan.ENABLED = plan.ENABLED, use_plan
+    was_compiled, plan.COMPILED = plan.COMPILED, compiled
     try:
         rows = []
         for i in range(steps):
@@ -36,12 +38,13 @@ def _train(cls, kw, xs, epss, threads, use_plan, steps=3):
         fb = dp.loss_and_grads(xs[0], epss[0] if m.has_prior else None)
         per_row = nt.vae_forward_backward if m.has_prior else nt.autoencoder_forward_backward
         terms = per_row(m, m.params, xs[0], epss[0] if m.has_prior else None)
-        used = any(plan._plans.get(P) for P in [m.params, *dp._replicas])
+        kept = [p for P in [m.params, *dp._replicas] for p in plan._plans.get(P, {}).values()]
     finally:
-        plan.ENABLED = previous
+        plan.ENABLED, plan.COMPILED = previous, was_compiled
     return dict(rows=rows, fb=(float(fb.loss), fb.grads.copy()),
                 terms=[a.copy() for a in terms], grad=m.params.grad.copy(),
-                data=m.params.data.copy(), m=opt.m.copy(), v=opt.v.copy(), used=used)
+                data=m.params.data.copy(), m=opt.m.copy(), v=opt.v.copy(), used=bool(kept),
+                compiled=any(p._program not in (None, plan._UNBUILT) for p in kept))
 
 
 def _same(a, b):
@@ -59,18 +62,22 @@ def _same(a, b):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("hidden", [(24,), (32, 16), ()])
 @pytest.mark.parametrize("B,threads", [(1, 1), (7, 2), (32, 1), (33, 2), (64, 2), (600, 2)])
+@pytest.mark.parametrize("compiled", [True, False])
 def test_the_plan_gives_the_generic_pass_numbers_to_the_last_bit(rng, cls, dtype, hidden, B,
-                                                                 threads):
+                                                                 threads, compiled):
     """Training with the plan and without: the same per-step losses, per-row terms, gradient,
-    parameters and Adam state, to the bit. Batch 1..33 float32 covers input_grad's transposed
-    form (few rows, long inner dimension: D = 300); 600 rows on 2 threads the row blocks, each
-    with its own plan."""
+    parameters and Adam state, to the bit, with the plan run as one compiled call
+    (Plan.compiled) and call by call from Python (Plan.run_python). Batch 1..33 float32
+    covers input_grad's transposed form (few rows, long inner dimension: D = 300); 600 rows
+    on 2 threads the row blocks, each with its own plan. At batch 1 NumPy's matmul takes
+    gemv, not gemm, so the compiled call steps aside there."""
     D, L = 300, 4
     kw = dict(d_in=D, hidden=hidden, latent=L, dtype=dtype, seed=3)
     xs, epss = zip(*[_data(rng, B, D, L, np.dtype(dtype)) for _ in range(2)])
-    on = _train(cls, kw, xs, epss, threads, True)
+    on = _train(cls, kw, xs, epss, threads, True, compiled=compiled)
     off = _train(cls, kw, xs, epss, threads, False)
     assert on["used"] and not off["used"]
+    assert on["compiled"] == (compiled and B > 1)
     _same(on, off)
 
 
@@ -81,7 +88,27 @@ def test_the_plan_on_the_default_model_at_batch_128(rng):
     xs, epss = zip(*[_data(rng, 128, 784, 20, np.float32) for _ in range(2)])
     on = _train(VAE, dict(seed=0), xs, epss, 2, True, steps=4)
     off = _train(VAE, dict(seed=0), xs, epss, 2, False, steps=4)
-    assert on["used"]
+    python = _train(VAE, dict(seed=0), xs, epss, 2, True, steps=4, compiled=False)
+    assert on["used"] and on["compiled"] and python["used"] and not python["compiled"]
+    _same(on, off)
+    _same(python, off)
+
+
+@needs_plan
+@pytest.mark.parametrize("cls, hidden, latent", [(Autoencoder, (16,), 1), (VAE, (1,), 3),
+                                                 (VAE, (16,), 1)])
+def test_a_product_numpy_would_not_send_to_gemm_leaves_the_plan_to_python(rng, cls, hidden,
+                                                                        latent):
+    """A layer 1 wide (an autoencoder's code, a hidden unit, a VAE's z) makes one of the
+    products one that NumPy's matmul does not give to gemm (a matrix times a vector, an outer
+    product): the compiled call, which calls gemm only, is not made, and the plan runs from
+    Python, with the same numbers."""
+    D = 40
+    kw = dict(d_in=D, hidden=hidden, latent=latent, seed=5)
+    xs, epss = zip(*[_data(rng, 8, D, latent, np.dtype(np.float32)) for _ in range(2)])
+    on = _train(cls, kw, xs, epss, 2, True)
+    off = _train(cls, kw, xs, epss, 2, False)
+    assert on["used"] and not on["compiled"]
     _same(on, off)
 
 

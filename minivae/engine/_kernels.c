@@ -821,6 +821,15 @@ static void nll_rows_part(void *arg, int part, int parts)
     }
 }
 
+/* The forward on `threads` parts at most: each at least 16 rows and MIN_NLL_PART numbers. */
+static void nll_rows_run(NllJob *job, int threads)
+{
+    Py_ssize_t n = job->rows * job->cols;
+    if (job->rows < (Py_ssize_t)threads * 16) threads = (int)(job->rows / 16);
+    if (n < (Py_ssize_t)threads * MIN_NLL_PART) threads = (int)(n / MIN_NLL_PART);
+    team_run(nll_rows_part, job, threads);
+}
+
 /* ----------------------------------------------------------------------------------------- */
 /* Buffers: acquire, check, release. */
 typedef struct {
@@ -1017,6 +1026,79 @@ static PyObject *finite_code(PyObject *self, PyObject *args)
         big |= job.big[i];
     }
     return PyLong_FromLong(bad ? 0 : big ? 2 : 1);
+}
+
+/* adam_checked: the training step's gradient check (finite_code above, headroom 0) and Adam
+ * over the whole flat buffer in one team job. Each part checks its slice of g, all parts wait
+ * for all (they run at once: team_post), and then, only where no part found a NaN or an
+ * infinity, each updates the slice it checked, which is still in its core's cache. The
+ * numbers are those of finite_code followed by adam: the same slices, the same update. */
+typedef struct {
+    AdamJob adam;
+    int bad[MAX_TEAM + 1];
+    int arrived;
+} CheckedAdamJob;
+
+static void adam_checked_part(void *arg, int part, int parts)
+{
+    CheckedAdamJob *c = arg;
+    Py_ssize_t lo, hi;
+    part_range(c->adam.n, part, parts, &lo, &hi);
+    int bad = 0;
+    if (hi > lo)
+        bad = c->adam.f32 ? nonfinite_f32((const uint32_t *)c->adam.gs[0] + lo, hi - lo)
+                          : nonfinite_f64((const uint64_t *)c->adam.gs[0] + lo, hi - lo);
+    c->bad[part] = bad;
+    __atomic_fetch_add(&c->arrived, 1, __ATOMIC_ACQ_REL);
+    while (__atomic_load_n(&c->arrived, __ATOMIC_ACQUIRE) < parts) sched_yield();
+    for (int i = 0; i < parts; i++)
+        if (c->bad[i]) return;
+    adam_part(&c->adam, part, parts);
+}
+
+static PyObject *adam_checked(PyObject *self, PyObject *args)
+{
+    static const char *names[] = {"p", "m", "v"};
+    PyObject *g_obj, *bufs[3];
+    CheckedAdamJob job = {.adam = {.sgd = 0}, .arrived = 0};
+    int threads = 1;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOOOddddddd|i:adam_checked", &g_obj, &bufs[0], &bufs[1],
+                          &bufs[2], &job.adam.b1, &job.adam.c1, &job.adam.b2, &job.adam.c2,
+                          &job.adam.step, &job.adam.eps, &job.adam.decay, &threads))
+        return NULL;
+    Views vs = {.held = 0, .first_name = "the gradient"};
+    void *g, *state[3];
+    if ((g = acquire(&vs, g_obj, "the gradient", 0)) == NULL) {
+        release_all(&vs);
+        return NULL;
+    }
+    for (int i = 0; i < 3; i++) {
+        if ((state[i] = acquire(&vs, bufs[i], names[i], 1)) == NULL) {
+            release_all(&vs);
+            return NULL;
+        }
+    }
+    void *gs[1] = {g};
+    Py_ssize_t itemsize = vs.views[0].itemsize;
+    job.adam.gs = gs;
+    job.adam.k = 1;
+    job.adam.f32 = itemsize == 4;
+    job.adam.p = state[0];
+    job.adam.m = state[1];
+    job.adam.v = state[2];
+    job.adam.n = vs.views[0].len / itemsize;
+    if (threads > MAX_TEAM + 1) threads = MAX_TEAM + 1;
+    if (job.adam.n < (Py_ssize_t)threads * MIN_PART) threads = (int)(job.adam.n / MIN_PART);
+    if (threads < 1) threads = 1;
+    for (int i = 0; i <= MAX_TEAM; i++) job.bad[i] = 0;
+    Py_BEGIN_ALLOW_THREADS
+    team_run(adam_checked_part, &job, threads);
+    Py_END_ALLOW_THREADS
+    release_all(&vs);
+    int bad = 0;
+    for (int i = 0; i <= MAX_TEAM; i++) bad |= job.bad[i];
+    return PyBool_FromLong(!bad);
 }
 
 static PyObject *adam(PyObject *self, PyObject *args)
@@ -1275,6 +1357,22 @@ static PyObject *bernoulli_nll_grad_db(PyObject *self, PyObject *args)
 DEFINE_LATENT(f32, float)
 DEFINE_LATENT(f64, double)
 
+/* The sampler and KL forward on h (B, 2L) and eps (B, L) into z, sigma, var (B, L) and kl (B,),
+ * with `row` L numbers of scratch (no GIL needed). */
+static void latent_forward(int f32, const void *h, const void *eps, void *z, void *sigma,
+                           void *var, void *kl, void *row, Py_ssize_t B, Py_ssize_t L)
+{
+    int k = f32 ? 0 : 1;
+    Py_ssize_t n = B * L, sz = f32 ? 4 : 8, steps[2] = {sz, sz};
+    char *ss[2] = {sigma, sigma}, *vv[2] = {var, var};
+    if (f32) latent_pre_f32(h, sigma, var, B, L);
+    else latent_pre_f64(h, sigma, var, B, L);
+    np_exp[k].fn(ss, &n, steps, np_exp[k].data);     /* sigma = exp(logvar * 0.5) */
+    np_exp[k].fn(vv, &n, steps, np_exp[k].data);     /* var = exp(logvar) */
+    if (f32) latent_post_f32(h, eps, sigma, var, z, kl, row, B, L, &np_add[0]);
+    else latent_post_f64(h, eps, sigma, var, z, kl, row, B, L, &np_add[1]);
+}
+
 static PyObject *gaussian_latent(PyObject *self, PyObject *args)
 {
     static const char *names[] = {"h", "eps", "z", "sigma", "var"};
@@ -1301,21 +1399,14 @@ static PyObject *gaussian_latent(PyObject *self, PyObject *args)
         release_all(&vs);
         return NULL;
     }
-    int f32 = vs.views[0].itemsize == 4, k = f32 ? 0 : 1;
-    Py_ssize_t n = B * L, sz = f32 ? 4 : 8, steps[2] = {sz, sz};
-    void *row = PyMem_RawMalloc(L > 0 ? (size_t)L * sz : 1);
+    int f32 = vs.views[0].itemsize == 4;
+    void *row = PyMem_RawMalloc(L > 0 ? (size_t)L * (f32 ? 4 : 8) : 1);
     if (row == NULL) {
         release_all(&vs);
         return PyErr_NoMemory();
     }
     Py_BEGIN_ALLOW_THREADS
-    char *ss[2] = {a[3], a[3]}, *vv[2] = {a[4], a[4]};
-    if (f32) latent_pre_f32(a[0], a[3], a[4], B, L);
-    else latent_pre_f64(a[0], a[3], a[4], B, L);
-    np_exp[k].fn(ss, &n, steps, np_exp[k].data);     /* sigma = exp(logvar * 0.5) */
-    np_exp[k].fn(vv, &n, steps, np_exp[k].data);     /* var = exp(logvar) */
-    if (f32) latent_post_f32(a[0], a[1], a[3], a[4], a[2], kl, row, B, L, &np_add[0]);
-    else latent_post_f64(a[0], a[1], a[3], a[4], a[2], kl, row, B, L, &np_add[1]);
+    latent_forward(f32, a[0], a[1], a[2], a[3], a[4], kl, row, B, L);
     Py_END_ALLOW_THREADS
     PyMem_RawFree(row);
     release_all(&vs);
@@ -1382,13 +1473,205 @@ static PyObject *bernoulli_nll_rows(PyObject *self, PyObject *args)
         return NULL;
     }
     NllJob job = {vs.views[0].itemsize == 4, a[0], a[1], a[2], a[3], nll, b, rows, cols};
-    Py_ssize_t n = rows * cols;
-    if (rows < (Py_ssize_t)threads * 16) threads = (int)(rows / 16);
-    if (n < (Py_ssize_t)threads * MIN_NLL_PART) threads = (int)(n / MIN_NLL_PART);
     Py_BEGIN_ALLOW_THREADS
-    team_run(nll_rows_part, &job, threads);
+    nll_rows_run(&job, threads);
     Py_END_ALLOW_THREADS
     release_all(&vs);
+    Py_RETURN_NONE;
+}
+
+/* ----------------------------------------------------------------------------------------- */
+/* The step plan's pass in one call (minivae/engine/plan.py: Plan.compiled, the twin of
+ * Plan.run): the same matrix products, through the same cblas_?gemm NumPy's matmul calls with
+ * the same arguments (numpy/_core/src/umath/matmul.c.src: matrix_matrix, row major, each
+ * operand NoTrans where its rows are contiguous, else Trans), and the same kernels as the
+ * Python functions above, in the same order on the same arrays: the same numbers to the bit.
+ * What it saves is the Python between ~25 calls, which runs with cold caches after each
+ * product (about 0.1-0.2 ms a step at batch 128, measured). The program is an int64 array,
+ * PROG_WORDS words an operation; an address word is a pointer into an array the plan keeps,
+ * or, when negative, -1 - a slot of the step's own arrays (x, eps, kl, recon, loss). */
+#define PROG_WORDS 16
+enum { PR_GEMM = 1, PR_BIAS_RELU, PR_BIAS_ADD, PR_COL_SUM, PR_RELU_GRAD_BIAS, PR_NLL_ROWS,
+       PR_NLL_GRAD_DB, PR_LATENT, PR_LATENT_BACK, PR_COPY_T, PR_LOSS };
+enum { SLOT_X, SLOT_EPS, SLOT_KL, SLOT_RECON, SLOT_LOSS, N_SLOTS };
+enum { CBLAS_ROW_MAJOR = 101, CBLAS_NO_TRANS = 111, CBLAS_TRANS = 112 };
+
+typedef void (*sgemm64_fn)(int, int, int, long long, long long, long long, float, const float *,
+                           long long, const float *, long long, float, float *, long long);
+typedef void (*dgemm64_fn)(int, int, int, long long, long long, long long, double,
+                           const double *, long long, const double *, long long, double,
+                           double *, long long);
+typedef void (*sgemm32_fn)(int, int, int, int, int, int, float, const float *, int,
+                           const float *, int, float, float *, int);
+typedef void (*dgemm32_fn)(int, int, int, int, int, int, double, const double *, int,
+                           const double *, int, double, double *, int);
+static void *gemm_fns[2];   /* NumPy's cblas_sgemm and cblas_dgemm (plan_blas) */
+static int gemm_ilp64;
+
+static void gemm_call(int f32, const long long *w, void *const *slots)
+{
+#define ADDR(v) ((v) < 0 ? slots[-1 - (v)] : (void *)(Py_intptr_t)(v))
+    int ta = (int)w[2], tb = (int)w[3];
+    long long M = w[4], N = w[5], K = w[6], lda = w[8], ldb = w[10], ldc = w[12];
+    void *A = ADDR(w[7]), *B = ADDR(w[9]), *C = ADDR(w[11]);
+    if (gemm_ilp64) {
+        if (f32) ((sgemm64_fn)gemm_fns[0])(CBLAS_ROW_MAJOR, ta, tb, M, N, K, 1.0f, A, lda, B, ldb,
+                                           0.0f, C, ldc);
+        else ((dgemm64_fn)gemm_fns[1])(CBLAS_ROW_MAJOR, ta, tb, M, N, K, 1.0, A, lda, B, ldb,
+                                       0.0, C, ldc);
+    } else {
+        if (f32) ((sgemm32_fn)gemm_fns[0])(CBLAS_ROW_MAJOR, ta, tb, (int)M, (int)N, (int)K, 1.0f,
+                                           A, (int)lda, B, (int)ldb, 0.0f, C, (int)ldc);
+        else ((dgemm32_fn)gemm_fns[1])(CBLAS_ROW_MAJOR, ta, tb, (int)M, (int)N, (int)K, 1.0, A,
+                                       (int)lda, B, (int)ldb, 0.0, C, (int)ldc);
+    }
+}
+
+#define DEFINE_PROGRAM_PIECES(SUFFIX, T)                                                  \
+    static void bias_add_##SUFFIX(T *out, const T *b, Py_ssize_t rows, Py_ssize_t cols)  \
+    {                                                                                     \
+        for (Py_ssize_t i = 0; i < rows; i++)                                             \
+            for (Py_ssize_t j = 0; j < cols; j++) out[i * cols + j] += b[j];              \
+    }                                                                                     \
+    static void copy_t_##SUFFIX(T *dst, const T *src, Py_ssize_t rows, Py_ssize_t cols)  \
+    {                                                                                     \
+        for (Py_ssize_t i = 0; i < rows; i++)                                             \
+            for (Py_ssize_t j = 0; j < cols; j++) dst[i * cols + j] = src[j * rows + i];  \
+    }                                                                                     \
+    static void loss_##SUFFIX(T *loss, const T *recon, const T *kl, T beta, Py_ssize_t n) \
+    {                                                                                     \
+        for (Py_ssize_t i = 0; i < n; i++) loss[i] = recon[i] + beta * kl[i];            \
+    }
+
+DEFINE_PROGRAM_PIECES(f32, float)
+DEFINE_PROGRAM_PIECES(f64, double)
+
+static void program_run(const long long *prog, Py_ssize_t n_ops, void *const *slots,
+                        double inv_n, double s, double beta, int parts)
+{
+    for (Py_ssize_t i = 0; i < n_ops; i++) {
+        const long long *w = prog + i * PROG_WORDS;
+        int op = (int)w[0], f32 = (int)w[1];
+        switch (op) {
+        case PR_GEMM:
+            gemm_call(f32, w, slots);
+            break;
+        case PR_BIAS_RELU: {          /* out, b, rows, cols */
+            MatJob j = {OP_BIAS_RELU, f32, {ADDR(w[2]), NULL, NULL, NULL}, ADDR(w[3]), w[4], w[5],
+                        0.0};
+            mat_run(&j, parts);
+            break;
+        }
+        case PR_BIAS_ADD:             /* out, b, rows, cols: out += b, as np.add */
+            if (f32) bias_add_f32(ADDR(w[2]), ADDR(w[3]), w[4], w[5]);
+            else bias_add_f64(ADDR(w[2]), ADDR(w[3]), w[4], w[5]);
+            break;
+        case PR_COL_SUM: {            /* G, db, rows, cols: db = np.sum(G, axis=0) */
+            MatJob j = {OP_COL_SUM, f32, {ADDR(w[2]), NULL, NULL, NULL}, ADDR(w[3]), w[4], w[5],
+                        0.0};
+            mat_run(&j, parts);
+            break;
+        }
+        case PR_RELU_GRAD_BIAS: {     /* src, out, g, db, rows, cols */
+            MatJob j = {OP_RELU_GRAD_BIAS, f32, {ADDR(w[2]), ADDR(w[3]), ADDR(w[4]), NULL},
+                        ADDR(w[5]), w[6], w[7], 0.0};
+            mat_run(&j, parts);
+            break;
+        }
+        case PR_NLL_ROWS: {           /* l, b, x, e, t, nll, rows, cols */
+            NllJob j = {f32, ADDR(w[2]), ADDR(w[4]), ADDR(w[5]), ADDR(w[6]), ADDR(w[7]),
+                        ADDR(w[3]), w[8], w[9]};
+            nll_rows_run(&j, parts);
+            break;
+        }
+        case PR_NLL_GRAD_DB: {        /* l, x, e, out, db, rows, cols; scale 1 / n */
+            MatJob j = {OP_NLL_GRAD_DB, f32, {ADDR(w[2]), ADDR(w[3]), ADDR(w[4]), ADDR(w[5])},
+                        ADDR(w[6]), w[7], w[8], inv_n};
+            mat_run(&j, parts);
+            break;
+        }
+        case PR_LATENT:               /* h, eps, z, sigma, var, kl, row, B, L */
+            latent_forward(f32, ADDR(w[2]), ADDR(w[3]), ADDR(w[4]), ADDR(w[5]), ADDR(w[6]),
+                           ADDR(w[7]), ADDR(w[8]), w[9], w[10]);
+            break;
+        case PR_LATENT_BACK:          /* dz, h, sigma, eps, var, dh, B, L; s = beta / n */
+            if (f32) latent_back_f32(ADDR(w[2]), ADDR(w[3]), ADDR(w[4]), ADDR(w[5]), ADDR(w[6]),
+                                     (float)s, ADDR(w[7]), w[8], w[9]);
+            else latent_back_f64(ADDR(w[2]), ADDR(w[3]), ADDR(w[4]), ADDR(w[5]), ADDR(w[6]), s,
+                                 ADDR(w[7]), w[8], w[9]);
+            break;
+        case PR_COPY_T:               /* dst (rows, cols) <- src (cols, rows) transposed */
+            if (f32) copy_t_f32(ADDR(w[2]), ADDR(w[3]), w[4], w[5]);
+            else copy_t_f64(ADDR(w[2]), ADDR(w[3]), w[4], w[5]);
+            break;
+        case PR_LOSS:                 /* loss, recon, kl, n: loss = recon + beta kl */
+            if (f32) loss_f32(ADDR(w[2]), ADDR(w[3]), ADDR(w[4]), (float)beta, w[5]);
+            else loss_f64(ADDR(w[2]), ADDR(w[3]), ADDR(w[4]), beta, w[5]);
+            break;
+        }
+    }
+#undef ADDR
+}
+
+/* plan_blas(sgemm, dgemm, ilp64): the addresses of NumPy's own cblas_sgemm and cblas_dgemm
+ * (minivae/engine/blas.py), and whether their integers are 64-bit. */
+static PyObject *plan_blas(PyObject *self, PyObject *args)
+{
+    unsigned long long sg, dg;
+    int ilp64;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKp:plan_blas", &sg, &dg, &ilp64)) return NULL;
+    if (sg == 0 || dg == 0) return PyErr_Format(PyExc_ValueError, "no gemm function");
+    gemm_fns[0] = (void *)(Py_intptr_t)sg;
+    gemm_fns[1] = (void *)(Py_intptr_t)dg;
+    gemm_ilp64 = ilp64;
+    Py_RETURN_NONE;
+}
+
+/* run_plan(program, sizes, x, eps, kl, recon, loss, inv_n, s, beta, parts): the program (an
+ * (n, PROG_WORDS) int64 array) on the step's arrays, whose lengths and dtype are checked
+ * against sizes (int64: itemsize, then the numbers of x, eps, kl, recon and loss; eps, kl and
+ * loss may be None where sizes says 0) before anything runs. */
+static PyObject *run_plan(PyObject *self, PyObject *args)
+{
+    static const char *names[N_SLOTS] = {"x", "eps", "kl", "recon", "loss"};
+    PyObject *prog_obj, *sizes_obj, *objs[N_SLOTS];
+    double inv_n, s, beta;
+    int parts;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOOOOOOdddi:run_plan", &prog_obj, &sizes_obj, &objs[0],
+                          &objs[1], &objs[2], &objs[3], &objs[4], &inv_n, &s, &beta, &parts))
+        return NULL;
+    if (gemm_fns[0] == NULL) return PyErr_Format(PyExc_RuntimeError, "plan_blas was not called");
+    Py_buffer pv, sv;
+    if (PyObject_GetBuffer(prog_obj, &pv, PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    if (PyObject_GetBuffer(sizes_obj, &sv, PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(&pv);
+        return NULL;
+    }
+    Views vs = {.held = 0, .first_name = "x"};
+    void *slots[N_SLOTS] = {NULL};
+    const long long *sizes = sv.buf;
+    int ok = pv.len % (PROG_WORDS * 8) == 0 && sv.len == 8 * (N_SLOTS + 1);
+    if (!ok) PyErr_Format(PyExc_ValueError, "not a plan program");
+    for (int i = 0; i < N_SLOTS && ok; i++) {
+        if (sizes[1 + i] == 0 && objs[i] == Py_None) continue;
+        ok = (slots[i] = acquire_n(&vs, objs[i], names[i], i >= SLOT_KL, sizes[1 + i])) != NULL;
+        if (ok && vs.views[vs.held - 1].itemsize != sizes[0]) {
+            PyErr_Format(PyExc_TypeError, "%s has the wrong dtype for this plan", names[i]);
+            ok = 0;
+        }
+    }
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        program_run(pv.buf, pv.len / (PROG_WORDS * 8), slots, inv_n, s, beta,
+                    parts < 1 ? 1 : parts);
+        Py_END_ALLOW_THREADS
+    }
+    release_all(&vs);
+    PyBuffer_Release(&sv);
+    PyBuffer_Release(&pv);
+    if (!ok) return NULL;
     Py_RETURN_NONE;
 }
 
@@ -1442,6 +1725,9 @@ static PyMethodDef methods[] = {
      "adam(gs, p, m, v, b1, c1, b2, c2, step, eps, decay[, threads]): gs[0] <- sum(gs); then\n"
      "m <- b1 m + c1 g;  v <- b2 v + c2 g^2;  p <- decay p - step m / (sqrt(v) + eps),\n"
      "in one pass over equal-length, contiguous float32 or float64 arrays."},
+    {"adam_checked", adam_checked, METH_VARARGS,
+     "adam_checked(g, p, m, v, b1, c1, b2, c2, step, eps, decay[, threads]) -> whether g holds\n"
+     "no NaN or Inf, and then adam([g], ...) applied; nothing written otherwise."},
     {"sgd_momentum", sgd_momentum, METH_VARARGS,
      "sgd_momentum(gs, p, b, mu, lr[, threads]): gs[0] <- sum(gs); b <- mu b + g (0 where\n"
      "below the smallest normal number); p <- p - lr b."},
@@ -1469,6 +1755,11 @@ static PyMethodDef methods[] = {
     {"gaussian_latent_backward", gaussian_latent_backward, METH_VARARGS,
      "gaussian_latent_backward(dz, h, sigma, eps, var, s, dh, B, L): dh = [dz + mu s |\n"
      "dz sigma eps / 2 + (var - 1) s / 2], s = beta / n."},
+    {"plan_blas", plan_blas, METH_VARARGS,
+     "plan_blas(sgemm, dgemm, ilp64): NumPy's cblas_sgemm and cblas_dgemm, for run_plan."},
+    {"run_plan", run_plan, METH_VARARGS,
+     "run_plan(program, sizes, x, eps, kl, recon, loss, inv_n, s, beta, parts): the step\n"
+     "plan's pass in one call (minivae/engine/plan.py)."},
     {"bias_relu", bias_relu, METH_VARARGS,
      "bias_relu(out, b, rows, cols): out[i, j] <- max(out[i, j] + b[j], 0), in place."},
     {"relu_grad_bias", relu_grad_bias, METH_VARARGS,

@@ -90,6 +90,17 @@ def _function(name: str):
     return _fns[name]
 
 
+def gemm_addresses():
+    """(address of cblas_sgemm, of cblas_dgemm, whether their integers are 64-bit) in the
+    OpenBLAS NumPy's matmul calls, for the compiled step plan (engine/plan.py); None where
+    NumPy's BLAS is not an OpenBLAS found here."""
+    sg, dg = _function("sgemm"), _function("dgemm")
+    if sg is None or dg is None:
+        return None
+    return (ctypes.cast(sg, ctypes.c_void_p).value, ctypes.cast(dg, ctypes.c_void_p).value,
+            _int_type(_library()) is ctypes.c_int64)
+
+
 # -- threads -------------------------------------------------------------------------------------
 def pinnable() -> bool:
     """Whether minivae can set the BLAS thread count (NumPy's BLAS is a recent OpenBLAS)."""

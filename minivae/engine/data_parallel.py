@@ -47,6 +47,7 @@ from ..models import LossResult
 from ..optim import Optimizer, check_finite_grad, sum_into_first
 from . import blas, kernels
 from . import threads as _threads
+from .optim import checked_step
 from .registry import pick, threaded
 
 
@@ -156,9 +157,7 @@ class DataParallel:
                     f"applied (parameters, optimizer state and noise stream unchanged); lower the learning "
                     f"rate, or look for extreme inputs")
         if _finite_code(self.model.params.grad, parts=parts) == 0:
-            return ("the gradient holds NaN or Inf at this step (the loss is finite): the "
-                    "update was not applied (parameters, optimizer state and noise stream unchanged); lower "
-                    "the learning rate, or look for extreme inputs or parameters")
+            return _GRAD_NONFINITE
         return None
 
     # -- public steps ---------------------------------------------------------------------------
@@ -246,6 +245,16 @@ class DataParallel:
             self.comm.allreduce_sum(sums)                                  # decides alike)
             loss, mrecon, mkl = sums[0] / B, sums[1] / B, sums[2] / B
         if opt is not None and not fuse:
+            # the gradient check and the update in one compiled pass where the optimizer has
+            # one (engine/optim.py: checked_step); else the check, then the update
+            if self.engine and (parts > 1 or self._threads() == 1) and \
+                    math.isfinite(float(loss)):
+                done = checked_step(opt, parts)
+                if done is False:
+                    raise NonFiniteStep(_GRAD_NONFINITE)
+                if done:
+                    return LossResult(loss=loss, recon=mrecon, kl=mkl, elbo=-(recon + kl),
+                                      grads=m.params.grad)
             why = self._refusal(loss, parts)
             if why:
                 raise NonFiniteStep(why)
@@ -331,6 +340,11 @@ class DataParallel:
         if parts is None:
             return None
         return tuple(m.xp.concat([p[j] for p in parts]) for j in range(3)), stepped[0]
+
+
+_GRAD_NONFINITE = ("the gradient holds NaN or Inf at this step (the loss is finite): the update "
+                   "was not applied (parameters, optimizer state and noise stream unchanged); "
+                   "lower the learning rate, or look for extreme inputs or parameters")
 
 
 class NonFiniteStep(FloatingPointError):

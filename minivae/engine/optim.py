@@ -90,6 +90,28 @@ def adam_update(opt, lo, hi, grads):
     adam_update_numpy(opt, grads, p, m, v, _tmp(opt, lo, hi), step_size, inv_sqrt_bc2)
 
 
+def checked_step(opt, parts: int):
+    """The training step's gradient check and the optimizer's whole update in one compiled
+    call, where it has one (Adam without L2 weight decay, the kernels built): each of ``parts``
+    team threads checks its slice of ``params.grad`` for NaN and Inf, all wait for all, and
+    each then updates the slice it checked, still in its cache (``_kernels.adam_checked``).
+    The same numbers as ``kernels.finite_code`` then :func:`adam_update` over [0, n).
+    -> True: the step was counted and applied; False: the gradient holds NaN or Inf and
+    nothing changed (the step count included); None: no such call here (do both apart)."""
+    if not (type(opt) is Adam and kernels.enabled() and (opt.decoupled or not opt.weight_decay)
+            and type(opt.params.grad) is np.ndarray):
+        return None
+    t = opt.start_step()
+    step_size, inv_sqrt_bc2 = opt.coefficients()
+    decay = 1.0 - opt.lr * opt.weight_decay if opt.weight_decay else 1.0
+    applied = kernels._c.adam_checked(
+        opt.params.grad, opt.params.data, opt.m, opt.v, opt.b1, 1.0 - opt.b1, opt.b2,
+        1.0 - opt.b2, step_size / inv_sqrt_bc2, opt.eps / inv_sqrt_bc2, decay, parts)
+    if not applied:
+        opt.t = t - 1
+    return applied
+
+
 def adam_update_numpy(opt, grads, p, m, v, tmp, step_size, inv_sqrt_bc2):
     """The twin of the compiled kernel: seven passes over memory (one per line) after the
     gradient sum; the naive in-place form takes twelve."""

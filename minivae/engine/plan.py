@@ -28,6 +28,16 @@ runs:
 - nobody else running the same plan right now (two threads on one Params: the second one
   takes the generic pass rather than share buffers).
 
+Where it can, a plan runs its pass as one compiled call (:meth:`Plan.compiled`,
+``_kernels.run_plan``): the same products through the cblas_?gemm that NumPy's matmul calls,
+with the arguments NumPy gives it, and the same kernels, in the same order, on the same arrays,
+so the same numbers to the bit again (``tests/test_plan.py`` runs every case both ways). What
+that saves is the Python between the ~25 calls, which after each product runs with cold caches:
+at batch 128 on the default VAE, 2 cores, the step went from 3.13 to 2.92 ms (interleaved A/B,
+``benchmarks/ab_step_time.py``). :meth:`Plan.run_python`, the calls one by one, is its twin and
+runs wherever a product is not one NumPy would give to gemm as it stands (a layer 1 wide, batch
+1).
+
 A plan is made again when the model it was made for has changed since: another likelihood
 (``model.px = ...``) or other layer objects, or other parameter and gradient buffers.
 
@@ -50,6 +60,8 @@ from ..models import VAE, Autoencoder
 from . import kernels
 
 ENABLED = True              # False: every step takes the generic pass (tests compare the two)
+COMPILED = True             # False: a plan runs its calls from Python (Plan.run), not in one
+                            # compiled call (Plan.compiled); tests compare the two
 MAX_BYTES = 32 * 2**20      # a plan's buffers at most (32 MiB: batch ~2000 on the default VAE)
 MAX_PLANS = 2               # plans kept per Params
 
@@ -163,6 +175,7 @@ class Plan:
         self.structure = _structure(model)
         self.data, self.grad, self.B, self.dtype = P.data, P.grad, B, dtype
         self.lock = threading.Lock()
+        self._program = _UNBUILT      # the compiled pass, or None (Plan.compiled)
         self.enc = [_Layer(P, name, relu, B, dtype) for name, relu in enc]
         self.dec = [_Layer(P, name, relu, B, dtype) for name, relu in dec]
         self.D = self.dec[-1].cols
@@ -237,7 +250,15 @@ class Plan:
         return G
 
     def run(self, model, x, eps, n):
-        """-> (loss_b, recon, kl); the gradient written into the Params' grad buffer."""
+        """-> (loss_b, recon, kl); the gradient written into the Params' grad buffer. In one
+        compiled call where it can (:meth:`compiled`), else the calls below from Python."""
+        program = self.compiled() if COMPILED else None
+        if program is not None:
+            return self._run_compiled(program, model, x, eps, n, kernels.current_parts())
+        return self.run_python(model, x, eps, n)
+
+    def run_python(self, model, x, eps, n):
+        """The pass, call by call: the reference for :meth:`compiled`."""
         B, c = self.B, kernels._c
         if self.vae:                  # eps and beta / n were checked by forward_backward
             L, s = self.L, model.beta / n
@@ -268,3 +289,178 @@ class Plan:
             d = self.dh
         self._backward(self.enc, enc_in, d, parts, False)
         return loss_b, recon, kl
+
+    # -- the same pass as one compiled call ------------------------------------------------
+    def compiled(self):
+        """The pass of :meth:`run_python` as a program for ``_kernels.run_plan``: the same
+        products, through the cblas_?gemm NumPy's matmul calls, with the arguments NumPy
+        gives it, and the same kernels, in the same order, on the same arrays (the number of
+        team threads is given at each call, as run_python reads it). Made once; None where a
+        product is not one NumPy sends to gemm as it stands (a dimension of 1 or 0, an
+        operand it would copy first, or A @ A.T) or NumPy's OpenBLAS is not found:
+        run_python then runs. -> (program, sizes) or None."""
+        if self._program is _UNBUILT:
+            program = None
+            if _gemm_ready():
+                try:
+                    program = self._build()
+                except _NotGemm:
+                    program = None
+            self._program = program
+        return self._program
+
+    def _build(self):
+        ops, B, dtype, vae = [], self.B, self.dtype, self.vae
+        f32 = int(np.dtype(dtype) == np.float32)
+        X = _Slot(0, (B, self.D), dtype)
+
+        def op(code, *words):
+            row = [code, f32, *words]
+            ops.append(row + [0] * (_WORDS - len(row)))
+
+        def forward(layers, a, last_bias=True):
+            inputs = []
+            for k, layer in enumerate(layers):
+                inputs.append(a)
+                ops.append(_gemm(f32, a, layer.W, layer.out))
+                if layer.relu:
+                    op(_PR["bias_relu"], _addr(layer.out), _addr(layer.b), layer.rows,
+                       layer.cols)
+                elif last_bias or k < len(layers) - 1:
+                    op(_PR["bias_add"], _addr(layer.out), _addr(layer.b), layer.rows,
+                       layer.cols)
+                a = layer.out
+            return inputs
+
+        def backward(layers, inputs, G, need_dx, last_bias_done=False):
+            for k in range(len(layers) - 1, -1, -1):
+                layer = layers[k]
+                if layer.relu:
+                    op(_PR["relu_grad_bias"], _addr(G), _addr(layer.out), _addr(G),
+                       _addr(layer.gb), layer.rows, layer.cols)
+                elif not (last_bias_done and k == len(layers) - 1):
+                    op(_PR["col_sum"], _addr(G), _addr(layer.gb), layer.rows, layer.cols)
+                ops.append(_gemm(f32, _transpose(inputs[k]), G, layer.gW))
+                if k == 0 and not need_dx:
+                    return None
+                if layer.dxT is not None:
+                    ops.append(_gemm(f32, layer.W, G.T, layer.dxT))
+                    op(_PR["copy_t"], _addr(layer.dx), _addr(layer.dxT), B, layer.W.shape[0])
+                else:
+                    ops.append(_gemm(f32, G, layer.W.T, layer.dx))
+                G = layer.dx
+            return G
+
+        enc_in = forward(self.enc, X)
+        h = self.enc[-1].out
+        if vae:
+            L = self.L
+            self._row = np.empty(L, dtype=dtype)      # the KL's row sum's scratch
+            op(_PR["latent"], _addr(h), _slot(1), _addr(self.z), _addr(self.sigma),
+               _addr(self.var), _slot(2), _addr(self._row), B, L)
+        dec_in = forward(self.dec, self.dec_in, last_bias=False)
+        last = self.dec[-1]
+        op(_PR["nll_rows"], _addr(last.out), _addr(last.b), _slot(0), _addr(self.e),
+           _addr(self.t), _slot(3), B, self.D)
+        if vae:
+            op(_PR["loss"], _slot(4), _slot(3), _slot(2), B)
+        op(_PR["nll_grad_db"], _addr(last.out), _slot(0), _addr(self.e), _addr(self.dl),
+           _addr(last.gb), B, self.D)
+        d = backward(self.dec, dec_in, self.dl, True, last_bias_done=True)
+        if vae:
+            op(_PR["latent_back"], _addr(d), _addr(h), _addr(self.sigma), _slot(1),
+               _addr(self.var), _addr(self.dh), B, L)
+            d = self.dh
+        backward(self.enc, enc_in, d, False)
+        itemsize = np.dtype(dtype).itemsize
+        sizes = np.array([itemsize, B * self.D, B * self.L if vae else 0, B if vae else 0, B,
+                          B if vae else 0], dtype=np.int64)
+        return np.array(ops, dtype=np.int64), sizes
+
+    def _run_compiled(self, program, model, x, eps, n, parts):
+        prog, sizes = program
+        B, dtype = self.B, self.dtype
+        recon = np.empty(B, dtype=dtype)
+        if self.vae:
+            kl, loss_b = np.empty(B, dtype=dtype), np.empty(B, dtype=dtype)
+            kernels._c.run_plan(prog, sizes, x.reshape(-1), eps.reshape(-1), kl, recon, loss_b,
+                                1.0 / n, model.beta / n, model.beta, parts)
+            return loss_b, recon, kl
+        kernels._c.run_plan(prog, sizes, x.reshape(-1), None, None, recon, None, 1.0 / n, 0.0,
+                            0.0, parts)
+        return recon, recon, np.zeros_like(recon)
+
+
+# -- the compiled program's words (engine/_kernels.c: run_plan) -----------------------------------
+_WORDS = 16
+_PR = dict(gemm=1, bias_relu=2, bias_add=3, col_sum=4, relu_grad_bias=5, nll_rows=6,
+           nll_grad_db=7, latent=8, latent_back=9, copy_t=10, loss=11)
+_NO_TRANS, _TRANS = 111, 112          # CBLAS_TRANSPOSE
+_gemm_state = [None]                  # None: not tried; then whether run_plan can call gemm
+_UNBUILT = object()                   # a plan's program before Plan.compiled first runs
+
+
+class _NotGemm(Exception):
+    """A product that NumPy's matmul would not send to gemm as it stands."""
+
+
+class _Slot:
+    """One of the step's own arrays, in the program: its slot, and its shape and strides."""
+
+    def __init__(self, slot, shape, dtype, strides=None):
+        self.slot, self.shape, self.dtype = slot, shape, np.dtype(dtype)
+        self.strides = strides or (shape[1] * self.dtype.itemsize, self.dtype.itemsize)
+
+    @property
+    def T(self):
+        return _Slot(self.slot, self.shape[::-1], self.dtype, self.strides[::-1])
+
+
+def _transpose(a):
+    return a.T
+
+
+def _addr(a) -> int:
+    return int(a.ctypes.data)
+
+
+def _slot(i: int) -> int:
+    return -1 - i
+
+
+def _operand(a, sz):
+    """(address word, CBLAS transpose, leading dimension) of a matmul operand as NumPy's
+    matmul gives it to gemm (numpy/_core/src/umath/matmul.c.src: is_blasable2d)."""
+    (m, n), (s_m, s_n) = a.shape, a.strides
+    word = _slot(a.slot) if type(a) is _Slot else _addr(a)
+    if s_n == sz and s_m % sz == 0 and s_m // sz >= n:
+        return word, _NO_TRANS, s_m // sz
+    if s_m == sz and s_n % sz == 0 and s_n // sz >= m:
+        return word, _TRANS, s_n // sz
+    raise _NotGemm
+
+
+def _gemm(f32, a, b, out):
+    """The words of out = a @ b as one cblas gemm call, as NumPy's matmul makes it."""
+    sz = out.dtype.itemsize
+    (m, n), p = a.shape, b.shape[1]
+    if min(m, n, p) < 2:                          # NumPy: gemv, a dot, or no BLAS at all
+        raise _NotGemm
+    wa, ta, lda = _operand(a, sz)
+    wb, tb, ldb = _operand(b, sz)
+    if wa == wb:                                  # NumPy's A @ A.T goes to syrk
+        raise _NotGemm
+    if out.strides != (p * sz, sz):
+        raise _NotGemm
+    return [_PR["gemm"], f32, ta, tb, m, p, n, wa, lda, wb, ldb, _addr(out), p] + [0] * 3
+
+
+def _gemm_ready() -> bool:
+    """Whether run_plan has NumPy's gemm (handed to it once per process)."""
+    if _gemm_state[0] is None:
+        from . import blas
+        found = blas.gemm_addresses()
+        if found is not None and hasattr(kernels._c, "plan_blas"):
+            kernels._c.plan_blas(*found)
+        _gemm_state[0] = found is not None and hasattr(kernels._c, "plan_blas")
+    return _gemm_state[0]

@@ -1643,6 +1643,9 @@ static PyObject *run_plan(PyObject *self, PyObject *args)
                           &objs[1], &objs[2], &objs[3], &objs[4], &inv_n, &s, &beta, &parts))
         return NULL;
     if (gemm_fns[0] == NULL) return PyErr_Format(PyExc_RuntimeError, "plan_blas was not called");
+    if (!np_loops_found)
+        return PyErr_Format(PyExc_RuntimeError, "NumPy's exp, log1p and add loops were not found "
+                            "(numpy_loops)");
     Py_buffer pv, sv;
     if (PyObject_GetBuffer(prog_obj, &pv, PyBUF_C_CONTIGUOUS) < 0) return NULL;
     if (PyObject_GetBuffer(sizes_obj, &sv, PyBUF_C_CONTIGUOUS) < 0) {

@@ -59,6 +59,20 @@ def check_finite_grad(params) -> None:
                              f"taken, the parameters and the optimizer's state are unchanged")
 
 
+def check_writable(opt) -> None:
+    """Raise ValueError, before anything is counted or written, when a buffer the step writes
+    (the parameters, their gradient, the optimizer's own state) is read-only (a NumPy array
+    with ``flags.writeable`` False): the update would otherwise fail half-way, with its step
+    already counted."""
+    bufs = [("the parameters (params.data)", opt.params.data),
+            ("the gradient (params.grad)", opt.params.grad)]
+    bufs += [(f"the optimizer's {n}", getattr(opt, n)) for n in opt.state_names]
+    ro = [what for what, a in bufs if not getattr(getattr(a, "flags", None), "writeable", True)]
+    if ro:
+        raise ValueError(f"{', '.join(ro)} {'is' if len(ro) == 1 else 'are'} read-only "
+                         f"(flags.writeable is False): no step taken, nothing changed")
+
+
 class Optimizer(Picklable, ABC):
     """Base: binds to ``params`` (a model's Params: ``data`` (n,), ``grad`` (n,)).
 
@@ -90,8 +104,10 @@ class Optimizer(Picklable, ABC):
 
         Raises FloatingPointError, changing nothing (parameters, optimizer state, step count),
         when the gradient holds a NaN or an infinity: the update would write it into the
-        parameters (and into Adam's moments, for good). The message names the tensors."""
+        parameters (and into Adam's moments, for good). The message names the tensors.
+        Raises ValueError, also changing nothing, when a buffer it writes is read-only."""
         check_finite_grad(self.params)
+        check_writable(self)
         self.start_step()
         self.update(0, self.params.data.shape[0], (self.params.grad,))
 

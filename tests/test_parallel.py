@@ -639,6 +639,33 @@ def test_opt_step_refuses_a_nan_or_inf_gradient_and_names_the_tensor(make, bad):
     _same_state(before, _state(m, opt))
 
 
+@pytest.mark.parametrize("make", [lambda P: minivae.Adam(P),
+                                  lambda P: minivae.SGD(P, lr=0.1, momentum=0.9)])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("which", ["data", "grad", "state"])
+def test_a_read_only_buffer_is_refused_before_the_step_changes_anything(make, threads, which):
+    """A buffer the step writes made read-only (found by a helper's attack): before, the update
+    failed half-way with its step already counted and the noise stream moved on. Now train_step
+    and opt.step() refuse at once with one line, and nothing has changed."""
+    parallel.set_num_threads(threads)
+    m = VAE(40, (16,), 3, seed=0)
+    opt = make(m.params)
+    x = (np.random.default_rng(0).random((9, 40)) < 0.3).astype(np.float32)
+    minivae.train_step(m, opt, x)
+    before, noise = _state(m, opt), m.rng.snapshot()
+    buf = {"data": m.params.data, "grad": m.params.grad,
+           "state": getattr(opt, opt.state_names[0])}[which]
+    buf.flags.writeable = False
+    for step in (lambda: minivae.train_step(m, opt, x), opt.step):
+        with pytest.raises(ValueError, match="read-only .*no step taken, nothing changed"):
+            step()
+        _same_state(before, _state(m, opt))
+        assert m.rng.snapshot() == noise
+    buf.flags.writeable = True
+    minivae.train_step(m, opt, x)
+    assert opt.t == before[1] + 1
+
+
 @pytest.mark.parametrize("threads, batch", [(1, 64), (2, 64), (2, 2 * parallel.MIN_ROWS)])
 def test_a_step_whose_loss_is_nan_updates_nothing(threads, batch):
     """train_step with a NaN in one row of the last row block (check=False lets it in): the

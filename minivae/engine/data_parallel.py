@@ -44,7 +44,7 @@ from functools import partial
 import numpy as np
 
 from ..models import LossResult
-from ..optim import Optimizer, check_finite_grad, sum_into_first
+from ..optim import Optimizer, check_finite_grad, check_writable, sum_into_first
 from . import blas, kernels
 from . import threads as _threads
 from .optim import checked_step
@@ -171,6 +171,7 @@ class DataParallel:
                             f"{type(opt).__name__}")
         if opt.params is not self.model.params:
             raise ValueError("the optimizer was built for another model's parameters")
+        check_writable(opt)             # before any noise is drawn or step counted
 
     def train_step(self, opt, x, eps=None, check=True) -> LossResult:
         """loss_and_grads, then one optimizer step, in one parallel section. Raises

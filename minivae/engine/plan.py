@@ -253,7 +253,8 @@ class Plan:
         """-> (loss_b, recon, kl); the gradient written into the Params' grad buffer. In one
         compiled call where it can (:meth:`compiled`), else the calls below from Python."""
         program = self.compiled() if COMPILED else None
-        if program is not None:
+        if program is not None and x.flags.aligned:   # NumPy's matmul copies an unaligned
+            # operand before it calls gemm (and x.T then goes to gemm untransposed): run_python
             return self._run_compiled(program, model, x, eps, n, kernels.current_parts())
         return self.run_python(model, x, eps, n)
 

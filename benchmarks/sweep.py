@@ -121,7 +121,7 @@ def plot(points, path, info):
     import matplotlib.pyplot as plt
 
     hs = sorted({p["hidden"] for p in points})
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.6))
     for i, h in enumerate(hs):
         pts = sorted((p for p in points if p["hidden"] == h), key=lambda p: p["batch"])
         b = [p["batch"] for p in pts]
@@ -148,7 +148,8 @@ def plot(points, path, info):
     a2.axhline(1.0, color="k", lw=0.8)
     a2.set_ylabel("minivae time / peer's time")
     a2.set_yscale("log")
-    a2.legend(fontsize=6, ncol=2)
+    a2.legend(fontsize=6, ncol=1, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside:
+    # inside, it hid the floor's curves
     fig.suptitle(f"784-H-20 VAE step, float32 — {info['cpu']}, {info['cores']} cores, "
                  f"numpy {info['numpy']} ({info['numpy_blas'].get('name')}), torch {info.get('torch')}",
                  fontsize=9)

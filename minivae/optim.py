@@ -59,18 +59,49 @@ def check_finite_grad(params) -> None:
                              f"taken, the parameters and the optimizer's state are unchanged")
 
 
-def check_writable(opt) -> None:
-    """Raise ValueError, before anything is counted or written, when a buffer the step writes
-    (the parameters, their gradient, the optimizer's own state) is read-only (a NumPy array
-    with ``flags.writeable`` False): the update would otherwise fail half-way, with its step
-    already counted."""
-    bufs = [("the parameters (params.data)", opt.params.data),
-            ("the gradient (params.grad)", opt.params.grad)]
-    bufs += [(f"the optimizer's {n}", getattr(opt, n)) for n in opt.state_names]
-    ro = [what for what, a in bufs if not getattr(getattr(a, "flags", None), "writeable", True)]
-    if ro:
-        raise ValueError(f"{', '.join(ro)} {'is' if len(ro) == 1 else 'are'} read-only "
-                         f"(flags.writeable is False): no step taken, nothing changed")
+def _read_only(a) -> bool:
+    """A NumPy array with flags.writeable False (CuPy's flags have no writeable: never)."""
+    try:
+        return not a.flags.writeable
+    except AttributeError:
+        return False
+
+
+def read_only_buffers(P, data: bool = True, grad: bool = True) -> list:
+    """What of a Params' flat buffers and per-tensor views (data and/or grad) is read-only,
+    in words."""
+    bufs = ([("the parameters (params.data)", P.data, P.views)] if data else []) + \
+        ([("the gradient (params.grad)", P.grad, P.grad_views)] if grad else [])
+    bad = []
+    for what, flat, views in bufs:
+        if _read_only(flat):
+            bad.append(f"{what} is read-only")
+        bad += [f"{what[:-1]}: {n}) is read-only" for n, v in views.items() if _read_only(v)]
+    return bad
+
+
+def check_buffers(opt, grad: bool = True) -> None:
+    """Raise ValueError, before anything is counted or written, when the step could not write
+    what it must: the parameters (``params.data`` and its per-tensor ``views``), with
+    ``grad=True`` the gradient (``params.grad`` and its ``grad_views``, which a training step's
+    pass writes), or one of the optimizer's own buffers (``state_names``), is read-only (a
+    NumPy array with ``flags.writeable`` False); or such a buffer has been replaced by one of
+    another shape, dtype or layout than the parameters'. Otherwise the update would fail
+    half-way, with its step already counted. One line naming every such buffer."""
+    P = opt.params
+    bad = read_only_buffers(P, data=True, grad=grad)
+    for n in opt.state_names:
+        a = getattr(opt, n, None)
+        if _read_only(a):
+            bad.append(f"the optimizer's {n} is read-only")
+        elif not (type(a) is type(P.data) and a.shape == P.data.shape and
+                  a.dtype == P.data.dtype and             # (array-api-strict has no flags)
+                  getattr(getattr(a, "flags", None), "c_contiguous", True)):
+            bad.append(f"the optimizer's {n} is not a contiguous {P.data.dtype} array of shape "
+                       f"{tuple(P.data.shape)} (got {type(a).__name__} "
+                       f"{getattr(a, 'dtype', '')} {tuple(getattr(a, 'shape', ()))})")
+    if bad:
+        raise ValueError(f"{'; '.join(bad)}: no step taken, nothing changed")
 
 
 class Optimizer(Picklable, ABC):
@@ -105,9 +136,10 @@ class Optimizer(Picklable, ABC):
         Raises FloatingPointError, changing nothing (parameters, optimizer state, step count),
         when the gradient holds a NaN or an infinity: the update would write it into the
         parameters (and into Adam's moments, for good). The message names the tensors.
-        Raises ValueError, also changing nothing, when a buffer it writes is read-only."""
+        Raises ValueError, also changing nothing, when a buffer it writes is read-only, or a
+        state buffer is not one it can write (:func:`check_buffers`)."""
         check_finite_grad(self.params)
-        check_writable(self)
+        check_buffers(self, grad=False)
         self.start_step()
         self.update(0, self.params.data.shape[0], (self.params.grad,))
 

@@ -642,26 +642,50 @@ def test_opt_step_refuses_a_nan_or_inf_gradient_and_names_the_tensor(make, bad):
 @pytest.mark.parametrize("make", [lambda P: minivae.Adam(P),
                                   lambda P: minivae.SGD(P, lr=0.1, momentum=0.9)])
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("which", ["data", "grad", "state"])
+@pytest.mark.parametrize("which", ["data", "grad", "state", "a grad view", "a data view",
+                                   "state strided", "state float64"])
 def test_a_read_only_buffer_is_refused_before_the_step_changes_anything(make, threads, which):
-    """A buffer the step writes made read-only (found by a helper's attack): before, the update
-    failed half-way with its step already counted and the noise stream moved on. Now train_step
-    and opt.step() refuse at once with one line, and nothing has changed."""
+    """A buffer the step writes made read-only, or an optimizer buffer replaced by one it cannot
+    write (found by two helpers' attacks): before, the update failed half-way with its step
+    already counted and the noise stream moved on, and the compiled plan wrote through a
+    read-only view of the gradient. Now train_step and DataParallel's steps refuse at once with
+    one line, and nothing has changed; so does opt.step() where it would write the buffer."""
     parallel.set_num_threads(threads)
     m = VAE(40, (16,), 3, seed=0)
     opt = make(m.params)
     x = (np.random.default_rng(0).random((9, 40)) < 0.3).astype(np.float32)
     minivae.train_step(m, opt, x)
     before, noise = _state(m, opt), m.rng.snapshot()
-    buf = {"data": m.params.data, "grad": m.params.grad,
-           "state": getattr(opt, opt.state_names[0])}[which]
-    buf.flags.writeable = False
-    for step in (lambda: minivae.train_step(m, opt, x), opt.step):
-        with pytest.raises(ValueError, match="read-only .*no step taken, nothing changed"):
+    name = opt.state_names[0]
+    state = getattr(opt, name)
+    if which.startswith("state "):
+        setattr(opt, name, np.repeat(state, 2)[::2] if which == "state strided"
+                else state.astype(np.float64))
+        buf, match = None, f"optimizer's {name} is not a contiguous float32 array"
+    else:
+        buf = {"data": m.params.data, "grad": m.params.grad, "state": state,
+               "a grad view": m.params.grad_views["enc.0.W"],
+               "a data view": m.params.views["dec.0.b"]}[which]
+        buf.flags.writeable = False
+        match = "read-only"
+    dp = DataParallel(m)
+    steps = [lambda: minivae.train_step(m, opt, x), lambda: dp.train_step(opt, x),
+             lambda: dp.optimizer_step(opt)]
+    if "grad" not in which:                    # opt.step() reads the gradient only
+        steps.append(opt.step)
+    for step in steps:
+        with pytest.raises(ValueError, match=f"{match}.*: no step taken, nothing changed$"):
             step()
-        _same_state(before, _state(m, opt))
+        _same_state(before[:1] + before[1:2], _state(m, opt)[:2])
         assert m.rng.snapshot() == noise
-    buf.flags.writeable = True
+    if "grad" in which:
+        with pytest.raises(ValueError, match="read-only.*: nothing computed$"):
+            dp.loss_and_grads(x)
+        assert m.rng.snapshot() == noise
+    if buf is not None:
+        buf.flags.writeable = True
+    setattr(opt, name, state)
+    _same_state(before, _state(m, opt))
     minivae.train_step(m, opt, x)
     assert opt.t == before[1] + 1
 

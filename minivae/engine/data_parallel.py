@@ -44,7 +44,7 @@ from functools import partial
 import numpy as np
 
 from ..models import LossResult
-from ..optim import Optimizer, check_finite_grad, check_writable, sum_into_first
+from ..optim import Optimizer, check_buffers, check_finite_grad, read_only_buffers, sum_into_first
 from . import blas, kernels
 from . import threads as _threads
 from .optim import checked_step
@@ -171,7 +171,7 @@ class DataParallel:
                             f"{type(opt).__name__}")
         if opt.params is not self.model.params:
             raise ValueError("the optimizer was built for another model's parameters")
-        check_writable(opt)             # before any noise is drawn or step counted
+        check_buffers(opt)              # before any noise is drawn or step counted
 
     def train_step(self, opt, x, eps=None, check=True) -> LossResult:
         """loss_and_grads, then one optimizer step, in one parallel section. Raises
@@ -191,6 +191,10 @@ class DataParallel:
     # -- the step -------------------------------------------------------------------------------
     def _step(self, x, eps, check, opt):
         m = self.model
+        if opt is None and (bad := read_only_buffers(m.params, data=False)):
+            # (with an optimizer, _check_opt has checked its buffers and these): the pass
+            # writes the gradient, some of it through raw pointers that no flag stops
+            raise ValueError(f"{'; '.join(bad)}: nothing computed")
         if check:
             m.check_input(x)
         B = x.shape[0]

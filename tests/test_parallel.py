@@ -169,6 +169,24 @@ def test_the_checked_update_is_the_check_then_the_update_to_the_bit(monkeypatch,
         np.testing.assert_array_equal(getattr(a_o, name), getattr(b_o, name))
 
 
+def test_the_checked_update_refused_by_its_arguments_does_not_count_the_step():
+    """checked_step behind the buffer check (an optimizer buffer made read-only after it): the
+    compiled call refuses it before writing anything, and the step is not counted."""
+    from minivae.engine import kernels
+    from minivae.engine.optim import checked_step
+    if not kernels.enabled():
+        pytest.skip("the checked update needs the compiled kernels")
+    m = VAE(40, (16,), 3, seed=0)
+    opt = Adam(m.params)
+    m.params.grad[:] = 0.5
+    assert checked_step(opt, 2) is True and opt.t == 1
+    before = _state(m, opt)
+    opt.m.flags.writeable = False
+    with pytest.raises((ValueError, BufferError)):
+        checked_step(opt, 2)
+    _same_state(before, _state(m, opt))
+
+
 @needs_pinnable_blas
 def test_train_step_reports_a_worker_error_and_takes_no_step(monkeypatch, rng):
     _small_rows(monkeypatch)

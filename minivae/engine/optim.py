@@ -104,14 +104,15 @@ def checked_step(opt, parts: int):
     t = opt.start_step()
     step_size, inv_sqrt_bc2 = opt.coefficients()
     decay = 1.0 - opt.lr * opt.weight_decay if opt.weight_decay else 1.0
-    applied = False
-    try:                              # an argument refused raises before anything is written
+    try:
         applied = kernels._c.adam_checked(
             opt.params.grad, opt.params.data, opt.m, opt.v, opt.b1, 1.0 - opt.b1, opt.b2,
             1.0 - opt.b2, step_size / inv_sqrt_bc2, opt.eps / inv_sqrt_bc2, decay, parts)
-    finally:
-        if not applied:
-            opt.t = t - 1
+    except (TypeError, ValueError, BufferError):    # an argument refused: nothing written
+        opt.t = t - 1                 # (not on a KeyboardInterrupt, which can arrive just
+        raise                         # after the update was applied)
+    if not applied:
+        opt.t = t - 1
     return applied
 
 

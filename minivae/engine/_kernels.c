@@ -885,19 +885,19 @@ static void *acquire(Views *vs, PyObject *obj, const char *what, int writable)
 }
 
 /* The optimizers' shared tail: acquire the gradients gs_obj (1 to MAX_GRADS arrays) and the
- * nbufs state buffers bufs (p first; all writable, of one length and dtype) into job, run it on
- * `threads` parts of the team, release. -> None, or NULL with an exception set before
- * anything is written. */
-static PyObject *run_optimizer(AdamJob *job, PyObject *gs_obj, PyObject **bufs,
-                               const char **names, int nbufs, int threads)
+ * nbufs state buffers bufs (p first; all writable, of one length and dtype) into job, run
+ * fn(arg) (arg holds job; adam_part(job) for a plain update) on `threads` parts of the team,
+ * release. -> 0, or -1 with an exception set before anything is written. */
+static int run_optimizer(AdamJob *job, PyObject *gs_obj, PyObject **bufs,
+                         const char **names, int nbufs, int threads, team_fn fn, void *arg)
 {
     PyObject *gs_seq = PySequence_Fast(gs_obj, "gs must be a sequence of gradient arrays");
-    if (gs_seq == NULL) return NULL;
+    if (gs_seq == NULL) return -1;
     Py_ssize_t k = PySequence_Fast_GET_SIZE(gs_seq);
     if (k < 1 || k > MAX_GRADS) {
         Py_DECREF(gs_seq);
-        return PyErr_Format(PyExc_ValueError, "gs holds %zd arrays; 1 to %d allowed", k,
-                            MAX_GRADS);
+        PyErr_Format(PyExc_ValueError, "gs holds %zd arrays; 1 to %d allowed", k, MAX_GRADS);
+        return -1;
     }
     Views vs = {.held = 0, .first_name = "the gradient"};
     void *gs[MAX_GRADS], *state[3] = {NULL, NULL, NULL};
@@ -909,7 +909,7 @@ static PyObject *run_optimizer(AdamJob *job, PyObject *gs_obj, PyObject **bufs,
     Py_DECREF(gs_seq);
     if (!ok) {
         release_all(&vs);
-        return NULL;
+        return -1;
     }
     Py_ssize_t itemsize = vs.views[0].itemsize;
     job->gs = gs;
@@ -921,10 +921,10 @@ static PyObject *run_optimizer(AdamJob *job, PyObject *gs_obj, PyObject **bufs,
     job->n = vs.views[0].len / itemsize;
     if (job->n < (Py_ssize_t)threads * MIN_PART) threads = (int)(job->n / MIN_PART);
     Py_BEGIN_ALLOW_THREADS
-    team_run(adam_part, job, threads);
+    team_run(fn, arg, threads);
     Py_END_ALLOW_THREADS
     release_all(&vs);
-    Py_RETURN_NONE;
+    return 0;
 }
 
 /* finite_code(a[, threads[, headroom]]) -> 0 if a number of the contiguous float32/float64
@@ -1067,35 +1067,12 @@ static PyObject *adam_checked(PyObject *self, PyObject *args)
                           &bufs[2], &job.adam.b1, &job.adam.c1, &job.adam.b2, &job.adam.c2,
                           &job.adam.step, &job.adam.eps, &job.adam.decay, &threads))
         return NULL;
-    Views vs = {.held = 0, .first_name = "the gradient"};
-    void *g, *state[3];
-    if ((g = acquire(&vs, g_obj, "the gradient", 0)) == NULL) {
-        release_all(&vs);
-        return NULL;
-    }
-    for (int i = 0; i < 3; i++) {
-        if ((state[i] = acquire(&vs, bufs[i], names[i], 1)) == NULL) {
-            release_all(&vs);
-            return NULL;
-        }
-    }
-    void *gs[1] = {g};
-    Py_ssize_t itemsize = vs.views[0].itemsize;
-    job.adam.gs = gs;
-    job.adam.k = 1;
-    job.adam.f32 = itemsize == 4;
-    job.adam.p = state[0];
-    job.adam.m = state[1];
-    job.adam.v = state[2];
-    job.adam.n = vs.views[0].len / itemsize;
-    if (threads > MAX_TEAM + 1) threads = MAX_TEAM + 1;
-    if (job.adam.n < (Py_ssize_t)threads * MIN_PART) threads = (int)(job.adam.n / MIN_PART);
-    if (threads < 1) threads = 1;
+    PyObject *gs = PyTuple_Pack(1, g_obj);     /* one gradient: the check reads gs[0] */
+    if (gs == NULL) return NULL;
     for (int i = 0; i <= MAX_TEAM; i++) job.bad[i] = 0;
-    Py_BEGIN_ALLOW_THREADS
-    team_run(adam_checked_part, &job, threads);
-    Py_END_ALLOW_THREADS
-    release_all(&vs);
+    int status = run_optimizer(&job.adam, gs, bufs, names, 3, threads, adam_checked_part, &job);
+    Py_DECREF(gs);
+    if (status < 0) return NULL;
     int bad = 0;
     for (int i = 0; i <= MAX_TEAM; i++) bad |= job.bad[i];
     return PyBool_FromLong(!bad);
@@ -1112,7 +1089,8 @@ static PyObject *adam(PyObject *self, PyObject *args)
                           &job.b1, &job.c1, &job.b2, &job.c2, &job.step, &job.eps, &job.decay,
                           &threads))
         return NULL;
-    return run_optimizer(&job, gs_obj, bufs, names, 3, threads);
+    if (run_optimizer(&job, gs_obj, bufs, names, 3, threads, adam_part, &job) < 0) return NULL;
+    Py_RETURN_NONE;
 }
 
 static PyObject *sgd_momentum(PyObject *self, PyObject *args)
@@ -1125,7 +1103,8 @@ static PyObject *sgd_momentum(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "OOOdd|i:sgd_momentum", &gs_obj, &bufs[0], &bufs[1], &job.b1,
                           &job.step, &threads))
         return NULL;
-    return run_optimizer(&job, gs_obj, bufs, names, 2, threads);
+    if (run_optimizer(&job, gs_obj, bufs, names, 2, threads, adam_part, &job) < 0) return NULL;
+    Py_RETURN_NONE;
 }
 
 /* Acquire the n buffers objs[i] (named names[i], writable where writable[i]) into vs and

@@ -252,21 +252,18 @@ class DataParallel:
         if opt is not None and not fuse:
             # the gradient check and the update in one compiled pass where the optimizer has
             # one (engine/optim.py: checked_step); else the check, then the update
-            if self.engine and (parts > 1 or self._threads() == 1) and \
-                    math.isfinite(float(loss)):
-                done = checked_step(opt, parts)
-                if done is False:
-                    raise NonFiniteStep(_GRAD_NONFINITE)
-                if done:
-                    return LossResult(loss=loss, recon=mrecon, kl=mkl, elbo=-(recon + kl),
-                                      grads=m.params.grad)
-            why = self._refusal(loss, parts)
-            if why:
-                raise NonFiniteStep(why)
-            # after a pass on BLAS threads the update runs from this thread, its compiled
-            # kernel split over the team that ran the products' jobs (blas.team_backend)
-            with kernels.parts(parts):
-                optimizer_step(opt, split=blas_k == 1)
+            done = checked_step(opt, parts) if self.engine and (
+                parts > 1 or self._threads() == 1) and math.isfinite(float(loss)) else None
+            if done is False:
+                raise NonFiniteStep(_GRAD_NONFINITE)
+            if done is None:
+                why = self._refusal(loss, parts)
+                if why:
+                    raise NonFiniteStep(why)
+                # after a pass on BLAS threads the update runs from this thread, its compiled
+                # kernel split over the team that ran the products' jobs (blas.team_backend)
+                with kernels.parts(parts):
+                    optimizer_step(opt, split=blas_k == 1)
         elif fuse and not stepped:          # the row blocks' barrier refused the step
             raise NonFiniteStep(self._refusal(loss, 1)      # params.grad holds the sum
                                 or "a row block's gradient holds NaN or Inf")

@@ -301,13 +301,10 @@ class Plan:
         operand it would copy first, or A @ A.T) or NumPy's OpenBLAS is not found:
         run_python then runs. -> (program, sizes) or None."""
         if self._program is _UNBUILT:
-            program = None
-            if _gemm_ready():
-                try:
-                    program = self._build()
-                except _NotGemm:
-                    program = None
-            self._program = program
+            try:
+                self._program = self._build() if _gemm_ready() else None
+            except _NotGemm:
+                self._program = None
         return self._program
 
     def _build(self):
@@ -341,7 +338,7 @@ class Plan:
                        _addr(layer.gb), layer.rows, layer.cols)
                 elif not (last_bias_done and k == len(layers) - 1):
                     op(_PR["col_sum"], _addr(G), _addr(layer.gb), layer.rows, layer.cols)
-                ops.append(_gemm(f32, _transpose(inputs[k]), G, layer.gW))
+                ops.append(_gemm(f32, inputs[k].T, G, layer.gW))
                 if k == 0 and not need_dx:
                     return None
                 if layer.dxT is not None:
@@ -417,10 +414,6 @@ class _Slot:
         return _Slot(self.slot, self.shape[::-1], self.dtype, self.strides[::-1])
 
 
-def _transpose(a):
-    return a.T
-
-
 def _addr(a) -> int:
     return int(a.ctypes.data)
 
@@ -460,8 +453,8 @@ def _gemm_ready() -> bool:
     """Whether run_plan has NumPy's gemm (handed to it once per process)."""
     if _gemm_state[0] is None:
         from . import blas
-        found = blas.gemm_addresses()
-        if found is not None and hasattr(kernels._c, "plan_blas"):
+        found = blas.gemm_addresses() if hasattr(kernels._c, "plan_blas") else None
+        if found is not None:
             kernels._c.plan_blas(*found)
-        _gemm_state[0] = found is not None and hasattr(kernels._c, "plan_blas")
+        _gemm_state[0] = found is not None
     return _gemm_state[0]

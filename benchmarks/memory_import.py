@@ -4,8 +4,9 @@
 Every measurement runs in a fresh Python subprocess (so nothing is already imported or
 allocated), repeated --repeats times, median reported:
 
-- import time: wall time of ``import minivae`` vs ``import torch`` (+ torch.nn, torch.optim),
-  measured inside the subprocess;
+- import time: wall time of ``import minivae`` with what a training script uses (``minivae.VAE``,
+  ``minivae.Adam``, ``minivae.train_step``: the package itself loads its names on first use)
+  vs ``import torch`` (+ torch.nn, torch.optim), measured inside the subprocess;
 - peak RSS (VmHWM in /proc/self/status: the high-water mark of this process's own memory;
   ru_maxrss would carry the parent's over fork/exec) of: the interpreter after the import, and after a
   short training run (--steps Adam steps of the 784-400-20 VAE at --batch, float32, on the
@@ -37,6 +38,7 @@ t0 = time.perf_counter()
 which, steps, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 if which == "minivae":
     import minivae
+    minivae.VAE, minivae.Adam, minivae.train_step     # loaded on first use (minivae/_lazy.py)
 elif which == "torch":
     import torch, torch.nn, torch.optim
 t_import = time.perf_counter() - t0

@@ -23,6 +23,7 @@ not possible: that is what keeps the two rooms tied together.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -42,6 +43,20 @@ class Twin:
 
 REGISTRY: list[Twin] = []
 _BY_BACKEND: dict = {}   # backend name -> {reference: fast}
+
+#: the modules whose twins register themselves here when imported
+TWIN_MODULES = ("numpy_twins", "optim", "cupy_twins")
+_loaded = [False]
+
+
+def load_twins() -> None:
+    """Import the modules in :data:`TWIN_MODULES` (once), so that every twin is registered.
+    ``pick``, ``has_twins`` and ``twins`` call it: they answer with every twin, whichever
+    engine module was imported first (the package imports none of them: minivae/_lazy.py)."""
+    if not _loaded[0]:
+        for name in TWIN_MODULES:
+            importlib.import_module(f"{__package__}.{name}")
+        _loaded[0] = True
 
 
 def _name(fn) -> str:
@@ -69,11 +84,14 @@ def twin_of(reference: Callable, *, exact: bool, case: Callable, backends=("nump
 def pick(reference: Callable, backend) -> Callable:
     """The implementation of ``reference`` to run on ``backend``: its registered twin there,
     else the reference itself. (The one place that looks at which backend is in use.)"""
+    if not _loaded[0]:
+        load_twins()
     return _BY_BACKEND.get(backend.name, {}).get(reference, reference)
 
 
 def has_twins(backend) -> bool:
     """Whether the engine has fast paths for ``backend``."""
+    load_twins()
     return bool(_BY_BACKEND.get(backend.name))
 
 
@@ -89,4 +107,5 @@ def threaded(backend) -> bool:
 
 def twins(backend_name: str = "numpy") -> dict:
     """{reference: fast} registered for a backend."""
+    load_twins()
     return dict(_BY_BACKEND.get(backend_name, {}))

@@ -1,0 +1,83 @@
+"""The package's import: concurrent first imports from threads, and what ``import minivae`` and
+the program's module load before the program's signal handlers are in place."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+# two threads start importing at once (a barrier), in a fresh interpreter each time
+RACE = r"""
+import importlib, sys, threading
+names = sys.argv[1:]
+barrier = threading.Barrier(len(names))
+errors = []
+def load(name):
+    barrier.wait()
+    try:
+        importlib.import_module(name)
+    except BaseException as e:
+        errors.append(f"{name}: {type(e).__name__}: {e}")
+threads = [threading.Thread(target=load, args=(n,)) for n in names]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+import minivae
+assert minivae.VAE is importlib.import_module("minivae.models").VAE
+assert minivae.train_step is importlib.import_module("minivae.engine").train_step
+print("\n".join(errors) or "ok")
+"""
+
+
+def _env():
+    return dict(os.environ, OPENBLAS_NUM_THREADS="1", MINIVAE_NUM_THREADS="1")
+
+
+@pytest.mark.parametrize("names", [
+    ("minivae.gradcheck", "minivae.engine"),          # ImportError 3 of 3 before the fix
+    ("minivae.engine", "minivae.gradcheck"),
+    ("minivae", "minivae.gradcheck"),
+    ("minivae.train", "minivae.gradcheck.core"),
+    ("minivae.cli", "minivae.engine", "minivae.gradcheck"),
+])
+def test_concurrent_first_imports_from_threads_all_succeed(names):
+    """Python takes a submodule's import lock before it imports the package: a package
+    ``__init__`` that imported its submodules then waited on another thread's lock while that
+    thread waited on the package's, and both got "partially initialized module" ImportErrors."""
+    for _ in range(2):
+        r = subprocess.run([sys.executable, "-c", RACE, *names], capture_output=True, text=True,
+                           env=_env(), timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == "ok", r.stdout
+
+
+def test_import_minivae_loads_no_submodule_and_the_program_module_no_numpy():
+    """``import minivae`` is a few milliseconds (only the small minivae._lazy with it): the
+    public names load on first use. The
+    program's module (the console script's ``minivae.cli``) loads only the standard library,
+    so that its signal handlers are in place before NumPy and the rest load (Ctrl-C there is
+    one line, not a traceback)."""
+    code = ("import sys, minivae; a = sorted(m for m in sys.modules if m.startswith('minivae.') "
+            "or m == 'numpy'); import minivae.cli; "
+            "b = sorted(m for m in sys.modules if m.startswith(('minivae.', 'numpy'))); "
+            "print(a, b)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=_env(), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "['minivae._lazy'] ['minivae._lazy', 'minivae.cli']"
+
+
+def test_the_public_names_are_the_submodules_objects():
+    import minivae
+    from minivae import engine, gradcheck, models, optim, params
+    from minivae import backend as be
+
+    assert set(minivae.__all__) <= set(dir(minivae))
+    for name in minivae.__all__:
+        value = getattr(minivae, name)
+        where = {"gradcheck": gradcheck}.get(name)
+        assert value is (where or getattr(
+            next(m for m in (be, models, optim, params, engine) if hasattr(m, name)), name))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        minivae.nope

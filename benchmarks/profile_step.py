@@ -16,7 +16,14 @@ likelihood that takes it in (engine/numpy_twins.py, FUSE); what is left of the m
 total is the Python between them (calls, dispatch, small allocations, the means). The pieces are
 timed on the generic pass (engine/plan.py off: a step plan calls the kernels past the timers);
 the whole forward+backward is also timed with and without the plan. The timers
-cost about a microsecond each, which lands in that rest. One Python thread, so that the numbers
+cost about a microsecond each, which lands in that rest.
+
+Then the step as it runs in training, the plan's one compiled call (``Plan.compiled``,
+``_kernels.run_plan``) taken apart: that program with only its products (gemm calls) and with
+only its kernels, each of its operations alone (warm, repeated: a lower bound for it in the
+step, where the caches are colder), the gradient check with Adam (``checked_step``) alone, and the
+eps draw alone. (The products-only and kernels-only programs compute nothing meaningful:
+they are timed, then the next step recomputes everything.) One Python thread, so that the numbers
 add up: by default one thread in all; with --threads k the batches that minivae does not split
 over threads (fewer than MIN_ROWS = 256 rows a thread) run as in training, the products on k
 BLAS threads, everything else on the calling thread.
@@ -164,7 +171,62 @@ def profile(B: int, steps: int, threads: int = 1) -> dict:
     return {"batch": B, "step_ms": step, "forward_backward_ms": fb, "adam_ms": step - fb,
             "forward_backward_generic_ms": fb_generic,
             "timed_forward_backward_ms": timed_total,
-            "parts_ms": dict(sorted(parts.items(), key=lambda kv: -kv[1]))}
+            "parts_ms": dict(sorted(parts.items(), key=lambda kv: -kv[1])),
+            "compiled": compiled_anatomy(model, opt, dp, xs, steps, threads)}
+
+
+def compiled_anatomy(model, opt, dp, xs, steps, threads):
+    """The compiled step plan's pieces (see the module's docstring), or None where the step
+    does not run one (no compiled kernels, no NumPy gemm found, a batch split over threads)."""
+    import numpy as np
+
+    from minivae.engine import kernels, plan
+    from minivae.engine import threads as team
+    from minivae.engine.optim import checked_step
+
+    found = [p for table in plan._plans.values() for p in table.values()
+             if p.model() is model and p.B == xs[0].shape[0]]
+    program = found[0].compiled() if found else None
+    if program is None:
+        return None
+    prog, sizes = program
+    B = found[0].B
+    eps = model.draw_eps(B)
+    kl, recon, loss_b = (np.empty(B, dtype=model.dtype) for _ in range(3))
+    names = {code: name for name, code in plan._PR.items()}
+
+    def run(ops, i):
+        kernels._c.run_plan(ops, sizes, xs[i % 16].reshape(-1), eps.reshape(-1), kl, recon,
+                            loss_b, 1.0 / B, model.beta / B, model.beta, threads)
+
+    def median_us(f, n=steps):
+        ts = []
+        for i in range(n):
+            t = time.perf_counter()
+            f(i)
+            ts.append(time.perf_counter() - t)
+        return float(np.median(ts)) * 1e6
+
+    out = {"step_us": median_us(lambda i: dp.train_step(opt, xs[i % 16], check=False))}
+    with team.blas_threads(threads), kernels.parts(threads):
+        gemm = prog[:, 0] == plan._PR["gemm"]
+        out["program_us"] = median_us(lambda i: run(prog, i))
+        out["program_products_only_us"] = median_us(lambda i: run(prog[gemm], i))
+        out["program_kernels_only_us"] = median_us(lambda i: run(prog[~gemm], i))
+        ops = []
+        for k in range(len(prog)):
+            row = prog[k]
+            label = names[int(row[0])]
+            if row[0] == plan._PR["gemm"]:       # words: code, f32, transA, transB, M, N, K
+                label += (f" {int(row[4])}x{int(row[6])} @ {int(row[6])}x{int(row[5])}"
+                          f" ({'T' if row[2] == plan._TRANS else 'N'}"
+                          f"{'T' if row[3] == plan._TRANS else 'N'})")
+            ops.append([label, median_us(lambda i: run(prog[k:k + 1], i))])
+        out["ops_us"] = ops
+        out["adam_checked_us"] = median_us(lambda i: checked_step(opt, threads))
+    out["eps_draw_us"] = median_us(lambda i: model.draw_eps(B))
+    out["step_beside_program_us"] = out["step_us"] - out["program_us"]
+    return out
 
 
 def main(argv=None) -> int:
@@ -192,6 +254,20 @@ def main(argv=None) -> int:
         for k, v in r["parts_ms"].items():
             share = v / r["timed_forward_backward_ms"]
             print(f"  {k:24s} {v:7.3f} ms  {share:6.1%} of the timed forward+backward")
+        c = r["compiled"]
+        if c is None:
+            print("  (no compiled step plan here: its anatomy is left out)")
+            continue
+        print(f"  the step with its compiled plan, {c['step_us'] / 1e3:.3f} ms:")
+        print(f"    the plan's program      {c['program_us']:7.0f} us = products only "
+              f"{c['program_products_only_us']:.0f} + kernels only "
+              f"{c['program_kernels_only_us']:.0f} (each alone)")
+        print(f"    beside the program      {c['step_beside_program_us']:7.0f} us: the check "
+              f"with Adam alone {c['adam_checked_us']:.0f}, the eps draw alone "
+              f"{c['eps_draw_us']:.0f}, the rest Python")
+        print("    each operation of the program alone (warm):")
+        for label, us in c["ops_us"]:
+            print(f"      {label:38s} {us:7.1f} us")
     if args.save:
         name = "profile_step.json" if args.threads == 1 else f"profile_step_t{args.threads}.json"
         path = _machine.save(name, {"rows": rows, "machine": info, "steps": args.steps,

@@ -54,10 +54,9 @@ def test_concurrent_first_imports_from_threads_all_succeed(names):
 
 def test_import_minivae_loads_no_submodule_and_the_program_module_no_numpy():
     """``import minivae`` is a few milliseconds (only the small minivae._lazy with it): the
-    public names load on first use. The
-    program's module (the console script's ``minivae.cli``) loads only the standard library,
-    so that its signal handlers are in place before NumPy and the rest load (Ctrl-C there is
-    one line, not a traceback)."""
+    public names load on first use. The program's module (the console script's
+    ``minivae.cli``) loads only the standard library, so that its signal handlers are in
+    place before NumPy and the rest load (Ctrl-C there is one line, not a traceback)."""
     code = ("import sys, minivae; a = sorted(m for m in sys.modules if m.startswith('minivae.') "
             "or m == 'numpy'); import minivae.cli; "
             "b = sorted(m for m in sys.modules if m.startswith(('minivae.', 'numpy'))); "

@@ -22,7 +22,10 @@ Then the step as it runs in training, the plan's one compiled call (``Plan.compi
 ``_kernels.run_plan``) taken apart: that program with only its products (gemm calls) and with
 only its kernels, each of its operations alone (warm, repeated: a lower bound for it in the
 step, where the caches are colder), the gradient check with Adam (``checked_step``) alone, and the
-eps draw alone. (The products-only and kernels-only programs compute nothing meaningful:
+eps draw alone. What the step takes beyond the program, Adam and the draw is the Python around
+them (a few microseconds warm: the thread pinning, the noise stream's snapshot, the means) and
+the pieces running colder in the step than alone, where Adam's 18 MB pass has just gone
+through the caches. (The products-only and kernels-only programs compute nothing meaningful:
 they are timed, then the next step recomputes everything.) One Python thread, so that the numbers
 add up: by default one thread in all; with --threads k the batches that minivae does not split
 over threads (fewer than MIN_ROWS = 256 rows a thread) run as in training, the products on k
@@ -264,7 +267,8 @@ def main(argv=None) -> int:
               f"{c['program_kernels_only_us']:.0f} (each alone)")
         print(f"    beside the program      {c['step_beside_program_us']:7.0f} us: the check "
               f"with Adam alone {c['adam_checked_us']:.0f}, the eps draw alone "
-              f"{c['eps_draw_us']:.0f}, the rest Python")
+              f"{c['eps_draw_us']:.0f}; the rest is the Python around them and every piece "
+              f"running colder in the step than alone")
         print("    each operation of the program alone (warm):")
         for label, us in c["ops_us"]:
             print(f"      {label:38s} {us:7.1f} us")

@@ -20,21 +20,27 @@ their submodules when they are imported; ``minivae.VAE``, ``minivae.engine.DataP
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 
 def lazy_names(package: str, where: dict, before=None):
     """-> (``__getattr__``, ``__dir__``) for the package named ``package``: a name in
     ``where`` is imported from the submodule ``where[name]`` (the submodule itself where the
-    two are the same) on first use and then kept in the package; any other name raises
-    AttributeError. ``before()``, if given, is called first (the engine loads its fast paths,
-    which register themselves)."""
+    two are the same) on first use and then kept in the package, and so is a submodule asked
+    for by its name (``minivae.layers``); any other name raises AttributeError. ``before()``,
+    if given, is called before a name in ``where`` is imported (the engine loads its fast
+    paths, which register themselves)."""
 
     def __getattr__(name: str):
         sub = where.get(name)
         if sub is None:
-            raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        if before is not None:
+            # any submodule, as when the package imported them all (``minivae.layers``); also
+            # what ``from . import kernels`` inside the package asks first
+            if name.startswith("__") or importlib.util.find_spec(f"{package}.{name}") is None:
+                raise AttributeError(f"module {package!r} has no attribute {name!r}")
+            sub = name
+        elif before is not None:
             before()
         module = importlib.import_module(f"{package}.{sub}")
         value = module if name == sub else getattr(module, name)

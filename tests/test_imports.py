@@ -80,3 +80,23 @@ def test_the_public_names_are_the_submodules_objects():
             next(m for m in (be, models, optim, params, engine) if hasattr(m, name)), name))
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         minivae.nope
+
+
+def test_a_submodule_is_an_attribute_of_its_package_as_before():
+    """When the packages imported their submodules, ``import minivae; minivae.layers.Dense``
+    worked; it still does, loading the submodule on first use."""
+    code = ("import minivae, minivae.engine as e; import sys; "
+            "assert not {'minivae.layers', 'minivae.engine.kernels'} & set(sys.modules); "
+            "D, p, c = minivae.layers.Dense, e.kernels.parts, minivae.gradcheck.core; "
+            "from minivae.layers import Dense; from minivae.engine.kernels import parts; "
+            "assert D is Dense and p is parts; "
+            "assert c.check_gradients is minivae.gradcheck.check_gradients; "
+            "print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=_env(), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok"
+    import minivae
+    for name in ("nope", "__wrapped__", "_nope"):
+        with pytest.raises(AttributeError, match=f"no attribute '{name}'"):
+            getattr(minivae, name)

@@ -64,6 +64,18 @@ def parse(argv=None):
     return args
 
 
+def _median_s(f, steps: int) -> float:
+    """The median time of f(i) over i = 0 .. steps - 1, in seconds."""
+    import numpy as np
+
+    ts = []
+    for i in range(steps):
+        t = time.perf_counter()
+        f(i)
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
 def profile(B: int, steps: int, threads: int = 1) -> dict:
     import numpy as np
 
@@ -80,12 +92,7 @@ def profile(B: int, steps: int, threads: int = 1) -> dict:
         dp.train_step(opt, xs[i % 16], check=False)
 
     def median_ms(f):
-        ts = []
-        for i in range(steps):
-            t = time.perf_counter()
-            f(i)
-            ts.append(time.perf_counter() - t)
-        return float(np.median(ts)) * 1e3
+        return _median_s(f, steps) * 1e3
 
     step = median_ms(lambda i: dp.train_step(opt, xs[i % 16], check=False))
     fb = median_ms(lambda i: dp.loss_and_grads(xs[i % 16], check=False))
@@ -202,13 +209,8 @@ def compiled_anatomy(model, opt, dp, xs, steps, threads):
         kernels._c.run_plan(ops, sizes, xs[i % 16].reshape(-1), eps.reshape(-1), kl, recon,
                             loss_b, 1.0 / B, model.beta / B, model.beta, threads)
 
-    def median_us(f, n=steps):
-        ts = []
-        for i in range(n):
-            t = time.perf_counter()
-            f(i)
-            ts.append(time.perf_counter() - t)
-        return float(np.median(ts)) * 1e6
+    def median_us(f):
+        return _median_s(f, steps) * 1e6
 
     out = {"step_us": median_us(lambda i: dp.train_step(opt, xs[i % 16], check=False))}
     with team.blas_threads(threads), kernels.parts(threads):

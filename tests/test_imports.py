@@ -30,8 +30,13 @@ print("\n".join(errors) or "ok")
 """
 
 
-def _env():
-    return dict(os.environ, OPENBLAS_NUM_THREADS="1", MINIVAE_NUM_THREADS="1")
+def _python(code, *args) -> str:
+    """Run ``code`` in a fresh interpreter -> what it printed (it must exit 0)."""
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                       env=dict(os.environ, OPENBLAS_NUM_THREADS="1", MINIVAE_NUM_THREADS="1"),
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
 
 
 @pytest.mark.parametrize("names", [
@@ -46,10 +51,7 @@ def test_concurrent_first_imports_from_threads_all_succeed(names):
     ``__init__`` that imported its submodules then waited on another thread's lock while that
     thread waited on the package's, and both got "partially initialized module" ImportErrors."""
     for _ in range(2):
-        r = subprocess.run([sys.executable, "-c", RACE, *names], capture_output=True, text=True,
-                           env=_env(), timeout=120)
-        assert r.returncode == 0, r.stderr
-        assert r.stdout.strip() == "ok", r.stdout
+        assert _python(RACE, *names) == "ok"
 
 
 def test_import_minivae_loads_no_submodule_and_the_program_module_no_numpy():
@@ -61,10 +63,7 @@ def test_import_minivae_loads_no_submodule_and_the_program_module_no_numpy():
             "or m == 'numpy'); import minivae.cli; "
             "b = sorted(m for m in sys.modules if m.startswith(('minivae.', 'numpy'))); "
             "print(a, b)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env=_env(), timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "['minivae._lazy'] ['minivae._lazy', 'minivae.cli']"
+    assert _python(code) == "['minivae._lazy'] ['minivae._lazy', 'minivae.cli']"
 
 
 def test_the_public_names_are_the_submodules_objects():
@@ -92,10 +91,7 @@ def test_a_submodule_is_an_attribute_of_its_package_as_before():
             "assert D is Dense and p is parts; "
             "assert c.check_gradients is minivae.gradcheck.check_gradients; "
             "print('ok')")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env=_env(), timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "ok"
+    assert _python(code) == "ok"
     import minivae
     for name in ("nope", "__wrapped__", "_nope"):
         with pytest.raises(AttributeError, match=f"no attribute '{name}'"):

@@ -10,11 +10,9 @@
 ``import minivae`` imports no submodule: the names below load on first use (see
 :mod:`minivae._lazy` for why).
 """
-from __future__ import annotations
+import typing as _typing
 
-from typing import TYPE_CHECKING
-
-from ._lazy import lazy_names
+from ._lazy import lazy_names as _lazy_names
 
 __version__ = "0.1.0"
 
@@ -24,7 +22,7 @@ __all__ = [
     "get_num_threads", "set_num_threads", "train_step", "NonFiniteStep", "DataParallel", "gradcheck",
 ]
 
-__getattr__, __dir__ = lazy_names(__name__, {
+__getattr__, __dir__ = _lazy_names(__name__, {
     "Backend": "backend", "BackendUnavailable": "backend", "get_backend": "backend",
     "VAE": "models", "Autoencoder": "models", "DiscreteVAE": "models", "LossResult": "models",
     "build_model": "models",
@@ -35,7 +33,7 @@ __getattr__, __dir__ = lazy_names(__name__, {
     "gradcheck": "gradcheck",        # minivae.gradcheck.check_gradients, check_layer, ...
 })
 
-if TYPE_CHECKING:                    # what the names are, for type checkers and editors
+if _typing.TYPE_CHECKING:                    # what the names are, for type checkers and editors
     from . import gradcheck
     from .backend import Backend, BackendUnavailable, get_backend
     from .engine import (DataParallel, NonFiniteStep, get_num_threads, set_num_threads,

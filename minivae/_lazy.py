@@ -9,9 +9,14 @@ their submodules when they are imported; ``minivae.VAE``, ``minivae.engine.DataP
   another thread that holds a submodule's lock while that thread waits on the package: two
   threads importing ``minivae.engine`` and ``minivae.gradcheck`` (or ``minivae.gradcheck`` and
   ``minivae.gradcheck.core``) for the first time at once got "partially initialized module"
-  ImportErrors or a ``_DeadlockError``. With no package importing its submodules, the imports
-  form a graph without cycles, and per-module locks cannot deadlock on one
-  (``tests/test_imports.py``).
+  ImportErrors or a ``_DeadlockError``. With no package importing its submodules (but this
+  one), the imports form a graph without cycles, and per-module locks cannot deadlock on one
+  (``tests/test_imports.py``). Left: a thread importing this private module itself while
+  another imports ``minivae`` can still deadlock (the package imports it, and it needs the
+  package), and CPython's own race (``_load_unlocked`` takes a package out of ``sys.modules``
+  and puts it back when it is loaded: a thread looking the package up for a submodule just
+  then gets KeyError; about 1 in 1,000 first imports from two threads at once, with a 10 us
+  switch interval, in a helper's runs on Python 3.11-3.13).
 - **The program's start.** ``minivae``, the program, installs its signal handlers in
   ``cli.main``, which runs after its module's import: that import took ``import minivae`` with
   it, NumPy and every submodule (0.25-0.3 s in which Ctrl-C printed a traceback). It is now
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import pkgutil
 import sys
 
 
@@ -48,6 +54,8 @@ def lazy_names(package: str, where: dict, before=None):
         return value
 
     def __dir__():
-        return sorted(set(vars(sys.modules[package])) | set(where))
+        mod = sys.modules[package]
+        subs = {m.name for m in pkgutil.iter_modules(mod.__path__) if not m.name.startswith("_")}
+        return sorted(set(vars(mod)) | set(where) | subs)
 
     return __getattr__, __dir__

@@ -96,3 +96,34 @@ def test_a_submodule_is_an_attribute_of_its_package_as_before():
     for name in ("nope", "__wrapped__", "_nope"):
         with pytest.raises(AttributeError, match=f"no attribute '{name}'"):
             getattr(minivae, name)
+
+
+def test_the_engine_loads_again_after_an_import_stopped_half_way():
+    """Ctrl-C while the engine first loads (its twins register themselves as they are
+    imported) left the registry holding a half-imported module's twins: the next import
+    said 'Dense.backward already has a twin on numpy' for the rest of the session. A twin
+    registered again by the same function replaces itself; another function is refused."""
+    code = ("import sys, importlib\n"
+            "from minivae.engine import registry, REGISTRY\n"
+            "n = len(REGISTRY)\n"
+            "del sys.modules['minivae.engine.numpy_twins']   # as after a KeyboardInterrupt\n"
+            "nt = importlib.import_module('minivae.engine.numpy_twins')\n"
+            "assert len(REGISTRY) == n and len({t.reference for t in REGISTRY}) == n\n"
+            "from minivae.layers import Dense\n"
+            "assert registry.pick(Dense.backward, nt.NP) is nt.dense_backward\n"
+            "try:\n"
+            "    registry.twin_of(Dense.backward, exact=True, case=list)(lambda *a: None)\n"
+            "except ValueError as e:\n"
+            "    print(e)\n")
+    assert _python(code) == "minivae.layers.Dense.backward already has a twin on numpy"
+
+
+def test_dir_lists_the_public_names_and_submodules():
+    import minivae
+    import minivae.engine
+
+    names = dir(minivae)
+    assert set(minivae.__all__) <= set(names)
+    assert {"layers", "engine", "gradcheck", "train", "cli"} <= set(names)
+    assert {"kernels", "plan", "registry"} <= set(dir(minivae.engine))
+    assert not {"TYPE_CHECKING", "annotations", "lazy_names"} & set(names)

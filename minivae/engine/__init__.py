@@ -22,11 +22,9 @@ The rule between the two rooms: the reference (layers, sampling, losses, models,
 imports the engine; the engine imports the reference, and every twin has a test that ties it to
 its reference (tests/test_engine.py).
 """
-from __future__ import annotations
+import typing as _typing
 
-from typing import TYPE_CHECKING
-
-from .._lazy import lazy_names
+from .._lazy import lazy_names as _lazy_names
 
 __all__ = ["DataParallel", "Communicator", "SingleProcess", "train_step", "optimizer_step",
            "NonFiniteStep", "REGISTRY", "pick",
@@ -40,14 +38,14 @@ def _load_twins():
 
 # loaded on first use, not by ``import minivae.engine`` (minivae/_lazy.py says why); the
 # fast paths first, which register themselves (REGISTRY)
-__getattr__, __dir__ = lazy_names(__name__, {
+__getattr__, __dir__ = _lazy_names(__name__, {
     "Communicator": "data_parallel", "DataParallel": "data_parallel",
     "NonFiniteStep": "data_parallel", "SingleProcess": "data_parallel",
     "optimizer_step": "data_parallel", "train_step": "data_parallel",
     "REGISTRY": "registry", "has_twins": "registry", "pick": "registry",
     "get_num_threads": "threads", "set_num_threads": "threads"}, before=_load_twins)
 
-if TYPE_CHECKING:
+if _typing.TYPE_CHECKING:
     from .data_parallel import (Communicator, DataParallel, NonFiniteStep, SingleProcess,
                                 optimizer_step, train_step)
     from .registry import REGISTRY, has_twins, pick

@@ -18,7 +18,9 @@ A twin is registered with
   each in its own way (``impl is twin.reference`` tells them apart).
 
 ``tests/test_engine.py`` walks :data:`REGISTRY` and checks every twin against its reference
-run on "numpy" and on "strict" (array-api-strict). Registering a fast path without a case is
+run on "numpy" and on "strict" (array-api-strict). The twins register themselves when their
+modules are imported (:func:`load_twins`: ``pick`` and ``minivae.engine``'s public names load
+them first); this module alone holds none of them until then. Registering a fast path without a case is
 not possible: that is what keeps the two rooms tied together.
 """
 from __future__ import annotations
@@ -70,12 +72,15 @@ def twin_of(reference: Callable, *, exact: bool, case: Callable, backends=("nump
 
     def register(fast):
         t = Twin(reference, fast, tuple(backends), bool(exact), case, _name(reference))
-        REGISTRY.append(t)
         for b in t.backends:
-            table = _BY_BACKEND.setdefault(b, {})
-            if reference in table:
+            old = _BY_BACKEND.get(b, {}).get(reference)
+            # the same function registered again is its module imported again, after an
+            # import stopped half-way (Ctrl-C as the engine first loads): it replaces itself
+            if old is not None and _name(old) != _name(fast):
                 raise ValueError(f"{t.name} already has a twin on {b}")
-            table[reference] = fast
+        REGISTRY[:] = [r for r in REGISTRY if r.reference is not reference] + [t]
+        for b in t.backends:
+            _BY_BACKEND.setdefault(b, {})[reference] = fast
         return fast
 
     return register

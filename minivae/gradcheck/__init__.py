@@ -26,24 +26,22 @@ What a verdict rests on (details in :mod:`minivae.gradcheck.core`):
 plus two properties every backward must have; :func:`run_all` is the suite behind
 ``minivae gradcheck``; :func:`check_model` checks a whole model with eps fixed.
 """
-from __future__ import annotations
+import typing as _typing
 
-from typing import TYPE_CHECKING
-
-from .._lazy import lazy_names
+from .._lazy import lazy_names as _lazy_names
 
 __all__ = ["check_gradients", "assert_gradients", "check_layer", "check_backward_properties",
            "check_model", "run_all", "Check", "Report", "GradcheckError",
            "NondeterministicError", "default_rtol"]
 
 # loaded on first use, not by ``import minivae.gradcheck`` (minivae/_lazy.py says why)
-__getattr__, __dir__ = lazy_names(__name__, {
+__getattr__, __dir__ = _lazy_names(__name__, {
     "assert_gradients": "core", "check_gradients": "core", "default_rtol": "core",
     "check_backward_properties": "layer", "check_layer": "layer",
     "GradcheckError": "numeric", "NondeterministicError": "numeric",
     "Check": "report", "Report": "report", "check_model": "suite", "run_all": "suite"})
 
-if TYPE_CHECKING:
+if _typing.TYPE_CHECKING:
     from .core import assert_gradients, check_gradients, default_rtol
     from .layer import check_backward_properties, check_layer
     from .numeric import GradcheckError, NondeterministicError

@@ -78,7 +78,8 @@ def twin_of(reference: Callable, *, exact: bool, case: Callable, backends=("nump
             # import stopped half-way (Ctrl-C as the engine first loads): it replaces itself
             if old is not None and _name(old) != _name(fast):
                 raise ValueError(f"{t.name} already has a twin on {b}")
-        REGISTRY[:] = [r for r in REGISTRY if r.reference is not reference] + [t]
+        REGISTRY[:] = [r for r in REGISTRY          # (a twin on another backend stays)
+                       if not (r.reference is reference and _name(r.fast) == _name(fast))] + [t]
         for b in t.backends:
             _BY_BACKEND.setdefault(b, {})[reference] = fast
         return fast

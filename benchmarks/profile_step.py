@@ -194,13 +194,13 @@ def compiled_anatomy(model, opt, dp, xs, steps, threads):
     from minivae.engine import threads as team
     from minivae.engine.optim import checked_step
 
-    found = [p for table in plan._plans.values() for p in table.values()
-             if p.model() is model and p.B == xs[0].shape[0]]
-    program = found[0].compiled() if found else None
+    x0 = xs[0]                       # the plan the step made (plan.forward_backward's key)
+    made = plan._plans.get(model.params, {}).get((type(model), x0.shape, x0.dtype))
+    program = made.compiled() if made is not None else None
     if program is None:
         return None
     prog, sizes = program
-    B = found[0].B
+    B = made.B
     eps = model.draw_eps(B)
     kl, recon, loss_b = (np.empty(B, dtype=model.dtype) for _ in range(3))
     names = {code: name for name, code in plan._PR.items()}
